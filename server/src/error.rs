@@ -1,0 +1,69 @@
+//! Service-layer errors and their single mapping to gRPC status codes.
+
+use crate::scheduler::EngineError;
+use crate::steering::store::StoreError;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+pub fn invalid(msg: impl Into<String>) -> ServiceError {
+    ServiceError::InvalidArgument(msg.into())
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let code = match &e {
+            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::AlreadyExists(_) => Code::AlreadyExists,
+            ServiceError::Store(s) => match s {
+                StoreError::InvalidName(_) | StoreError::Malformed(_) => Code::InvalidArgument,
+                StoreError::NotFound(_) => Code::NotFound,
+                StoreError::Exists(_) => Code::AlreadyExists,
+                StoreError::Io { .. } => Code::Internal,
+            },
+            ServiceError::Engine(g) => match g {
+                EngineError::QueueFull(_) => Code::ResourceExhausted,
+                EngineError::Stopped => Code::Unavailable,
+                EngineError::Compute(_) => Code::Internal,
+            },
+            ServiceError::Internal(_) => Code::Internal,
+        };
+        if code == Code::Internal {
+            tracing::error!(error = %e, "internal error");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_precise() {
+        let s: Status = ServiceError::from(StoreError::NotFound("v".into())).into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("`v`"));
+        let s: Status = ServiceError::from(EngineError::QueueFull(8)).into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        let s: Status = invalid("layer 99 out of range").into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+    }
+}

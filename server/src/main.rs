@@ -1,0 +1,69 @@
+//! `persona-server`: config → telemetry → models → serve until SIGTERM.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use persona_server::config::Settings;
+use persona_server::{model, server, telemetry};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "persona-server", version, about = "gRPC inference service for persona vectors")]
+struct Cli {
+    /// TOML settings file (see deploy/persona.toml); PERSONA__* environment variables override it.
+    #[arg(long, short, env = "PERSONA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (overrides the settings).
+    #[arg(long)]
+    listen: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Fetch the embedded default model into the model directory and exit.
+    FetchModel,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    if let Some(l) = cli.listen {
+        settings.listen = l;
+    }
+    if settings.cpu_threads > 0 {
+        // Must happen before any tensor kernel starts its thread pool.
+        // SAFETY: no other thread exists yet.
+        unsafe {
+            std::env::set_var("CANDLE_NUM_THREADS", settings.cpu_threads.to_string());
+            std::env::set_var("RAYON_NUM_THREADS", settings.cpu_threads.to_string());
+        }
+    }
+    let _guard_rt;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    _guard_rt = rt.enter();
+    let _telemetry = telemetry::init(&settings.telemetry)?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::FetchModel => {
+            let path = model::source::ensure_embedded(&settings.model_dir, true)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Serve => rt.block_on(async {
+            let state = server::build_state(&settings).await?;
+            let listener = tokio::net::TcpListener::bind(&settings.listen)
+                .await
+                .with_context(|| format!("binding {}", settings.listen))?;
+            server::serve(
+                state,
+                listener,
+                server::shutdown_signal(),
+                Duration::from_secs(settings.shutdown_grace_secs),
+            )
+            .await
+        }),
+    }
+}

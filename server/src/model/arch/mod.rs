@@ -1,0 +1,3 @@
+//! Model architectures with residual-stream hooks.
+
+pub mod llama;

@@ -1,0 +1,166 @@
+//! Resident models: loading from a source onto a device, tokenizer and chat template.
+
+pub mod arch;
+pub mod chat;
+pub mod sampling;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+use anyhow::{Context, Result, bail};
+use arch::llama::{Llama, LlamaConfig};
+use candle_core::Device;
+use chat::ChatTemplate;
+use serde::Deserialize;
+use source::{ModelFiles, ModelSource};
+use std::path::Path;
+use tokenizer::TextTokenizer;
+use weights::{GgufSource, HfConfig, Requantize, SafetensorsSource};
+
+/// Compute device named in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceKind {
+    pub fn open(self, ordinal: usize) -> Result<Device> {
+        Ok(match self {
+            Self::Cpu => Device::Cpu,
+            Self::Cuda if cfg!(feature = "cuda") => Device::new_cuda(ordinal)?,
+            Self::Metal if cfg!(feature = "metal") => Device::new_metal(ordinal)?,
+            Self::Cuda => bail!("device `cuda` requested but the server was built without the `cuda` feature"),
+            Self::Metal => bail!("device `metal` requested but the server was built without the `metal` feature"),
+        })
+    }
+}
+
+/// How to load one model.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub id: String,
+    pub source: ModelSource,
+    pub requantize: Requantize,
+    pub device: DeviceKind,
+    pub device_ordinal: usize,
+    /// Cap on the context window (the model's own is used when larger or unset).
+    pub max_context: Option<usize>,
+    /// GGUF file name inside a hub repository (hub sources only).
+    pub hub_gguf_file: Option<String>,
+    pub hub_cache_dir: Option<std::path::PathBuf>,
+    pub model_dir: std::path::PathBuf,
+    pub auto_fetch: bool,
+}
+
+pub struct LoadedModel {
+    pub id: String,
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub template: ChatTemplate,
+    pub source: String,
+    /// Weight formats after loading, e.g. "q8_0 (from q4_1)".
+    pub weights: String,
+    pub device: String,
+}
+
+impl LoadedModel {
+    pub fn config(&self) -> &LlamaConfig {
+        self.model.config()
+    }
+
+    pub fn load(spec: &LoadSpec) -> Result<Self> {
+        let device = spec.device.open(spec.device_ordinal)?;
+        let files = match &spec.source {
+            ModelSource::Embedded => source::local_files(&source::ensure_embedded(&spec.model_dir, spec.auto_fetch)?)?,
+            ModelSource::Path(p) => source::local_files(p)?,
+            ModelSource::Hub { repo, revision } => source::hub_files(
+                repo,
+                revision.as_deref(),
+                spec.hub_cache_dir.as_deref(),
+                spec.hub_gguf_file.as_deref(),
+            )?,
+        };
+        let loaded = Self::from_files(&spec.id, &files, &device, spec.requantize, spec.max_context)?;
+        Ok(Self { source: spec.source.describe(), ..loaded })
+    }
+
+    pub fn from_files(
+        id: &str,
+        files: &ModelFiles,
+        device: &Device,
+        requantize: Requantize,
+        max_context: Option<usize>,
+    ) -> Result<Self> {
+        let cap = |mut cfg: LlamaConfig| {
+            if let Some(m) = max_context {
+                cfg.context_length = cfg.context_length.min(m);
+            }
+            cfg
+        };
+        let (model, tokenizer, template_src, weights) = match files {
+            ModelFiles::Gguf { file, tokenizer } => {
+                let mut src = GgufSource::open(file, device, requantize)
+                    .with_context(|| format!("opening {}", file.display()))?;
+                let cfg = cap(src.config()?);
+                let tok = match tokenizer {
+                    Some(t) => TextTokenizer::from_file(t)?,
+                    None => TextTokenizer::from_gguf(src.content())?,
+                };
+                let template = src
+                    .content()
+                    .metadata
+                    .get("tokenizer.chat_template")
+                    .and_then(|v| v.to_string().ok())
+                    .cloned();
+                let model = Llama::load(&mut src, cfg).with_context(|| format!("loading {}", file.display()))?;
+                let formats = src
+                    .formats
+                    .iter()
+                    .map(|(from, to)| if from == to { from.clone() } else { format!("{to} (from {from})") })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (model, tok, template, formats)
+            }
+            ModelFiles::Safetensors { config, weights, tokenizer, tokenizer_config } => {
+                let hf: HfConfig = serde_json::from_str(&std::fs::read_to_string(config)?)
+                    .with_context(|| format!("parsing {}", config.display()))?;
+                let cfg = cap(hf.to_llama()?);
+                let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings)?;
+                let model = Llama::load(&mut src, cfg)?;
+                let tok = TextTokenizer::from_file(tokenizer)?;
+                let template = match tokenizer_config {
+                    Some(p) => {
+                        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
+                        v["chat_template"].as_str().map(String::from)
+                    }
+                    None => None,
+                };
+                (model, tok, template, "f32 (dense)".to_string())
+            }
+        };
+        let vocab = model.config().vocab_size;
+        if tokenizer.vocab_size() > vocab {
+            bail!("tokenizer has {} tokens but the model only {vocab}", tokenizer.vocab_size());
+        }
+        let template = ChatTemplate::new(template_src, tokenizer.bos_token(), tokenizer.eos_token())?;
+        Ok(Self {
+            id: id.to_string(),
+            model,
+            tokenizer,
+            template,
+            source: String::new(),
+            weights,
+            device: format!("{device:?}").to_lowercase(),
+        })
+    }
+}
+
+/// Directory holding `persona-steer`'s fetched models when nothing else is configured:
+/// `$PERSONA_MODEL_DIR`, else `models/` under the current directory.
+pub fn default_model_dir() -> std::path::PathBuf {
+    std::env::var_os("PERSONA_MODEL_DIR").map(Into::into).unwrap_or_else(|| Path::new("models").to_path_buf())
+}

@@ -1,0 +1,285 @@
+//! Weight sources for the llama-family loader: GGUF files (with re-quantization of formats that
+//! have no fast CPU kernel) and Hugging Face safetensors checkpoints (f32/f16/bf16).
+
+use super::arch::llama::{LlamaConfig, WeightSource};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Result, Tensor};
+use serde::Deserialize;
+use std::fs::File;
+use std::path::Path;
+
+/// What to do with quantized weights at load time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Requantize {
+    /// Keep every tensor as stored.
+    None,
+    /// Re-quantize formats without a fast CPU kernel (Q4_1, Q5_0, Q5_1) to Q8_0.
+    #[default]
+    Q8_0,
+    /// Re-quantize the same slow formats to Q4_0 (smaller, a little less precise).
+    Q4_0,
+}
+
+impl Requantize {
+    fn target(self, from: GgmlDType) -> Option<GgmlDType> {
+        let slow = matches!(from, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1);
+        match self {
+            _ if !slow => None,
+            Self::None => None,
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q4_0 => Some(GgmlDType::Q4_0),
+        }
+    }
+}
+
+pub fn dtype_name(d: GgmlDType) -> String {
+    format!("{d:?}").to_lowercase()
+}
+
+/// A GGUF file opened for loading.
+pub struct GgufSource {
+    content: gguf_file::Content,
+    file: File,
+    device: Device,
+    requantize: Requantize,
+    /// (original, loaded) formats of matmul weights seen so far, for reporting.
+    pub formats: std::collections::BTreeSet<(String, String)>,
+}
+
+impl GgufSource {
+    pub fn open(path: &Path, device: &Device, requantize: Requantize) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| candle_core::Error::from(e).with_path(path))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| e.with_path(path))?;
+        Ok(Self { content, file, device: device.clone(), requantize, formats: Default::default() })
+    }
+
+    pub fn content(&self) -> &gguf_file::Content {
+        &self.content
+    }
+
+    fn md(&self, key: &str) -> Result<&gguf_file::Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata has no `{key}`")))
+    }
+
+    /// Architecture hyper-parameters from the GGUF metadata.
+    pub fn config(&self) -> Result<LlamaConfig> {
+        let arch = self.md("general.architecture")?.to_string()?.clone();
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+            candle_core::bail!("unsupported architecture `{arch}` (supported: llama, mistral, qwen2)");
+        }
+        let get = |k: &str| self.md(&format!("{arch}.{k}"));
+        let n_heads = get("attention.head_count")?.to_u32()? as usize;
+        let hidden_size = get("embedding_length")?.to_u32()? as usize;
+        let head_dim = match get("rope.dimension_count") {
+            Ok(v) => v.to_u32()? as usize,
+            Err(_) => hidden_size / n_heads,
+        };
+        let vocab_size = match get("vocab_size") {
+            Ok(v) => v.to_u32()? as usize,
+            Err(_) => self.md("tokenizer.ggml.tokens")?.to_vec()?.len(),
+        };
+        Ok(LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: get("feed_forward_length")?.to_u32()? as usize,
+            n_layers: get("block_count")?.to_u32()? as usize,
+            n_heads,
+            n_kv_heads: get("attention.head_count_kv").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(n_heads),
+            head_dim,
+            rms_norm_eps: get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+            rope_theta: get("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0),
+            context_length: get("context_length").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(4096),
+            rope_interleaved: arch != "qwen2",
+            qkv_bias: arch == "qwen2",
+            architecture: arch,
+        })
+    }
+
+    fn read(&mut self, name: &str) -> Result<QTensor> {
+        self.content.tensor(&mut self.file, name, &self.device)
+    }
+}
+
+impl WeightSource for GgufSource {
+    fn matmul(&mut self, name: &str) -> Result<QMatMul> {
+        let qt = self.read(name)?;
+        let from = qt.dtype();
+        let qt = match self.requantize.target(from) {
+            Some(to) => {
+                let dense = qt.dequantize(&Device::Cpu)?;
+                QTensor::quantize_onto(&dense, to, &self.device)?
+            }
+            None => qt,
+        };
+        self.formats.insert((dtype_name(from), dtype_name(qt.dtype())));
+        QMatMul::from_qtensor(qt)
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        self.read(name)?.dequantize(&self.device)?.to_dtype(DType::F32)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// The subset of a Hugging Face `config.json` the loader needs.
+#[derive(Debug, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_ctx")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+fn default_theta() -> f32 {
+    10_000.0
+}
+
+fn default_ctx() -> usize {
+    4096
+}
+
+impl HfConfig {
+    pub fn to_llama(&self) -> Result<LlamaConfig> {
+        let arch = if self.model_type.is_empty() { "llama".to_string() } else { self.model_type.clone() };
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+            candle_core::bail!("unsupported model_type `{arch}` (supported: llama, mistral, qwen2)");
+        }
+        Ok(LlamaConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            n_layers: self.num_hidden_layers,
+            n_heads: self.num_attention_heads,
+            n_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta,
+            context_length: self.max_position_embeddings,
+            rope_interleaved: false,
+            qkv_bias: arch == "qwen2",
+            architecture: arch,
+        })
+    }
+}
+
+/// Safetensors checkpoint(s) with Hugging Face tensor names, served under GGUF names.
+pub struct SafetensorsSource {
+    st: MmapedSafetensors,
+    device: Device,
+    tied: bool,
+}
+
+impl SafetensorsSource {
+    pub fn open(files: &[std::path::PathBuf], device: &Device, tied: bool) -> Result<Self> {
+        // SAFETY: the files are opened read-only and not modified while the model is loading;
+        // every tensor is copied out of the mapping before it is dropped.
+        let st = unsafe { MmapedSafetensors::multi(files)? };
+        Ok(Self { st, device: device.clone(), tied })
+    }
+
+    /// Maps a GGUF tensor name to its Hugging Face counterpart.
+    fn hf_name(gguf: &str) -> Option<String> {
+        let (stem, suffix) = gguf.rsplit_once('.')?;
+        if let Some(rest) = stem.strip_prefix("blk.") {
+            let (idx, part) = rest.split_once('.')?;
+            let hf = match part {
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                _ => return None,
+            };
+            return Some(format!("model.layers.{idx}.{hf}.{suffix}"));
+        }
+        let hf = match stem {
+            "token_embd" => "model.embed_tokens",
+            "output_norm" => "model.norm",
+            "output" => "lm_head",
+            _ => return None,
+        };
+        Some(format!("{hf}.{suffix}"))
+    }
+
+    fn load(&self, gguf: &str) -> Result<Tensor> {
+        let hf = Self::hf_name(gguf)
+            .ok_or_else(|| candle_core::Error::msg(format!("no Hugging Face name for `{gguf}`")))?;
+        self.st.load(&hf, &self.device)?.to_dtype(DType::F32)
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn matmul(&mut self, name: &str) -> Result<QMatMul> {
+        Ok(QMatMul::Tensor(self.load(name)?))
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        self.load(name)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        if name == "output.weight" && self.tied {
+            return false;
+        }
+        Self::hf_name(name).is_some_and(|hf| self.st.get(&hf).is_ok())
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_names_map_exactly() {
+        assert_eq!(
+            SafetensorsSource::hf_name("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            SafetensorsSource::hf_name("blk.0.attn_k.bias").as_deref(),
+            Some("model.layers.0.self_attn.k_proj.bias")
+        );
+        assert_eq!(SafetensorsSource::hf_name("output_norm.weight").as_deref(), Some("model.norm.weight"));
+        assert_eq!(SafetensorsSource::hf_name("blk.1.unknown.weight"), None);
+    }
+
+    #[test]
+    fn only_slow_formats_are_requantized() {
+        assert_eq!(Requantize::Q8_0.target(GgmlDType::Q4_1), Some(GgmlDType::Q8_0));
+        assert_eq!(Requantize::Q8_0.target(GgmlDType::Q4K), None);
+        assert_eq!(Requantize::None.target(GgmlDType::Q4_1), None);
+        assert_eq!(Requantize::Q4_0.target(GgmlDType::Q5_0), Some(GgmlDType::Q4_0));
+    }
+}

@@ -1,0 +1,306 @@
+//! Per-sequence state inside the engine: what to feed next, and what to do with the results.
+
+use super::{CaptureJob, CaptureResult, EngineError, FinishReason, GenEvent, GenerateJob, Summary};
+use crate::model::arch::llama::{KvCache, RowInput};
+use crate::model::sampling::Sampler;
+use crate::model::tokenizer::{IncrementalDecoder, TextTokenizer};
+use crate::steering::plan::SteeringPlan;
+use candle_core::Tensor;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+pub(super) struct Sequence {
+    pub cache: KvCache,
+    /// Tokens not yet run through the model.
+    pub pending: Vec<u32>,
+    /// Tokens run through the model so far.
+    consumed: usize,
+    /// Tokens before this index are prompt (steered with the prompt addends).
+    prompt_len: usize,
+    steering: SteeringPlan,
+    pub work: Work,
+}
+
+pub(super) enum Work {
+    Generate(Generation),
+    Capture(Capture),
+}
+
+impl Sequence {
+    pub fn generate(job: GenerateJob, tx: mpsc::UnboundedSender<Result<GenEvent, EngineError>>, cache: KvCache) -> Self {
+        let prompt_len = job.prompt.len();
+        Self {
+            cache,
+            pending: job.prompt,
+            consumed: 0,
+            prompt_len,
+            steering: job.steering,
+            work: Work::Generate(Generation {
+                tx,
+                max_tokens: job.max_tokens,
+                stop: job.stop,
+                sampler: Sampler::new(job.sampling),
+                generated: Vec::new(),
+                decoder: IncrementalDecoder::default(),
+                text: String::new(),
+                sent: 0,
+                prompt_tokens: prompt_len,
+                started: None,
+                first_token: None,
+                done: false,
+            }),
+        }
+    }
+
+    pub fn capture(
+        job: CaptureJob,
+        tx: oneshot::Sender<Result<CaptureResult, EngineError>>,
+        cache: KvCache,
+        n_rows: usize,
+        d_model: usize,
+    ) -> Self {
+        let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.tokens.len());
+        Self {
+            cache,
+            pending: job.tokens,
+            consumed: 0,
+            prompt_len: job.prompt_len,
+            steering: job.steering,
+            work: Work::Capture(Capture { tx: Some(tx), acc }),
+        }
+    }
+
+    fn in_response(&self) -> bool {
+        self.consumed >= self.prompt_len
+    }
+
+    /// Tokens the next pass may take: all pending ones, but never across the prompt/response
+    /// boundary, since steering differs on each side.
+    pub fn pending_len(&self) -> usize {
+        if self.in_response() {
+            self.pending.len()
+        } else {
+            self.pending.len().min(self.prompt_len - self.consumed)
+        }
+    }
+
+    pub fn is_capture(&self) -> bool {
+        matches!(self.work, Work::Capture(_))
+    }
+
+    /// A generation needs logits once its pending tokens are all consumed.
+    pub fn wants_logits(&self, take: usize) -> bool {
+        matches!(self.work, Work::Generate(_)) && take == self.pending.len()
+    }
+
+    pub fn row_input(&mut self, take: usize) -> RowInput<'_> {
+        if let Work::Generate(g) = &mut self.work {
+            g.started.get_or_insert_with(Instant::now);
+        }
+        let logits = self.wants_logits(take);
+        let capture = self.is_capture();
+        let steering = self.steering.addends(self.in_response());
+        RowInput { tokens: &self.pending[..take], cache: &mut self.cache, steering, capture, logits }
+    }
+
+    pub fn consume(&mut self, take: usize) {
+        self.pending.drain(..take);
+        self.consumed += take;
+    }
+
+    pub fn feed_response(&mut self, token: u32) {
+        self.pending.push(token);
+    }
+
+    pub fn cancelled(&self) -> bool {
+        match &self.work {
+            Work::Generate(g) => g.tx.is_closed(),
+            Work::Capture(c) => c.tx.as_ref().is_none_or(|t| t.is_closed()),
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        match &self.work {
+            Work::Generate(g) => g.done,
+            Work::Capture(c) => c.tx.is_none(),
+        }
+    }
+
+    pub fn fail(&mut self, err: EngineError) {
+        match &mut self.work {
+            Work::Generate(g) => {
+                let _ = g.tx.send(Err(err));
+                g.done = true;
+            }
+            Work::Capture(c) => {
+                if let Some(tx) = c.tx.take() {
+                    let _ = tx.send(Err(err));
+                }
+            }
+        }
+    }
+}
+
+pub(super) struct Generation {
+    tx: mpsc::UnboundedSender<Result<GenEvent, EngineError>>,
+    max_tokens: usize,
+    stop: Vec<String>,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    decoder: IncrementalDecoder,
+    /// Everything decoded so far, and how many bytes of it were sent.
+    text: String,
+    sent: usize,
+    prompt_tokens: usize,
+    started: Option<Instant>,
+    first_token: Option<Instant>,
+    done: bool,
+}
+
+impl Generation {
+    /// Samples from a logits row, streams the result, and returns the token to feed next
+    /// (`None` when the generation ended). `cached` is the sequence's cache length.
+    pub fn on_logits(&mut self, logits: &[f32], tok: &TextTokenizer, cached: usize, context: usize) -> Option<u32> {
+        let id = self.sampler.sample(logits);
+        self.first_token.get_or_insert_with(Instant::now);
+        self.generated.push(id);
+        if tok.is_eos(id) {
+            return self.finish(FinishReason::Stop, id, tok);
+        }
+        match self.decoder.push(tok, id) {
+            Ok(delta) => self.text.push_str(&delta),
+            Err(e) => {
+                let _ = self.tx.send(Err(EngineError::Compute(e.to_string())));
+                self.done = true;
+                return None;
+            }
+        }
+        if let Some(cut) = self.stop_at() {
+            self.text.truncate(cut);
+            return self.finish(FinishReason::Stop, id, tok);
+        }
+        if self.generated.len() >= self.max_tokens {
+            return self.finish(FinishReason::Length, id, tok);
+        }
+        if cached + 1 > context {
+            return self.finish(FinishReason::Context, id, tok);
+        }
+        let safe = self.text.len() - self.held_back();
+        let text = self.text[self.sent..safe].to_string();
+        self.sent = safe;
+        if self.tx.send(Ok(GenEvent::Token { text, id })).is_err() {
+            self.done = true;
+            return None;
+        }
+        Some(id)
+    }
+
+    /// Byte index of the earliest complete stop string, if any.
+    fn stop_at(&self) -> Option<usize> {
+        self.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| self.text.find(s.as_str())).min()
+    }
+
+    /// Bytes at the end of the text that could still grow into a stop string.
+    fn held_back(&self) -> usize {
+        let tail = &self.text[self.sent..];
+        self.stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len().min(tail.len() + 1))
+                    .rev()
+                    .filter(|&n| s.is_char_boundary(n) && tail.ends_with(&s[..n]))
+                    .take(1)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn finish(&mut self, reason: FinishReason, id: u32, tok: &TextTokenizer) -> Option<u32> {
+        if reason != FinishReason::Stop {
+            if let Ok(rest) = self.decoder.flush(tok) {
+                self.text.push_str(&rest);
+            }
+            if let Some(cut) = self.stop_at() {
+                self.text.truncate(cut);
+            }
+        }
+        let text = self.text.get(self.sent..).unwrap_or_default().to_string();
+        self.sent = self.text.len();
+        let _ = self.tx.send(Ok(GenEvent::Token { text, id }));
+        let now = Instant::now();
+        let started = self.started.unwrap_or(now);
+        let first = self.first_token.unwrap_or(now);
+        let _ = self.tx.send(Ok(GenEvent::Done(Summary {
+            finish_reason: reason,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.generated.len(),
+            prefill_ms: (first - started).as_secs_f64() * 1e3,
+            decode_ms: (now - first).as_secs_f64() * 1e3,
+        })));
+        self.done = true;
+        None
+    }
+}
+
+pub(super) struct Capture {
+    tx: Option<oneshot::Sender<Result<CaptureResult, EngineError>>>,
+    acc: CaptureAccumulator,
+}
+
+impl Capture {
+    pub fn accumulate(&mut self, states: &[Tensor], take: usize) -> candle_core::Result<()> {
+        self.acc.add(states, take)
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Ok(self.acc.result()));
+        }
+    }
+}
+
+/// Running sums of hidden states over prompt and response tokens, per residual layer.
+pub(crate) struct CaptureAccumulator {
+    n_rows: usize,
+    d: usize,
+    prompt_len: usize,
+    total: usize,
+    seen: usize,
+    prompt_sum: Vec<f32>,
+    response_sum: Vec<f32>,
+    prompt_last: Vec<f32>,
+}
+
+impl CaptureAccumulator {
+    pub fn new(n_rows: usize, d: usize, prompt_len: usize, total: usize) -> Self {
+        let z = vec![0.0; n_rows * d];
+        Self { n_rows, d, prompt_len, total, seen: 0, prompt_sum: z.clone(), response_sum: z.clone(), prompt_last: z }
+    }
+
+    /// Adds one chunk of `take` tokens (entirely prompt or entirely response); `states` holds
+    /// `n_rows` tensors of shape `[take, d]`.
+    pub fn add(&mut self, states: &[Tensor], take: usize) -> candle_core::Result<()> {
+        let stacked = Tensor::stack(states, 0)?; // [n_rows, take, d]
+        let sums: Vec<f32> = stacked.sum(1)?.flatten_all()?.to_vec1()?;
+        let in_prompt = self.seen < self.prompt_len;
+        let target = if in_prompt { &mut self.prompt_sum } else { &mut self.response_sum };
+        target.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
+        if in_prompt && self.seen + take == self.prompt_len {
+            self.prompt_last = stacked.narrow(1, take - 1, 1)?.squeeze(1)?.flatten_all()?.to_vec1()?;
+        }
+        self.seen += take;
+        Ok(())
+    }
+
+    pub fn result(&self) -> CaptureResult {
+        let mean = |sum: &[f32], n: usize| sum.iter().map(|v| v / n.max(1) as f32).collect::<Vec<_>>();
+        let response_tokens = self.total - self.prompt_len;
+        CaptureResult {
+            n_rows: self.n_rows,
+            d_model: self.d,
+            prompt_last: self.prompt_last.clone(),
+            prompt_avg: mean(&self.prompt_sum, self.prompt_len),
+            response_avg: (response_tokens > 0).then(|| mean(&self.response_sum, response_tokens)),
+        }
+    }
+}

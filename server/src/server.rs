@@ -1,0 +1,121 @@
+//! Server assembly: load models, start engines, serve gRPC with health and reflection until
+//! shutdown.
+
+use crate::config::Settings;
+use crate::model::LoadedModel;
+use crate::scheduler::{EngineHandle, GenEvent, GenerateJob};
+use crate::service::{AppState, PersonaSvc};
+use crate::steering::plan::SteeringPlan;
+use crate::steering::store::VectorStore;
+use anyhow::{Context, Result};
+use persona_proto::v1 as pb;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Loads every configured model and opens the vector store.
+pub async fn build_state(settings: &Settings) -> Result<Arc<AppState>> {
+    let mut engines = BTreeMap::new();
+    for m in &settings.models {
+        let spec = m.load_spec(settings)?;
+        let started = std::time::Instant::now();
+        let model = tokio::task::spawn_blocking(move || LoadedModel::load(&spec))
+            .await?
+            .with_context(|| format!("loading model `{}`", m.id))?;
+        let c = model.config();
+        tracing::info!(
+            model = %model.id, source = %model.source, weights = %model.weights, layers = c.n_layers,
+            d_model = c.hidden_size, context = c.context_length, secs = started.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        let engine = EngineHandle::spawn(Arc::new(model), settings.engine_config())?;
+        warm_up(&engine).await.with_context(|| format!("warming up `{}`", m.id))?;
+        engines.insert(m.id.clone(), engine);
+    }
+    let store = Arc::new(VectorStore::open(&settings.vector_dir)?);
+    Ok(Arc::new(AppState { engines, default_model: settings.default_model_id().to_string(), store }))
+}
+
+/// One short generation so the first real request does not pay for lazy initialisation.
+async fn warm_up(engine: &EngineHandle) -> Result<()> {
+    let prompt = engine.model().tokenizer.encode("Hello")?;
+    let job = GenerateJob {
+        prompt,
+        max_tokens: 2,
+        sampling: Default::default(),
+        stop: Vec::new(),
+        steering: SteeringPlan::new(0),
+    };
+    let mut rx = engine.generate(job)?;
+    while let Some(ev) = rx.recv().await {
+        if let GenEvent::Done(_) = ev? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight calls for up to
+/// `grace`.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<pb::persona_service_server::PersonaServiceServer<PersonaSvc>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let svc = pb::persona_service_server::PersonaServiceServer::new(PersonaSvc::new(state))
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    tracing::info!(addr = %listener.local_addr()?, "serving persona.v1.PersonaService");
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let notify = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested; draining");
+        reporter.set_not_serving::<pb::persona_service_server::PersonaServiceServer<PersonaSvc>>().await;
+        let _ = drain_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), notify);
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r?,
+        _ = async { let _ = drain_rx.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(secs = grace.as_secs(), "grace period over; dropping remaining calls");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

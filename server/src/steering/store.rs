@@ -1,0 +1,339 @@
+//! On-disk persona vector store: one safetensors file per vector, tensor `vector` of shape
+//! `[n_layers + 1, d_model]` (f32) plus string metadata. Writes go to a temporary file that is
+//! renamed into place, so a vector is either fully stored or not at all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+const TENSOR: &str = "vector";
+const EXT: &str = "safetensors";
+const MAX_NAME: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid vector name `{0}`: use 1-128 letters, digits, '-', '_' or '.', not starting with '.'")]
+    InvalidName(String),
+    #[error("vector `{0}` not found")]
+    NotFound(String),
+    #[error("vector `{0}` already exists (set overwrite to replace it)")]
+    Exists(String),
+    #[error("malformed vector: {0}")]
+    Malformed(String),
+    #[error("vector store I/O on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// How a vector's activations were averaged when it was extracted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VectorKind {
+    #[default]
+    ResponseAvg,
+    PromptAvg,
+    PromptLast,
+}
+
+impl VectorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ResponseAvg => "response_avg",
+            Self::PromptAvg => "prompt_avg",
+            Self::PromptLast => "prompt_last",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::ResponseAvg, Self::PromptAvg, Self::PromptLast].into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VectorMeta {
+    pub name: String,
+    pub model: String,
+    pub trait_name: String,
+    pub kind: VectorKind,
+    pub created_unix: i64,
+    pub description: String,
+    pub n_rows: usize,
+    pub d_model: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredVector {
+    pub meta: VectorMeta,
+    /// Row-major `[n_rows, d_model]`.
+    pub values: Vec<f32>,
+}
+
+impl StoredVector {
+    pub fn row(&self, layer: usize) -> Option<&[f32]> {
+        let d = self.meta.d_model;
+        self.values.get(layer * d..(layer + 1) * d)
+    }
+
+    pub fn row_norms(&self) -> Vec<f32> {
+        self.values.chunks(self.meta.d_model.max(1)).map(|r| r.iter().map(|x| x * x).sum::<f32>().sqrt()).collect()
+    }
+}
+
+pub fn validate_name(name: &str) -> Result<(), StoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok { Ok(()) } else { Err(StoreError::InvalidName(name.to_string())) }
+}
+
+/// Checks shape and values; returns the vector ready to store.
+pub fn check_values(meta: &VectorMeta, values: &[f32]) -> Result<(), StoreError> {
+    let want = meta.n_rows * meta.d_model;
+    if meta.n_rows == 0 || meta.d_model == 0 {
+        return Err(StoreError::Malformed("empty shape".into()));
+    }
+    if values.len() != want {
+        return Err(StoreError::Malformed(format!(
+            "expected {} rows x {} = {want} values, got {}",
+            meta.n_rows,
+            meta.d_model,
+            values.len()
+        )));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(StoreError::Malformed(format!("value {i} is not finite")));
+    }
+    Ok(())
+}
+
+pub struct VectorStore {
+    dir: PathBuf,
+    vectors: RwLock<BTreeMap<String, Arc<StoredVector>>>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+impl VectorStore {
+    /// Opens (creating if needed) a store directory and indexes the vectors in it. Files that
+    /// cannot be read are reported and left untouched.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut vectors = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let path = entry.map_err(io(dir))?.path();
+            if path.extension().is_none_or(|e| e != EXT) {
+                continue;
+            }
+            match read_file(&path) {
+                Ok(v) => {
+                    vectors.insert(v.meta.name.clone(), Arc::new(v));
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping unreadable vector file"),
+            }
+        }
+        tracing::info!(dir = %dir.display(), count = vectors.len(), "vector store opened");
+        Ok(Self { dir: dir.to_path_buf(), vectors: RwLock::new(vectors) })
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.{EXT}"))
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<StoredVector>, StoreError> {
+        validate_name(name)?;
+        self.read().get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))
+    }
+
+    pub fn list(&self, model: Option<&str>) -> Vec<Arc<StoredVector>> {
+        self.read().values().filter(|v| model.is_none_or(|m| v.meta.model == m)).cloned().collect()
+    }
+
+    /// Validates and stores a vector durably, then makes it visible.
+    pub fn put(&self, vector: StoredVector, overwrite: bool) -> Result<Arc<StoredVector>, StoreError> {
+        validate_name(&vector.meta.name)?;
+        check_values(&vector.meta, &vector.values)?;
+        let name = vector.meta.name.clone();
+        // Hold the write lock across the file write so two puts of one name cannot interleave.
+        let mut map = self.vectors.write().unwrap_or_else(|p| p.into_inner());
+        if !overwrite && map.contains_key(&name) {
+            return Err(StoreError::Exists(name));
+        }
+        let bytes = encode(&vector)?;
+        let target = self.path_of(&name);
+        let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &target)
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StoreError::Io { path: target, source: e });
+        }
+        let v = Arc::new(vector);
+        map.insert(name, v.clone());
+        Ok(v)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        validate_name(name)?;
+        let mut map = self.vectors.write().unwrap_or_else(|p| p.into_inner());
+        if !map.contains_key(name) {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        let path = self.path_of(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        }
+        map.remove(name);
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<StoredVector>>> {
+        self.vectors.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn encode(v: &StoredVector) -> Result<Vec<u8>, StoreError> {
+    let m = &v.meta;
+    let meta: HashMap<String, String> = [
+        ("name", m.name.clone()),
+        ("model", m.model.clone()),
+        ("trait", m.trait_name.clone()),
+        ("kind", m.kind.as_str().to_string()),
+        ("created_unix", m.created_unix.to_string()),
+        ("description", m.description.clone()),
+        ("format", "persona-steer/v1".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let bytes: Vec<u8> = v.values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![m.n_rows, m.d_model], &bytes)
+        .map_err(|e| StoreError::Malformed(e.to_string()))?;
+    safetensors::serialize([(TENSOR, view)], Some(meta)).map_err(|e| StoreError::Malformed(e.to_string()))
+}
+
+/// Reads a vector file; the name is the file stem.
+pub fn read_file(path: &Path) -> Result<StoredVector, StoreError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    decode(&name, &bytes)
+}
+
+pub fn decode(name: &str, bytes: &[u8]) -> Result<StoredVector, StoreError> {
+    let bad = |e: String| StoreError::Malformed(format!("{name}: {e}"));
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let t = st.tensor(TENSOR).map_err(|e| bad(e.to_string()))?;
+    if t.dtype() != safetensors::Dtype::F32 {
+        return Err(bad(format!("tensor `{TENSOR}` is {:?}, expected F32", t.dtype())));
+    }
+    let [n_rows, d_model] = t.shape() else {
+        return Err(bad(format!("tensor `{TENSOR}` has shape {:?}, expected [n_layers+1, d_model]", t.shape())));
+    };
+    let values: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let md = header.metadata().clone().unwrap_or_default();
+    let get = |k: &str| md.get(k).cloned().unwrap_or_default();
+    let meta = VectorMeta {
+        name: name.to_string(),
+        model: get("model"),
+        trait_name: get("trait"),
+        kind: VectorKind::parse(&get("kind")).unwrap_or_default(),
+        created_unix: get("created_unix").parse().unwrap_or(0),
+        description: get("description"),
+        n_rows: *n_rows,
+        d_model: *d_model,
+    };
+    check_values(&meta, &values).map_err(|e| bad(e.to_string()))?;
+    Ok(StoredVector { meta, values })
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vector(name: &str, fill: f32) -> StoredVector {
+        StoredVector {
+            meta: VectorMeta {
+                name: name.into(),
+                model: "m".into(),
+                trait_name: "evil".into(),
+                kind: VectorKind::PromptLast,
+                created_unix: 1_700_000_000,
+                description: "test".into(),
+                n_rows: 3,
+                d_model: 4,
+            },
+            values: (0..12).map(|i| i as f32 * fill).collect(),
+        }
+    }
+
+    #[test]
+    fn round_trips_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = VectorStore::open(dir.path()).unwrap();
+        store.put(vector("evil.v1", 0.5), false).unwrap();
+        drop(store);
+        let store = VectorStore::open(dir.path()).unwrap();
+        let v = store.get("evil.v1").unwrap();
+        assert_eq!(*v, vector("evil.v1", 0.5));
+        assert_eq!(v.row(2).unwrap(), &[4.0, 4.5, 5.0, 5.5]);
+        assert_eq!(store.list(Some("m")).len(), 1);
+        assert!(store.list(Some("other")).is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_input_without_touching_the_stored_vector() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = VectorStore::open(dir.path()).unwrap();
+        store.put(vector("a", 1.0), false).unwrap();
+        assert!(matches!(store.put(vector("a", 2.0), false), Err(StoreError::Exists(_))));
+        let mut short = vector("a", 3.0);
+        short.values.pop();
+        assert!(matches!(store.put(short, true), Err(StoreError::Malformed(_))));
+        let mut nan = vector("a", 3.0);
+        nan.values[5] = f32::NAN;
+        assert!(matches!(store.put(nan, true), Err(StoreError::Malformed(_))));
+        for bad in ["", ".hidden", "../x", "a/b", &"x".repeat(200)] {
+            assert!(matches!(store.put(vector(bad, 1.0), true), Err(StoreError::InvalidName(_))), "{bad}");
+        }
+        assert_eq!(*store.get("a").unwrap(), vector("a", 1.0));
+        let reopened = VectorStore::open(dir.path()).unwrap();
+        assert_eq!(*reopened.get("a").unwrap(), vector("a", 1.0));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).collect();
+        assert_eq!(leftovers.len(), 1, "no temporary files left behind");
+    }
+
+    #[test]
+    fn overwrite_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = VectorStore::open(dir.path()).unwrap();
+        store.put(vector("a", 1.0), false).unwrap();
+        store.put(vector("a", 2.0), true).unwrap();
+        assert_eq!(store.get("a").unwrap().values[1], 2.0);
+        store.delete("a").unwrap();
+        assert!(matches!(store.get("a"), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.delete("a"), Err(StoreError::NotFound(_))));
+        assert!(VectorStore::open(dir.path()).unwrap().list(None).is_empty());
+    }
+
+    #[test]
+    fn corrupt_files_are_skipped_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("junk.safetensors"), b"not a safetensors file").unwrap();
+        let store = VectorStore::open(dir.path()).unwrap();
+        assert!(store.list(None).is_empty());
+        assert!(dir.path().join("junk.safetensors").exists());
+        assert!(decode("x", b"\x08\0\0\0\0\0\0\0{}      ").is_err());
+    }
+}
