@@ -1,0 +1,124 @@
+//! Client library for persona-steer: a connected gRPC client plus helpers for the common calls.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let mut c = persona_client::connect("http://127.0.0.1:50051").await?;
+//! let out = persona_client::generate_text(&mut c, persona_client::chat_request("Hi!", None)).await?;
+//! println!("{}", out.text);
+//! # Ok(()) }
+//! ```
+
+pub use persona_proto::v1 as pb;
+use pb::persona_service_client::PersonaServiceClient;
+use tonic::transport::Channel;
+
+pub type Client = PersonaServiceClient<Channel>;
+
+/// Connects to a server, e.g. `http://127.0.0.1:50051`.
+pub async fn connect(addr: &str) -> anyhow::Result<Client> {
+    let addr = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let channel = Channel::from_shared(addr.clone())?.connect().await.map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
+    Ok(PersonaServiceClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024))
+}
+
+pub fn message(role: &str, content: &str) -> pb::ChatMessage {
+    pb::ChatMessage { role: role.to_string(), content: content.to_string() }
+}
+
+/// A chat prompt with an optional system message.
+pub fn chat(user: &str, system: Option<&str>) -> pb::Prompt {
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(message("system", s));
+    }
+    messages.push(message("user", user));
+    pb::Prompt { kind: Some(pb::prompt::Kind::Chat(pb::Conversation { messages })) }
+}
+
+/// A greedy generation request for one user message on the default model.
+pub fn chat_request(user: &str, system: Option<&str>) -> pb::GenerateRequest {
+    pb::GenerateRequest { prompt: Some(chat(user, system)), ..Default::default() }
+}
+
+/// Steering by a stored vector at one layer.
+pub fn steer_by_name(name: &str, layer: u32, coefficient: f32) -> pb::SteeringVector {
+    pb::SteeringVector {
+        source: Some(pb::steering_vector::Source::Name(name.to_string())),
+        layer,
+        coefficient,
+        positions: pb::Positions::All as i32,
+    }
+}
+
+/// Steering by inline values (one layer's row).
+pub fn steer_inline(values: Vec<f32>, layer: u32, coefficient: f32) -> pb::SteeringVector {
+    pb::SteeringVector {
+        source: Some(pb::steering_vector::Source::Inline(pb::InlineVector { values })),
+        layer,
+        coefficient,
+        positions: pb::Positions::All as i32,
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, Default)]
+pub struct Completion {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub summary: Option<pb::GenerateSummary>,
+    /// Seconds from sending the request to the first token message.
+    pub time_to_first_token: Option<f64>,
+}
+
+/// Runs a generation and collects its stream.
+pub async fn generate_text(client: &mut Client, req: pb::GenerateRequest) -> Result<Completion, tonic::Status> {
+    let started = std::time::Instant::now();
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Completion::default();
+    while let Some(msg) = stream.message().await? {
+        if out.time_to_first_token.is_none() && !msg.token_ids.is_empty() {
+            out.time_to_first_token = Some(started.elapsed().as_secs_f64());
+        }
+        out.text.push_str(&msg.delta);
+        out.token_ids.extend(msg.token_ids);
+        if msg.summary.is_some() {
+            out.summary = msg.summary;
+        }
+    }
+    Ok(out)
+}
+
+/// A deterministic pseudo-random unit-scale vector (no RNG dependency), for benchmarks and demos.
+pub fn pseudo_random_vector(seed: u64, len: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pseudo_random_vectors_are_deterministic_and_centred() {
+        let a = pseudo_random_vector(3, 1000);
+        assert_eq!(a, pseudo_random_vector(3, 1000));
+        assert_ne!(a, pseudo_random_vector(4, 1000));
+        assert!(a.iter().all(|v| (-1.0..=1.0).contains(v)));
+        let mean: f32 = a.iter().sum::<f32>() / a.len() as f32;
+        assert!(mean.abs() < 0.1, "{mean}");
+    }
+
+    #[test]
+    fn chat_puts_the_system_message_first() {
+        let p = chat("q", Some("s"));
+        let Some(pb::prompt::Kind::Chat(c)) = p.kind else { panic!("chat prompt expected") };
+        assert_eq!(c.messages.iter().map(|m| m.role.as_str()).collect::<Vec<_>>(), ["system", "user"]);
+    }
+}

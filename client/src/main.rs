@@ -1,1 +1,450 @@
-fn main() {}
+//! `persona`: command-line client for persona-steer.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use persona_client::{Client, connect, generate_text, pb};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "persona", version, about = "Client for the persona-steer gRPC service")]
+struct Cli {
+    /// Server address.
+    #[arg(long, global = true, env = "PERSONA_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Extract a persona vector from contrastive system prompts.
+    Extract(ExtractArgs),
+    /// Project a conversation's activations onto a stored vector.
+    Project(ProjectArgs),
+    /// Manage stored vectors.
+    Vectors {
+        #[command(subcommand)]
+        command: VectorsCmd,
+    },
+    /// List the loaded models.
+    Models,
+    /// Measure single-stream prefill and decode speed, steered and unsteered.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// The user message (or the raw prompt with --raw).
+    prompt: String,
+    #[arg(long)]
+    system: Option<String>,
+    /// Send the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    #[arg(long, default_value = "")]
+    model: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Steering vector NAME:LAYER:COEF[:all|prompt|response]; repeatable (summed).
+    #[arg(long = "steer", value_name = "NAME:LAYER:COEF")]
+    steer: Vec<String>,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: u32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string; repeatable.
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn to_pb(&self) -> pb::SamplingParams {
+        pb::SamplingParams {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ExtractArgs {
+    /// Name to store the vector under.
+    #[arg(long)]
+    name: String,
+    /// Trait label kept in the vector's metadata.
+    #[arg(long = "trait", default_value = "")]
+    trait_name: String,
+    /// JSON file with "instruction": [{"pos","neg"}...] and "questions": [...] (see traits/).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Positive system prompt; pair each --pos with a --neg.
+    #[arg(long)]
+    pos: Vec<String>,
+    #[arg(long)]
+    neg: Vec<String>,
+    #[arg(long)]
+    question: Vec<String>,
+    #[arg(long, default_value = "")]
+    model: String,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args)]
+struct ProjectArgs {
+    /// The user message.
+    user: String,
+    #[arg(long)]
+    system: Option<String>,
+    /// Assistant answer to score.
+    #[arg(long, default_value = "")]
+    response: String,
+    /// VECTOR:LAYER; repeatable.
+    #[arg(long = "vector", value_name = "VECTOR:LAYER", required = true)]
+    vectors: Vec<String>,
+    #[arg(long, default_value = "")]
+    model: String,
+}
+
+#[derive(Subcommand)]
+enum VectorsCmd {
+    List {
+        #[arg(long, default_value = "")]
+        model: String,
+    },
+    Get {
+        name: String,
+        /// Write the values as JSON ({"info":…, "values":[[…]…]}) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Store a vector from a JSON file holding a list of rows ([[f32; d_model]; n_layers+1]).
+    Put {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long = "trait", default_value = "")]
+        trait_name: String,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    Rm {
+        name: String,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "")]
+    model: String,
+    /// Measured runs per configuration (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// Residual layer for the steered runs (default: the middle layer).
+    #[arg(long)]
+    layer: Option<u32>,
+    #[arg(long, default_value_t = 4.0)]
+    coefficient: f32,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let mut c = connect(&cli.addr).await?;
+    match cli.command {
+        Cmd::Generate(a) => generate(&mut c, a).await,
+        Cmd::Extract(a) => extract(&mut c, a).await,
+        Cmd::Project(a) => project(&mut c, a).await,
+        Cmd::Vectors { command } => vectors(&mut c, command).await,
+        Cmd::Models => {
+            let r = c.list_models(pb::ListModelsRequest {}).await?.into_inner();
+            for m in r.models {
+                println!(
+                    "{}{}\t{} layers={} d={} ctx={} weights={} device={} source={}",
+                    m.id,
+                    if m.is_default { " (default)" } else { "" },
+                    m.architecture,
+                    m.n_layers,
+                    m.d_model,
+                    m.context_length,
+                    m.weights,
+                    m.device,
+                    m.source
+                );
+            }
+            Ok(())
+        }
+        Cmd::Bench(a) => bench(&mut c, a).await,
+    }
+}
+
+fn parse_steer(s: &str) -> Result<pb::SteeringVector> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (name, layer, coef, pos) = match parts.as_slice() {
+        [n, l, c] => (n, l, c, "all"),
+        [n, l, c, p] => (n, l, c, *p),
+        _ => bail!("--steer expects NAME:LAYER:COEF[:all|prompt|response], got `{s}`"),
+    };
+    let positions = match pos {
+        "all" => pb::Positions::All,
+        "prompt" => pb::Positions::Prompt,
+        "response" => pb::Positions::Response,
+        other => bail!("unknown positions `{other}` (all, prompt or response)"),
+    };
+    let mut v = persona_client::steer_by_name(name, layer.parse().context("layer")?, coef.parse().context("coefficient")?);
+    v.positions = positions as i32;
+    Ok(v)
+}
+
+async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
+    let prompt = if a.raw {
+        pb::Prompt { kind: Some(pb::prompt::Kind::Raw(a.prompt.clone())) }
+    } else {
+        persona_client::chat(&a.prompt, a.system.as_deref())
+    };
+    let req = pb::GenerateRequest {
+        model: a.model.clone(),
+        prompt: Some(prompt),
+        sampling: Some(a.sampling.to_pb()),
+        steering: a.steer.iter().map(|s| parse_steer(s)).collect::<Result<_>>()?,
+    };
+    let mut stream = c.generate(req).await?.into_inner();
+    let mut out = std::io::stdout();
+    while let Some(msg) = stream.message().await? {
+        out.write_all(msg.delta.as_bytes())?;
+        out.flush()?;
+        if let Some(s) = msg.summary {
+            let reason = pb::FinishReason::try_from(s.finish_reason).map(|r| r.as_str_name()).unwrap_or("?");
+            eprintln!(
+                "\n[{} prompt + {} completion tokens, {reason}, prefill {:.0} ms, decode {:.0} ms]",
+                s.prompt_tokens, s.completion_tokens, s.prefill_ms, s.decode_ms
+            );
+        }
+    }
+    println!();
+    Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct TraitFile {
+    #[serde(default)]
+    instruction: Vec<Pair>,
+    #[serde(default)]
+    questions: Vec<String>,
+    #[serde(default, rename = "trait")]
+    trait_name: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Pair {
+    pos: String,
+    neg: String,
+}
+
+async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
+    let mut pairs: Vec<pb::InstructionPair> = Vec::new();
+    let mut questions = a.question.clone();
+    let mut trait_name = a.trait_name.clone();
+    if let Some(f) = &a.file {
+        let t: TraitFile = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
+            .with_context(|| format!("parsing {}", f.display()))?;
+        pairs.extend(t.instruction.into_iter().map(|p| pb::InstructionPair { pos: p.pos, neg: p.neg }));
+        questions.extend(t.questions);
+        if trait_name.is_empty() {
+            trait_name = t.trait_name;
+        }
+    }
+    if a.pos.len() != a.neg.len() {
+        bail!("give as many --neg as --pos prompts");
+    }
+    pairs.extend(a.pos.iter().zip(&a.neg).map(|(p, n)| pb::InstructionPair { pos: p.clone(), neg: n.clone() }));
+    let req = pb::ExtractVectorRequest {
+        model: a.model,
+        name: a.name,
+        trait_name,
+        pairs,
+        questions,
+        sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, temperature: a.temperature, ..Default::default() }),
+        overwrite: a.overwrite,
+    };
+    let mut stream = c.extract_vector(req).await?.into_inner();
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(pb::extract_vector_response::Event::Progress(p)) => eprint!("\r{} {}/{}   ", p.stage, p.done, p.total),
+            Some(pb::extract_vector_response::Event::Vector(v)) => {
+                eprintln!();
+                print_vector(&v);
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn print_vector(v: &pb::VectorInfo) {
+    let kind = pb::VectorKind::try_from(v.kind).map(|k| k.as_str_name()).unwrap_or("?");
+    let (best, norm) = v
+        .row_norms
+        .iter()
+        .enumerate()
+        .fold((0, 0f32), |acc, (i, n)| if *n > acc.1 { (i, *n) } else { acc });
+    println!(
+        "{}\tmodel={} trait={} kind={kind} shape=[{}, {}] largest-norm row={best} ({norm:.2}) {}",
+        v.name, v.model, v.trait_name, v.n_rows, v.d_model, v.description
+    );
+}
+
+async fn project(c: &mut Client, a: ProjectArgs) -> Result<()> {
+    let targets = a
+        .vectors
+        .iter()
+        .map(|s| {
+            let (v, l) = s.rsplit_once(':').context("--vector expects VECTOR:LAYER")?;
+            Ok(pb::ProjectionTarget { vector: v.to_string(), layer: l.parse().context("layer")? })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let Some(pb::prompt::Kind::Chat(conversation)) = persona_client::chat(&a.user, a.system.as_deref()).kind else {
+        unreachable!("chat() builds a conversation")
+    };
+    let r = c
+        .project_activation(pb::ProjectActivationRequest {
+            model: a.model,
+            conversation: Some(conversation),
+            response: a.response,
+            targets,
+        })
+        .await?
+        .into_inner();
+    println!("vector\tlayer\tprompt_last\tprompt_avg\tresponse_avg");
+    for p in r.projections {
+        let resp = if p.has_response { format!("{:.4}", p.response_avg) } else { "-".into() };
+        println!("{}\t{}\t{:.4}\t{:.4}\t{resp}", p.vector, p.layer, p.prompt_last, p.prompt_avg);
+    }
+    Ok(())
+}
+
+async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
+    match cmd {
+        VectorsCmd::List { model } => {
+            for v in c.list_vectors(pb::ListVectorsRequest { model }).await?.into_inner().vectors {
+                print_vector(&v);
+            }
+        }
+        VectorsCmd::Get { name, out } => {
+            let r = c.get_vector(pb::GetVectorRequest { name, include_values: out.is_some() }).await?.into_inner();
+            let info = r.info.context("server sent no vector info")?;
+            print_vector(&info);
+            if let Some(path) = out {
+                let rows: Vec<&[f32]> = r.values.chunks(info.d_model.max(1) as usize).collect();
+                let json = serde_json::json!({ "name": info.name, "model": info.model, "trait": info.trait_name, "values": rows });
+                std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        VectorsCmd::Put { name, file, model, trait_name, overwrite } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let rows = v.get("values").unwrap_or(&v);
+            let rows: Vec<Vec<f32>> = serde_json::from_value(rows.clone()).context("expected a list of rows of floats")?;
+            let r = c
+                .put_vector(pb::PutVectorRequest {
+                    name,
+                    model,
+                    trait_name,
+                    kind: pb::VectorKind::ResponseAvg as i32,
+                    values: rows.concat(),
+                    description: format!("imported from {}", file.display()),
+                    overwrite,
+                })
+                .await?
+                .into_inner();
+            print_vector(&r.info.context("server sent no vector info")?);
+        }
+        VectorsCmd::Rm { name } => {
+            c.delete_vector(pb::DeleteVectorRequest { name: name.clone() }).await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() { f64::NAN } else { xs[xs.len() / 2] }
+}
+
+/// Prefill tok/s, decode tok/s and time to first token of one run.
+async fn bench_once(c: &mut Client, req: pb::GenerateRequest) -> Result<(f64, f64, f64)> {
+    let out = generate_text(c, req).await?;
+    let s = out.summary.context("no summary")?;
+    let prefill = s.prompt_tokens as f64 / (s.prefill_ms / 1e3);
+    let decode = (s.completion_tokens.saturating_sub(1)) as f64 / (s.decode_ms / 1e3);
+    Ok((prefill, decode, out.time_to_first_token.unwrap_or(f64::NAN)))
+}
+
+async fn bench(c: &mut Client, a: BenchArgs) -> Result<()> {
+    let models = c.list_models(pb::ListModelsRequest {}).await?.into_inner().models;
+    let m = models
+        .iter()
+        .find(|m| if a.model.is_empty() { m.is_default } else { m.id == a.model })
+        .context("model not loaded")?;
+    let layer = a.layer.unwrap_or(m.n_layers / 2);
+    // A prompt of a few hundred tokens, so prefill is measured on real work.
+    let user = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle. ".repeat(8);
+    let base = pb::GenerateRequest {
+        model: m.id.clone(),
+        prompt: Some(persona_client::chat(&user, Some("You are a creative writer."))),
+        sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, ..Default::default() }),
+        steering: Vec::new(),
+    };
+    let mut v = persona_client::pseudo_random_vector(7, m.d_model as usize);
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= norm);
+    let steered = pb::GenerateRequest { steering: vec![persona_client::steer_inline(v, layer, a.coefficient)], ..base.clone() };
+    println!("model {} ({} layers, d={}, weights {}), {} runs, {} new tokens", m.id, m.n_layers, m.d_model, m.weights, a.runs, a.max_tokens);
+    bench_once(c, base.clone()).await?; // warm-up
+    let (mut pu, mut du, mut tu, mut ps, mut ds, mut ts) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..a.runs {
+        let (p, d, t) = bench_once(c, base.clone()).await?;
+        pu.push(p);
+        du.push(d);
+        tu.push(t);
+        let (p, d, t) = bench_once(c, steered.clone()).await?;
+        ps.push(p);
+        ds.push(d);
+        ts.push(t);
+    }
+    let (pu, du, tu, ps, ds, ts) =
+        (median(&mut pu), median(&mut du), median(&mut tu), median(&mut ps), median(&mut ds), median(&mut ts));
+    println!("{:<12} {:>14} {:>14} {:>10}", "", "prefill tok/s", "decode tok/s", "TTFT ms");
+    println!("{:<12} {:>14.1} {:>14.1} {:>10.1}", "unsteered", pu, du, tu * 1e3);
+    println!("{:<12} {:>14.1} {:>14.1} {:>10.1}", format!("steered L{layer}"), ps, ds, ts * 1e3);
+    println!("steering overhead (decode, median): {:+.1}%", (du / ds - 1.0) * 100.0);
+    Ok(())
+}
