@@ -37,7 +37,8 @@ pub struct ModelSettings {
     pub id: String,
     /// `embedded`, a local path (.gguf file or a directory), or `hub:owner/name[@revision]`.
     pub source: String,
-    /// `q8_0` (default), `q4_0` or `none`: what slow GGUF formats become at load.
+    /// `int8` (default: batched int8 CPU kernel), `q8_0`, `q4_0` or `none`: what weights become
+    /// at load. `q8_0`/`q4_0` re-quantize only formats without a fast candle kernel (Q4_1, Q5_x).
     pub requantize: String,
     /// `cpu`, `cuda` or `metal`.
     pub device: String,
@@ -91,7 +92,7 @@ impl Default for ModelSettings {
         Self {
             id: EMBEDDED_ID.into(),
             source: "embedded".into(),
-            requantize: "q8_0".into(),
+            requantize: "int8".into(),
             device: "cpu".into(),
             device_ordinal: 0,
             max_context: 0,
@@ -170,10 +171,12 @@ const DEFAULT_MAX_CONTEXT: usize = 4096;
 impl ModelSettings {
     pub fn load_spec(&self, s: &Settings) -> Result<LoadSpec> {
         let requantize = match self.requantize.to_lowercase().as_str() {
-            "q8_0" | "" => Requantize::Q8_0,
+            "int8" | "" => Requantize::Int8,
+            "q8_0" => Requantize::Q8_0,
             "q4_0" => Requantize::Q4_0,
             "none" => Requantize::None,
-            other => bail!("model `{}`: requantize `{other}` (expected q8_0, q4_0 or none)", self.id),
+            "f32" => Requantize::F32,
+            other => bail!("model `{}`: requantize `{other}` (expected int8, q8_0, q4_0, none or f32)", self.id),
         };
         let device = match self.device.to_lowercase().as_str() {
             "cpu" | "" => DeviceKind::Cpu,
@@ -207,7 +210,7 @@ mod tests {
         assert_eq!(s.default_model_id(), EMBEDDED_ID);
         let spec = s.models[0].load_spec(&s).unwrap();
         assert_eq!(spec.source, ModelSource::Embedded);
-        assert_eq!(spec.requantize, Requantize::Q8_0);
+        assert_eq!(spec.requantize, Requantize::Int8);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod arch;
 pub mod chat;
+pub mod int8;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;
@@ -117,20 +118,18 @@ impl LoadedModel {
                     .and_then(|v| v.to_string().ok())
                     .cloned();
                 let model = Llama::load(&mut src, cfg).with_context(|| format!("loading {}", file.display()))?;
-                let formats = src
-                    .formats
-                    .iter()
-                    .map(|(from, to)| if from == to { from.clone() } else { format!("{to} (from {from})") })
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let sources: std::collections::BTreeSet<&str> = src.formats.iter().map(|(from, _)| from.as_str()).collect();
+                let loaded = model.weight_formats();
+                let formats = format!("{loaded} (stored as {})", sources.into_iter().collect::<Vec<_>>().join(", "));
                 (model, tok, template, formats)
             }
             ModelFiles::Safetensors { config, weights, tokenizer, tokenizer_config } => {
                 let hf: HfConfig = serde_json::from_str(&std::fs::read_to_string(config)?)
                     .with_context(|| format!("parsing {}", config.display()))?;
                 let cfg = cap(hf.to_llama()?);
-                let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings)?;
+                let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings, requantize)?;
                 let model = Llama::load(&mut src, cfg)?;
+                let format = format!("{} (stored dense)", model.weight_formats());
                 let tok = TextTokenizer::from_file(tokenizer)?;
                 let template = match tokenizer_config {
                     Some(p) => {
@@ -139,7 +138,7 @@ impl LoadedModel {
                     }
                     None => None,
                 };
-                (model, tok, template, "f32 (dense)".to_string())
+                (model, tok, template, format)
             }
         };
         let vocab = model.config().vocab_size;

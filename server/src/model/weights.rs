@@ -13,13 +13,19 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Requantize {
+    /// Every matmul weight to int8 blocks for the batched CPU kernel (falls back to `q8_0`
+    /// off-CPU or on CPUs without AVX2).
+    #[default]
+    Int8,
     /// Keep every tensor as stored.
     None,
     /// Re-quantize formats without a fast CPU kernel (Q4_1, Q5_0, Q5_1) to Q8_0.
-    #[default]
     Q8_0,
     /// Re-quantize the same slow formats to Q4_0 (smaller, a little less precise).
     Q4_0,
+    /// Dequantize every matmul weight to f32: slow and large, but free of activation
+    /// quantization; the yardstick for accuracy checks.
+    F32,
 }
 
 impl Requantize {
@@ -27,8 +33,8 @@ impl Requantize {
         let slow = matches!(from, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1);
         match self {
             _ if !slow => None,
-            Self::None => None,
-            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::None | Self::F32 => None,
+            Self::Q8_0 | Self::Int8 => Some(GgmlDType::Q8_0),
             Self::Q4_0 => Some(GgmlDType::Q4_0),
         }
     }
@@ -36,6 +42,11 @@ impl Requantize {
 
 pub fn dtype_name(d: GgmlDType) -> String {
     format!("{d:?}").to_lowercase()
+}
+
+/// `Int8` only where the int8 kernel can run; `Q8_0` elsewhere.
+fn effective(r: Requantize, device: &Device) -> Requantize {
+    if r == Requantize::Int8 && !(device.is_cpu() && super::int8::supported()) { Requantize::Q8_0 } else { r }
 }
 
 /// A GGUF file opened for loading.
@@ -52,6 +63,7 @@ impl GgufSource {
     pub fn open(path: &Path, device: &Device, requantize: Requantize) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| candle_core::Error::from(e).with_path(path))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| e.with_path(path))?;
+        let requantize = effective(requantize, device);
         Ok(Self { content, file, device: device.clone(), requantize, formats: Default::default() })
     }
 
@@ -109,6 +121,10 @@ impl WeightSource for GgufSource {
     fn matmul(&mut self, name: &str) -> Result<QMatMul> {
         let qt = self.read(name)?;
         let from = qt.dtype();
+        if self.requantize == Requantize::F32 {
+            self.formats.insert((dtype_name(from), "f32".to_string()));
+            return Ok(QMatMul::Tensor(qt.dequantize(&self.device)?));
+        }
         let qt = match self.requantize.target(from) {
             Some(to) => {
                 let dense = qt.dequantize(&Device::Cpu)?;
@@ -124,8 +140,18 @@ impl WeightSource for GgufSource {
         self.read(name)?.dequantize(&self.device)?.to_dtype(DType::F32)
     }
 
+    fn raw(&mut self, name: &str) -> Result<Option<QTensor>> {
+        let qt = self.read(name)?;
+        self.formats.insert((dtype_name(qt.dtype()), "blocks".to_string()));
+        Ok(Some(qt))
+    }
+
     fn contains(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
+    }
+
+    fn wants_int8(&self) -> bool {
+        self.requantize == Requantize::Int8
     }
 
     fn device(&self) -> &Device {
@@ -191,14 +217,20 @@ pub struct SafetensorsSource {
     st: MmapedSafetensors,
     device: Device,
     tied: bool,
+    int8: bool,
 }
 
 impl SafetensorsSource {
-    pub fn open(files: &[std::path::PathBuf], device: &Device, tied: bool) -> Result<Self> {
+    pub fn open(files: &[std::path::PathBuf], device: &Device, tied: bool, requantize: Requantize) -> Result<Self> {
         // SAFETY: the files are opened read-only and not modified while the model is loading;
         // every tensor is copied out of the mapping before it is dropped.
         let st = unsafe { MmapedSafetensors::multi(files)? };
-        Ok(Self { st, device: device.clone(), tied })
+        let int8 = effective(requantize, device) == Requantize::Int8;
+        Ok(Self { st, device: device.clone(), tied, int8 })
+    }
+
+    pub fn is_int8(&self) -> bool {
+        self.int8
     }
 
     /// Maps a GGUF tensor name to its Hugging Face counterpart.
@@ -252,6 +284,10 @@ impl WeightSource for SafetensorsSource {
         Self::hf_name(name).is_some_and(|hf| self.st.get(&hf).is_ok())
     }
 
+    fn wants_int8(&self) -> bool {
+        self.int8
+    }
+
     fn device(&self) -> &Device {
         &self.device
     }
@@ -278,6 +314,7 @@ mod tests {
     #[test]
     fn only_slow_formats_are_requantized() {
         assert_eq!(Requantize::Q8_0.target(GgmlDType::Q4_1), Some(GgmlDType::Q8_0));
+        assert_eq!(effective(Requantize::None, &Device::Cpu), Requantize::None);
         assert_eq!(Requantize::Q8_0.target(GgmlDType::Q4K), None);
         assert_eq!(Requantize::None.target(GgmlDType::Q4_1), None);
         assert_eq!(Requantize::Q4_0.target(GgmlDType::Q5_0), Some(GgmlDType::Q4_0));

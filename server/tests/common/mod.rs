@@ -25,8 +25,8 @@ pub fn load(requantize: Requantize) -> LoadedModel {
         .expect("loading the embedded model")
 }
 
-/// The embedded model as served (Q8_0), shared by the tests of one binary.
+/// The embedded model as served (default re-quantization: int4/int8 blocks), shared by the tests of one binary.
 pub fn served_model() -> Arc<LoadedModel> {
     static M: OnceLock<Arc<LoadedModel>> = OnceLock::new();
-    M.get_or_init(|| Arc::new(load(Requantize::Q8_0))).clone()
+    M.get_or_init(|| Arc::new(load(Requantize::Int8))).clone()
 }

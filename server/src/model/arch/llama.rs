@@ -10,6 +10,7 @@
 //! row against that row's own [`KvCache`]. Two hooks act on the residual stream, row by row:
 //! steering (add a vector after block L) and capture (keep the hidden state after every block).
 
+use super::super::int8::QLinear;
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use std::collections::HashMap;
@@ -49,31 +50,127 @@ impl LlamaConfig {
 
 /// Named weights in GGUF naming (`blk.N.attn_q.weight`, `token_embd.weight`, …).
 pub trait WeightSource {
-    /// A weight used as `x · Wᵀ`, quantized or dense.
+    /// A weight used as `x · Wᵀ`, quantized or dense, in the source's own format.
     fn matmul(&mut self, name: &str) -> Result<QMatMul>;
+    /// Whether matmul weights should be converted to the batched block-quantized CPU kernel.
+    fn wants_int8(&self) -> bool {
+        false
+    }
+    /// The stored quantized tensor, for sources that have one (GGUF).
+    fn raw(&mut self, _name: &str) -> Result<Option<candle_core::quantized::QTensor>> {
+        Ok(None)
+    }
     /// A small dense tensor (norm weights, biases, embeddings), as f32.
     fn dense(&mut self, name: &str) -> Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
     fn device(&self) -> &Device;
 }
 
+enum Weight {
+    Quantized(QMatMul),
+    Blocks(QLinear),
+}
+
+/// One weight in the block-quantized CPU format: Q4_0/Q4_1 blocks are kept bit for bit,
+/// anything else becomes int8 blocks.
+fn block_weight(src: &mut dyn WeightSource, name: &str) -> Result<QLinear> {
+    if let Some(qt) = src.raw(name)? {
+        if let Some(l) = QLinear::from_q4(&qt)? {
+            return Ok(l);
+        }
+    }
+    QLinear::from_dense(&src.dense(name)?)
+}
+
 struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
-    fn load(src: &mut dyn WeightSource, name: &str, with_bias: bool) -> Result<Self> {
-        let weight = src.matmul(&format!("{name}.weight"))?;
-        let bias = if with_bias { Some(src.dense(&format!("{name}.bias"))?) } else { None };
+    /// Loads one or more weights (concatenated along the output dimension when several, so
+    /// q/k/v or gate/up run as one matmul on the int8 path).
+    fn load(src: &mut dyn WeightSource, names: &[String], with_bias: bool) -> Result<Self> {
+        let weight = if src.wants_int8() {
+            let parts = names.iter().map(|n| block_weight(src, &format!("{n}.weight"))).collect::<Result<Vec<_>>>()?;
+            let fused = if parts.len() > 1 && parts.iter().any(|p| p.is_int4() != parts[0].is_int4()) {
+                // Mixed formats: bring every part to int8 so they can share one matmul.
+                let dense = names.iter().map(|n| src.dense(&format!("{n}.weight"))).collect::<Result<Vec<_>>>()?;
+                QLinear::from_dense(&Tensor::cat(&dense, 0)?)?
+            } else {
+                QLinear::concat(parts)?
+            };
+            Weight::Blocks(fused)
+        } else {
+            match names {
+                [one] => Weight::Quantized(src.matmul(&format!("{one}.weight"))?),
+                _ => candle_core::bail!("fused projections need the int8 path"),
+            }
+        };
+        let bias = if with_bias {
+            let parts = names.iter().map(|n| src.dense(&format!("{n}.bias"))).collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 
+    fn format(&self) -> &'static str {
+        match &self.weight {
+            Weight::Quantized(QMatMul::QTensor(_)) => "ggml-quantized",
+            Weight::Quantized(_) => "dense",
+            Weight::Blocks(b) if b.is_int4() => "int4",
+            Weight::Blocks(_) => "int8",
+        }
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = self.weight.forward(xs)?;
+        let ys = match &self.weight {
+            Weight::Quantized(w) => w.forward(xs)?,
+            Weight::Blocks(w) => w.forward(xs)?,
+        };
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
             None => Ok(ys),
+        }
+    }
+}
+
+/// Projections that share an input: fused into one matmul on the int8 path, separate otherwise.
+enum Projections {
+    Fused { linear: Linear, sizes: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    fn load(src: &mut dyn WeightSource, names: &[String], sizes: Vec<usize>, with_bias: bool) -> Result<Self> {
+        if src.wants_int8() {
+            Ok(Self::Fused { linear: Linear::load(src, names, with_bias)?, sizes })
+        } else {
+            let parts = names
+                .iter()
+                .map(|n| Linear::load(src, std::slice::from_ref(n), with_bias))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Self::Separate(parts))
+        }
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Fused { linear, sizes } => {
+                let ys = linear.forward(xs)?;
+                let mut off = 0;
+                sizes
+                    .iter()
+                    .map(|&s| {
+                        let part = ys.narrow(1, off, s);
+                        off += s;
+                        part
+                    })
+                    .collect()
+            }
+            Self::Separate(parts) => parts.iter().map(|l| l.forward(xs)).collect(),
         }
     }
 }
@@ -94,23 +191,23 @@ impl RmsNorm {
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: Projections,
     down: Linear,
 }
 
 impl Mlp {
-    fn load(src: &mut dyn WeightSource, prefix: &str) -> Result<Self> {
+    fn load(src: &mut dyn WeightSource, prefix: &str, cfg: &LlamaConfig) -> Result<Self> {
+        let names = [format!("{prefix}.ffn_gate"), format!("{prefix}.ffn_up")];
         Ok(Self {
-            gate: Linear::load(src, &format!("{prefix}.ffn_gate"), false)?,
-            up: Linear::load(src, &format!("{prefix}.ffn_up"), false)?,
-            down: Linear::load(src, &format!("{prefix}.ffn_down"), false)?,
+            gate_up: Projections::load(src, &names, vec![cfg.intermediate_size; 2], false)?,
+            down: Linear::load(src, &[format!("{prefix}.ffn_down")], false)?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
-        self.down.forward(&(gate * self.up.forward(xs)?)?)
+        let gu = self.gate_up.forward(xs)?;
+        let gate = candle_nn::ops::silu(&gu[0])?;
+        self.down.forward(&(gate * &gu[1])?)
     }
 }
 
@@ -220,9 +317,7 @@ pub struct ForwardOutput {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Projections,
     o: Linear,
     n_heads: usize,
     n_kv_heads: usize,
@@ -241,11 +336,11 @@ struct PackedRows {
 
 impl Attention {
     fn load(src: &mut dyn WeightSource, prefix: &str, cfg: &LlamaConfig) -> Result<Self> {
+        let names = [format!("{prefix}.attn_q"), format!("{prefix}.attn_k"), format!("{prefix}.attn_v")];
+        let kv = cfg.n_kv_heads * cfg.head_dim;
         Ok(Self {
-            q: Linear::load(src, &format!("{prefix}.attn_q"), cfg.qkv_bias)?,
-            k: Linear::load(src, &format!("{prefix}.attn_k"), cfg.qkv_bias)?,
-            v: Linear::load(src, &format!("{prefix}.attn_v"), cfg.qkv_bias)?,
-            o: Linear::load(src, &format!("{prefix}.attn_output"), false)?,
+            qkv: Projections::load(src, &names, vec![cfg.n_heads * cfg.head_dim, kv, kv], cfg.qkv_bias)?,
+            o: Linear::load(src, &[format!("{prefix}.attn_output")], false)?,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
@@ -272,9 +367,10 @@ impl Attention {
                 candle_nn::rotary_emb::rope(x, &packed.cos, &packed.sin)
             }
         };
-        let q = rope(&self.heads(&self.q.forward(xs)?, self.n_heads)?)?;
-        let k = rope(&self.heads(&self.k.forward(xs)?, self.n_kv_heads)?)?;
-        let v = self.heads(&self.v.forward(xs)?, self.n_kv_heads)?;
+        let qkv = self.qkv.forward(xs)?;
+        let q = rope(&self.heads(&qkv[0], self.n_heads)?)?;
+        let k = rope(&self.heads(&qkv[1], self.n_kv_heads)?)?;
+        let v = self.heads(&qkv[2], self.n_kv_heads)?;
         let group = self.n_heads / self.n_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut outs = Vec::with_capacity(rows.len());
@@ -325,7 +421,7 @@ impl Block {
             attn_norm: RmsNorm::load(src, &format!("{prefix}.attn_norm.weight"), cfg.rms_norm_eps)?,
             attn: Attention::load(src, &prefix, cfg)?,
             ffn_norm: RmsNorm::load(src, &format!("{prefix}.ffn_norm.weight"), cfg.rms_norm_eps)?,
-            mlp: Mlp::load(src, &prefix)?,
+            mlp: Mlp::load(src, &prefix, cfg)?,
         })
     }
 }
@@ -337,7 +433,7 @@ pub struct Llama {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -347,11 +443,8 @@ impl Llama {
     pub fn load(src: &mut dyn WeightSource, cfg: LlamaConfig) -> Result<Self> {
         let device = src.device().clone();
         let embed = src.dense("token_embd.weight")?;
-        let lm_head = if src.contains("output.weight") {
-            src.matmul("output.weight")?
-        } else {
-            src.matmul("token_embd.weight")?
-        };
+        let head = if src.contains("output.weight") { "output" } else { "token_embd" };
+        let lm_head = Linear::load(src, &[head.to_string()], false)?;
         let blocks = (0..cfg.n_layers)
             .map(|i| Block::load(src, i, &cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -362,6 +455,24 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// Matmul weight formats as loaded, e.g. `int4 x 120, int8 x 1`.
+    pub fn weight_formats(&self) -> String {
+        let mut counts = std::collections::BTreeMap::new();
+        let mut note = |l: &Linear| *counts.entry(l.format()).or_insert(0usize) += 1;
+        for b in &self.blocks {
+            for p in [&b.attn.qkv, &b.mlp.gate_up] {
+                match p {
+                    Projections::Fused { linear, .. } => note(linear),
+                    Projections::Separate(parts) => parts.iter().for_each(&mut note),
+                }
+            }
+            note(&b.attn.o);
+            note(&b.mlp.down);
+        }
+        note(&self.lm_head);
+        counts.iter().map(|(k, v)| format!("{k} x {v}")).collect::<Vec<_>>().join(", ")
     }
 
     pub fn device(&self) -> &Device {

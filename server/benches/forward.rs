@@ -1,0 +1,70 @@
+//! Engine-free forward-pass benchmark on the embedded model: prefill and decode tok/s for one
+//! sequence and packed batches, steered and unsteered. `cargo bench -p persona-server --bench forward`.
+
+use persona_server::model::LoadedModel;
+use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput};
+use persona_server::model::source::{ensure_embedded, local_files};
+use persona_server::model::weights::Requantize;
+use std::time::Instant;
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let dir = std::env::var_os("PERSONA_MODEL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
+    let requantize = match std::env::var("BENCH_REQUANTIZE").as_deref() {
+        Ok("none") => Requantize::None,
+        Ok("q4_0") => Requantize::Q4_0,
+        Ok("q8_0") => Requantize::Q8_0,
+        _ => Requantize::Int8,
+    };
+    let files = local_files(&ensure_embedded(&dir, true)?)?;
+    let m = LoadedModel::from_files("bench", &files, &candle_core::Device::Cpu, requantize, Some(4096))?;
+    let c = m.config().clone();
+    println!("weights: {}  threads: {}", m.weights, candle_core::utils::get_num_threads());
+    let prompt: Vec<u32> = m.tokenizer.encode(&"The lighthouse keeper found a bottle on the shore. ".repeat(12))?;
+    let prompt = &prompt[..128.min(prompt.len())];
+    let mut steer: Vec<Option<Vec<f32>>> = vec![None; c.n_residual_rows()];
+    steer[c.n_layers / 2] = Some(vec![0.01; c.hidden_size]);
+    let runs = 5;
+    let decode_steps = 64;
+    let batches: Vec<usize> = std::env::var("BENCH_BATCHES")
+        .map(|s| s.split(',').filter_map(|b| b.trim().parse().ok()).collect())
+        .unwrap_or_else(|_| vec![1, 4, 16]);
+    for batch in batches {
+        for steered in [false, true] {
+            let s = steered.then_some(steer.as_slice());
+            let (mut pre, mut dec) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&c)).collect();
+                let t = Instant::now();
+                for cache in caches.iter_mut() {
+                    let rows = vec![RowInput { tokens: prompt, cache, steering: s, capture: false, logits: true }];
+                    m.model.forward(ForwardContext { rows })?;
+                }
+                pre.push((batch * prompt.len()) as f64 / t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                let tok = [42u32];
+                for _ in 0..decode_steps {
+                    let rows = caches
+                        .iter_mut()
+                        .map(|cache| RowInput { tokens: &tok, cache, steering: s, capture: false, logits: true })
+                        .collect();
+                    m.model.forward(ForwardContext { rows })?;
+                }
+                dec.push((batch * decode_steps) as f64 / t.elapsed().as_secs_f64());
+            }
+            println!(
+                "batch {batch:>2} {:<10} prefill {:>7.1} tok/s   decode {:>7.1} tok/s (aggregate)",
+                if steered { "steered" } else { "unsteered" },
+                median(pre),
+                median(dec)
+            );
+        }
+    }
+    Ok(())
+}
