@@ -152,44 +152,81 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
     }
 }
 
-/// Resolves a hub repository through hf-hub: files already in the cache are used as they are
-/// (so an offline machine with a filled cache works); missing ones are downloaded.
+/// Resolves a hub repository through hf-hub. The local hub cache is consulted first: when it
+/// holds every required file (config, tokenizer, weights) the model loads without touching the
+/// network, and optional files missing from the cache are treated as absent. Otherwise the
+/// missing files are downloaded into the cache.
 pub fn hub_files(repo: &str, revision: Option<&str>, cache_dir: Option<&Path>, gguf_file: Option<&str>) -> Result<ModelFiles> {
-    use hf_hub::{Repo, RepoType, api::sync::ApiBuilder};
-    let mut builder = ApiBuilder::from_env().with_progress(false);
-    if let Some(dir) = cache_dir {
-        builder = builder.with_cache_dir(dir.to_path_buf());
-    }
-    let api = builder.build().context("initialising the hub client")?;
+    use hf_hub::{Cache, Repo, RepoType};
     let r = match revision {
         Some(rev) => Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()),
         None => Repo::new(repo.to_string(), RepoType::Model),
     };
-    let api = api.repo(r);
-    let get = |f: &str| api.get(f).with_context(|| format!("fetching {f} from hub repo {repo}"));
-    if let Some(g) = gguf_file {
-        let tokenizer = get("tokenizer.json").ok();
-        return Ok(ModelFiles::Gguf { file: get(g)?, tokenizer });
-    }
-    let config = get("config.json")?;
-    let tokenizer = get("tokenizer.json")?;
-    let tokenizer_config = get("tokenizer_config.json").ok();
-    let weights = match get("model.safetensors.index.json") {
-        Ok(index) => {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-            let mut shards: Vec<String> = v["weight_map"]
-                .as_object()
-                .ok_or_else(|| anyhow!("{} has no weight_map", index.display()))?
-                .values()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect();
-            shards.sort();
-            shards.dedup();
-            shards.iter().map(|s| get(s)).collect::<Result<Vec<_>>>()?
-        }
-        Err(_) => vec![get("model.safetensors")?],
+    let cache = match cache_dir {
+        Some(d) => Cache::new(d.to_path_buf()),
+        None => Cache::from_env(),
     };
-    Ok(ModelFiles::Safetensors { config, weights, tokenizer, tokenizer_config })
+    let cached = cache.repo(r.clone());
+    let offline = HubFiles { repo, lookup: &|f: &str| Ok(cached.get(f)) };
+    if let Ok(files) = offline.resolve(gguf_file) {
+        tracing::info!(repo, "model found in the hub cache");
+        return Ok(files);
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(false).build().context("initialising the hub client")?;
+    let api = api.repo(r);
+    let online = HubFiles {
+        repo,
+        lookup: &|f: &str| match api.get(f) {
+            Ok(p) => Ok(Some(p)),
+            Err(e @ hf_hub::api::sync::ApiError::RequestError(_)) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(anyhow!("fetching {f} from hub repo {repo}: {e}")),
+        },
+    };
+    online.resolve(gguf_file)
+}
+
+/// hf-hub reports HTTP statuses only through its transport's error text.
+fn is_not_found(e: &hf_hub::api::sync::ApiError) -> bool {
+    e.to_string().contains("status code 404")
+}
+
+/// File lookup in one hub repository: `Ok(None)` means the file does not exist there.
+struct HubFiles<'a> {
+    repo: &'a str,
+    lookup: &'a dyn Fn(&str) -> Result<Option<PathBuf>>,
+}
+
+impl HubFiles<'_> {
+    fn required(&self, f: &str) -> Result<PathBuf> {
+        (self.lookup)(f)?.ok_or_else(|| anyhow!("hub repo {} has no {f}", self.repo))
+    }
+
+    fn resolve(&self, gguf_file: Option<&str>) -> Result<ModelFiles> {
+        if let Some(g) = gguf_file {
+            let file = self.required(g)?;
+            return Ok(ModelFiles::Gguf { file, tokenizer: (self.lookup)("tokenizer.json")? });
+        }
+        let config = self.required("config.json")?;
+        let tokenizer = self.required("tokenizer.json")?;
+        let tokenizer_config = (self.lookup)("tokenizer_config.json")?;
+        let weights = match (self.lookup)("model.safetensors.index.json")? {
+            Some(index) => {
+                let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)
+                    .with_context(|| format!("parsing {}", index.display()))?;
+                let mut shards: Vec<String> = v["weight_map"]
+                    .as_object()
+                    .ok_or_else(|| anyhow!("{} has no weight_map", index.display()))?
+                    .values()
+                    .filter_map(|s| s.as_str().map(String::from))
+                    .collect();
+                shards.sort();
+                shards.dedup();
+                shards.iter().map(|s| self.required(s)).collect::<Result<Vec<_>>>()?
+            }
+            None => vec![self.required("model.safetensors")?],
+        };
+        Ok(ModelFiles::Safetensors { config, weights, tokenizer, tokenizer_config })
+    }
 }
 
 #[cfg(test)]
