@@ -227,6 +227,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_loads() {
+        let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/persona.toml");
+        let s = Settings::load(Some(&f)).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:50051");
+        assert_eq!(s.models.len(), 1);
+        assert_eq!(s.models[0].load_spec(&s).unwrap().source, ModelSource::Embedded);
+        assert_eq!(s.engine.max_batch, EngineSettings::default().max_batch);
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         let mut s = Settings::default();
         s.models[0].device = "tpu".into();

@@ -42,9 +42,8 @@ fn main() -> Result<()> {
             std::env::set_var("RAYON_NUM_THREADS", settings.cpu_threads.to_string());
         }
     }
-    let _guard_rt;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    _guard_rt = rt.enter();
+    let _enter = rt.enter();
     let _telemetry = telemetry::init(&settings.telemetry)?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::FetchModel => {

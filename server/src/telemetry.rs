@@ -28,7 +28,10 @@ pub fn init(cfg: &TelemetrySettings) -> Result<TelemetryGuard> {
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&cfg.log_filter))?;
     let fmt = match cfg.log_format.as_str() {
         "json" => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
-        _ => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
+        _ => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let (otel, provider) = if cfg.otlp_endpoint.is_empty() {
         (None, None)

@@ -141,9 +141,20 @@ impl VectorStore {
         self.dir.join(format!("{name}.{EXT}"))
     }
 
+    /// A vector by name. On a miss the directory is checked once more, so a vector written by
+    /// another replica sharing the directory is served without a restart.
     pub fn get(&self, name: &str) -> Result<Arc<StoredVector>, StoreError> {
         validate_name(name)?;
-        self.read().get(name).cloned().ok_or_else(|| StoreError::NotFound(name.to_string()))
+        if let Some(v) = self.read().get(name) {
+            return Ok(v.clone());
+        }
+        let path = self.path_of(name);
+        if !path.exists() {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        let v = Arc::new(read_file(&path)?);
+        let mut map = self.vectors.write().unwrap_or_else(|p| p.into_inner());
+        Ok(map.entry(name.to_string()).or_insert(v).clone())
     }
 
     pub fn list(&self, model: Option<&str>) -> Vec<Arc<StoredVector>> {
@@ -162,7 +173,9 @@ impl VectorStore {
         }
         let bytes = encode(&vector)?;
         let target = self.path_of(&name);
-        let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // Unique across processes and hosts sharing the directory (container pids repeat).
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let tmp = self.dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
@@ -290,6 +303,16 @@ mod tests {
         assert_eq!(v.row(2).unwrap(), &[4.0, 4.5, 5.0, 5.5]);
         assert_eq!(store.list(Some("m")).len(), 1);
         assert!(store.list(Some("other")).is_empty());
+    }
+
+    #[test]
+    fn vectors_written_by_another_process_are_found_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (VectorStore::open(dir.path()).unwrap(), VectorStore::open(dir.path()).unwrap());
+        a.put(vector("shared", 1.5), false).unwrap();
+        assert_eq!(*b.get("shared").unwrap(), vector("shared", 1.5));
+        assert_eq!(b.list(None).len(), 1);
+        assert!(matches!(b.get("absent"), Err(StoreError::NotFound(_))));
     }
 
     #[test]
