@@ -62,6 +62,16 @@ pub fn steer_inline(values: Vec<f32>, layer: u32, coefficient: f32) -> pb::Steer
     }
 }
 
+/// The contrastive system prompts of one instruction pair: "You are a/an {trait} assistant. {pos}"
+/// against "You are a helpful assistant. {neg}".
+pub fn trait_pair(trait_name: &str, pos: &str, neg: &str) -> pb::InstructionPair {
+    let article = if trait_name.starts_with(['a', 'e', 'i', 'o', 'u', 'A', 'E', 'I', 'O', 'U']) { "an" } else { "a" };
+    pb::InstructionPair {
+        pos: format!("You are {article} {trait_name} assistant. {pos}"),
+        neg: format!("You are a helpful assistant. {neg}"),
+    }
+}
+
 /// A finished generation.
 #[derive(Debug, Clone, Default)]
 pub struct Completion {
@@ -113,6 +123,14 @@ mod tests {
         assert!(a.iter().all(|v| (-1.0..=1.0).contains(v)));
         let mean: f32 = a.iter().sum::<f32>() / a.len() as f32;
         assert!(mean.abs() < 0.1, "{mean}");
+    }
+
+    #[test]
+    fn trait_pairs_follow_the_paper_template() {
+        let p = trait_pair("evil", "Hurt people.", "Help people.");
+        assert_eq!(p.pos, "You are an evil assistant. Hurt people.");
+        assert_eq!(p.neg, "You are a helpful assistant. Help people.");
+        assert!(trait_pair("humorous", "x", "y").pos.starts_with("You are a humorous"));
     }
 
     #[test]

@@ -274,7 +274,8 @@ async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
     if let Some(f) = &a.file {
         let t: TraitFile = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
             .with_context(|| format!("parsing {}", f.display()))?;
-        pairs.extend(t.instruction.into_iter().map(|p| pb::InstructionPair { pos: p.pos, neg: p.neg }));
+        let label = if trait_name.is_empty() { t.trait_name.clone() } else { trait_name.clone() };
+        pairs.extend(t.instruction.iter().map(|p| persona_client::trait_pair(&label, &p.pos, &p.neg)));
         questions.extend(t.questions);
         if trait_name.is_empty() {
             trait_name = t.trait_name;
