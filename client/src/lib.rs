@@ -8,8 +8,8 @@
 //! # Ok(()) }
 //! ```
 
-pub use persona_proto::v1 as pb;
 use pb::persona_service_client::PersonaServiceClient;
+pub use persona_proto::v1 as pb;
 use tonic::transport::Channel;
 
 pub type Client = PersonaServiceClient<Channel>;
@@ -17,7 +17,10 @@ pub type Client = PersonaServiceClient<Channel>;
 /// Connects to a server, e.g. `http://127.0.0.1:50051`.
 pub async fn connect(addr: &str) -> anyhow::Result<Client> {
     let addr = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let channel = Channel::from_shared(addr.clone())?.connect().await.map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
+    let channel = Channel::from_shared(addr.clone())?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
     Ok(PersonaServiceClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024))

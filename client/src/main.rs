@@ -217,7 +217,8 @@ fn parse_steer(s: &str) -> Result<pb::SteeringVector> {
         "response" => pb::Positions::Response,
         other => bail!("unknown positions `{other}` (all, prompt or response)"),
     };
-    let mut v = persona_client::steer_by_name(name, layer.parse().context("layer")?, coef.parse().context("coefficient")?);
+    let mut v =
+        persona_client::steer_by_name(name, layer.parse().context("layer")?, coef.parse().context("coefficient")?);
     v.positions = positions as i32;
     Ok(v)
 }
@@ -272,8 +273,9 @@ async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
     let mut questions = a.question.clone();
     let mut trait_name = a.trait_name.clone();
     if let Some(f) = &a.file {
-        let t: TraitFile = serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
-            .with_context(|| format!("parsing {}", f.display()))?;
+        let t: TraitFile =
+            serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
+                .with_context(|| format!("parsing {}", f.display()))?;
         let label = if trait_name.is_empty() { t.trait_name.clone() } else { trait_name.clone() };
         pairs.extend(t.instruction.iter().map(|p| persona_client::trait_pair(&label, &p.pos, &p.neg)));
         questions.extend(t.questions);
@@ -291,7 +293,11 @@ async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
         trait_name,
         pairs,
         questions,
-        sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, temperature: a.temperature, ..Default::default() }),
+        sampling: Some(pb::SamplingParams {
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            ..Default::default()
+        }),
         overwrite: a.overwrite,
     };
     let mut stream = c.extract_vector(req).await?.into_inner();
@@ -310,11 +316,8 @@ async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
 
 fn print_vector(v: &pb::VectorInfo) {
     let kind = pb::VectorKind::try_from(v.kind).map(|k| k.as_str_name()).unwrap_or("?");
-    let (best, norm) = v
-        .row_norms
-        .iter()
-        .enumerate()
-        .fold((0, 0f32), |acc, (i, n)| if *n > acc.1 { (i, *n) } else { acc });
+    let (best, norm) =
+        v.row_norms.iter().enumerate().fold((0, 0f32), |acc, (i, n)| if *n > acc.1 { (i, *n) } else { acc });
     println!(
         "{}\tmodel={} trait={} kind={kind} shape=[{}, {}] largest-norm row={best} ({norm:.2}) {}",
         v.name, v.model, v.trait_name, v.n_rows, v.d_model, v.description
@@ -372,7 +375,8 @@ async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let v: serde_json::Value = serde_json::from_str(&text)?;
             let rows = v.get("values").unwrap_or(&v);
-            let rows: Vec<Vec<f32>> = serde_json::from_value(rows.clone()).context("expected a list of rows of floats")?;
+            let rows: Vec<Vec<f32>> =
+                serde_json::from_value(rows.clone()).context("expected a list of rows of floats")?;
             let r = c
                 .put_vector(pb::PutVectorRequest {
                     name,
@@ -427,8 +431,12 @@ async fn bench(c: &mut Client, a: BenchArgs) -> Result<()> {
     let mut v = persona_client::pseudo_random_vector(7, m.d_model as usize);
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     v.iter_mut().for_each(|x| *x /= norm);
-    let steered = pb::GenerateRequest { steering: vec![persona_client::steer_inline(v, layer, a.coefficient)], ..base.clone() };
-    println!("model {} ({} layers, d={}, weights {}), {} runs, {} new tokens", m.id, m.n_layers, m.d_model, m.weights, a.runs, a.max_tokens);
+    let steered =
+        pb::GenerateRequest { steering: vec![persona_client::steer_inline(v, layer, a.coefficient)], ..base.clone() };
+    println!(
+        "model {} ({} layers, d={}, weights {}), {} runs, {} new tokens",
+        m.id, m.n_layers, m.d_model, m.weights, a.runs, a.max_tokens
+    );
     bench_once(c, base.clone()).await?; // warm-up
     let (mut pu, mut du, mut tu, mut ps, mut ds, mut ts) = (vec![], vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..a.runs {

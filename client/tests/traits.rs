@@ -21,7 +21,9 @@ fn every_trait_file_follows_the_schema() {
         for p in pairs {
             assert!(!p["pos"].as_str().unwrap().is_empty() && !p["neg"].as_str().unwrap().is_empty(), "{what}");
         }
-        let strings = |k: &str| -> Vec<String> { v[k].as_array().unwrap().iter().map(|q| q.as_str().unwrap().to_string()).collect() };
+        let strings = |k: &str| -> Vec<String> {
+            v[k].as_array().unwrap().iter().map(|q| q.as_str().unwrap().to_string()).collect()
+        };
         let (questions, eval) = (strings("questions"), strings("eval_questions"));
         assert_eq!((questions.len(), eval.len()), (20, 20), "{what}");
         let (q, e): (HashSet<_>, HashSet<_>) = (questions.iter().collect(), eval.iter().collect());

@@ -241,8 +241,7 @@ mod tests {
         let mut s = Settings::default();
         s.models[0].device = "tpu".into();
         assert!(s.validate().unwrap_err().to_string().contains("tpu"));
-        let mut s = Settings::default();
-        s.default_model = "nope".into();
+        let s = Settings { default_model: "nope".into(), ..Default::default() };
         assert!(s.validate().is_err());
     }
 }

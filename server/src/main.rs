@@ -56,13 +56,8 @@ fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&settings.listen)
                 .await
                 .with_context(|| format!("binding {}", settings.listen))?;
-            server::serve(
-                state,
-                listener,
-                server::shutdown_signal(),
-                Duration::from_secs(settings.shutdown_grace_secs),
-            )
-            .await
+            server::serve(state, listener, server::shutdown_signal(), Duration::from_secs(settings.shutdown_grace_secs))
+                .await
         }),
     }
 }

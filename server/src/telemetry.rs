@@ -46,6 +46,11 @@ pub fn init(cfg: &TelemetrySettings) -> Result<TelemetryGuard> {
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("persona-server"));
         (Some(layer), Some(provider))
     };
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init().context("installing the log subscriber")?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .context("installing the log subscriber")?;
     Ok(TelemetryGuard { provider })
 }

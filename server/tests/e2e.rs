@@ -17,10 +17,12 @@ const SYSTEM: &str = "You are a helpful assistant.";
 const TEST_CONTEXT: usize = 1024;
 
 fn settings(vector_dir: &Path) -> Settings {
-    let mut s = Settings::default();
-    s.model_dir = common::embedded_gguf().parent().unwrap().to_path_buf();
-    s.auto_fetch = false;
-    s.vector_dir = vector_dir.to_path_buf();
+    let mut s = Settings {
+        model_dir: common::embedded_gguf().parent().unwrap().to_path_buf(),
+        auto_fetch: false,
+        vector_dir: vector_dir.to_path_buf(),
+        ..Default::default()
+    };
     s.models[0].max_context = TEST_CONTEXT;
     s.shutdown_grace_secs = 5;
     s
@@ -46,7 +48,9 @@ fn start(settings: Settings) -> Running {
             let stop = async move {
                 let _ = shutdown_rx.await;
             };
-            serve(state, listener, stop, Duration::from_secs(settings.shutdown_grace_secs)).await.map_err(|e| format!("{e:#}"))
+            serve(state, listener, stop, Duration::from_secs(settings.shutdown_grace_secs))
+                .await
+                .map_err(|e| format!("{e:#}"))
         });
         let _ = done_tx.send(result);
     });
@@ -140,7 +144,13 @@ async fn steering_changes_greedy_output_and_zero_coefficient_does_not() {
 async fn sampling_is_reproducible_with_a_seed_and_stops_on_stop_strings() {
     let mut c = client().await;
     let mut req = greedy("Write a short poem about the sea.", 24);
-    req.sampling = Some(pb::SamplingParams { max_tokens: 24, temperature: 0.9, top_p: 0.95, seed: Some(42), ..Default::default() });
+    req.sampling = Some(pb::SamplingParams {
+        max_tokens: 24,
+        temperature: 0.9,
+        top_p: 0.95,
+        seed: Some(42),
+        ..Default::default()
+    });
     let a = generate_text(&mut c, req.clone()).await.unwrap();
     let b = generate_text(&mut c, req).await.unwrap();
     assert_eq!(a.token_ids, b.token_ids);
@@ -225,7 +235,9 @@ async fn bad_requests_get_precise_statuses() {
             "unknown role",
             pb::GenerateRequest {
                 prompt: Some(pb::Prompt {
-                    kind: Some(pb::prompt::Kind::Chat(pb::Conversation { messages: vec![persona_client::message("wizard", "hi")] })),
+                    kind: Some(pb::prompt::Kind::Chat(pb::Conversation {
+                        messages: vec![persona_client::message("wizard", "hi")],
+                    })),
                 }),
                 ..Default::default()
             },
@@ -257,15 +269,47 @@ async fn vector_crud_rejects_bad_input_and_keeps_the_stored_vector() {
 
     // Wrong shape, non-finite values, bad name, no overwrite flag: each refused, vector intact.
     let bad = [
-        (pb::PutVectorRequest { name: "e2e-crud".into(), values: vec![1.0; 10], overwrite: true, ..Default::default() }, Code::InvalidArgument),
         (
-            pb::PutVectorRequest { name: "e2e-crud".into(), values: vec![f32::INFINITY; n_rows() * d_model()], overwrite: true, ..Default::default() },
+            pb::PutVectorRequest {
+                name: "e2e-crud".into(),
+                values: vec![1.0; 10],
+                overwrite: true,
+                ..Default::default()
+            },
             Code::InvalidArgument,
         ),
-        (pb::PutVectorRequest { name: "../escape".into(), values: vec![0.5; n_rows() * d_model()], ..Default::default() }, Code::InvalidArgument),
-        (pb::PutVectorRequest { name: "e2e-crud".into(), values: vec![0.5; n_rows() * d_model()], ..Default::default() }, Code::AlreadyExists),
         (
-            pb::PutVectorRequest { name: "e2e-other".into(), model: "nope".into(), values: vec![0.5; n_rows() * d_model()], ..Default::default() },
+            pb::PutVectorRequest {
+                name: "e2e-crud".into(),
+                values: vec![f32::INFINITY; n_rows() * d_model()],
+                overwrite: true,
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            pb::PutVectorRequest {
+                name: "../escape".into(),
+                values: vec![0.5; n_rows() * d_model()],
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            pb::PutVectorRequest {
+                name: "e2e-crud".into(),
+                values: vec![0.5; n_rows() * d_model()],
+                ..Default::default()
+            },
+            Code::AlreadyExists,
+        ),
+        (
+            pb::PutVectorRequest {
+                name: "e2e-other".into(),
+                model: "nope".into(),
+                values: vec![0.5; n_rows() * d_model()],
+                ..Default::default()
+            },
             Code::NotFound,
         ),
     ];
@@ -283,14 +327,18 @@ async fn vector_crud_rejects_bad_input_and_keeps_the_stored_vector() {
 
     c.delete_vector(pb::DeleteVectorRequest { name: "e2e-crud".into() }).await.unwrap();
     assert_eq!(c.get_vector(get("e2e-crud")).await.unwrap_err().code(), Code::NotFound);
-    assert_eq!(c.delete_vector(pb::DeleteVectorRequest { name: "e2e-crud".into() }).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        c.delete_vector(pb::DeleteVectorRequest { name: "e2e-crud".into() }).await.unwrap_err().code(),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]
 async fn projections_follow_the_vector() {
     let mut c = client().await;
     put_random(&mut c, "e2e-proj", 3).await;
-    let values: Vec<f32> = persona_client::pseudo_random_vector(3, n_rows() * d_model()).iter().map(|v| -2.0 * v).collect();
+    let values: Vec<f32> =
+        persona_client::pseudo_random_vector(3, n_rows() * d_model()).iter().map(|v| -2.0 * v).collect();
     c.put_vector(pb::PutVectorRequest { name: "e2e-proj-neg".into(), values, overwrite: true, ..Default::default() })
         .await
         .unwrap();
@@ -365,8 +413,11 @@ async fn extraction_streams_progress_and_stores_three_vectors() {
     assert_eq!(info.kind, pb::VectorKind::ResponseAvg as i32);
     assert_eq!(info.row_norms.len(), n_rows());
     assert!(info.row_norms[1..].iter().all(|n| *n > 0.0), "{:?}", info.row_norms);
-    for (name, kind) in [("e2e-pirate.prompt_avg", pb::VectorKind::PromptAvg), ("e2e-pirate.prompt_last", pb::VectorKind::PromptLast)] {
-        let v = c.get_vector(pb::GetVectorRequest { name: name.into(), include_values: false }).await.unwrap().into_inner();
+    for (name, kind) in
+        [("e2e-pirate.prompt_avg", pb::VectorKind::PromptAvg), ("e2e-pirate.prompt_last", pb::VectorKind::PromptLast)]
+    {
+        let v =
+            c.get_vector(pb::GetVectorRequest { name: name.into(), include_values: false }).await.unwrap().into_inner();
         assert_eq!(v.info.unwrap().kind, kind as i32);
     }
     // Without overwrite, a second extraction under the same name is refused up front.
@@ -383,7 +434,8 @@ async fn models_health_and_reflection() {
     assert_eq!((m.n_layers, m.d_model, m.context_length), (30, 576, TEST_CONTEXT as u32));
     assert!(m.is_default && m.architecture == "llama");
 
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", shared())).unwrap().connect().await.unwrap();
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", shared())).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest { service: "persona.v1.PersonaService".into() })
@@ -394,11 +446,17 @@ async fn models_health_and_reflection() {
     assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
     use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_client::ServerReflectionClient};
-    use tonic_reflection::pb::v1::{server_reflection_request::MessageRequest, server_reflection_response::MessageResponse};
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
     let mut reflection = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut replies = reflection.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) = replies.message().await.unwrap().unwrap().message_response else {
+    let Some(MessageResponse::ListServicesResponse(list)) = replies.message().await.unwrap().unwrap().message_response
+    else {
         panic!("expected a service list");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
@@ -447,7 +505,11 @@ fn restart_keeps_vectors_and_shutdown_drains_in_flight_streams() {
     let second = start(settings(dir.path()));
     rt.block_on(async {
         let mut c = persona_client::connect(&second.addr.to_string()).await.unwrap();
-        let got = c.get_vector(pb::GetVectorRequest { name: "durable".into(), include_values: true }).await.unwrap().into_inner();
+        let got = c
+            .get_vector(pb::GetVectorRequest { name: "durable".into(), include_values: true })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(got.values, values);
     });
 }

@@ -9,7 +9,8 @@ use persona_server::model::{DeviceKind, LoadSpec, LoadedModel};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-const WORDS: &[&str] = &["<unk>", "</s>", "<|im_start|>", "<|im_end|>", "hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog"];
+const WORDS: &[&str] =
+    &["<unk>", "</s>", "<|im_start|>", "<|im_end|>", "hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog"];
 const VOCAB: usize = 64;
 const HIDDEN: usize = 64;
 const LAYERS: usize = 3;
@@ -33,10 +34,8 @@ fn gaussian(seed: u64, n: usize, std: f32) -> Vec<f32> {
 /// Random weights, rounded through bf16 so that every dtype holds exactly the same values.
 fn tiny_weights() -> HashMap<String, Tensor> {
     let kv = HIDDEN / 2; // 4 heads of 16, 2 kv heads
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]),
-        ("model.norm.weight".into(), vec![HIDDEN]),
-    ];
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN]), ("model.norm.weight".into(), vec![HIDDEN])];
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         shapes.extend([
@@ -74,8 +73,11 @@ fn write_tokenizer(path: &Path) {
     let model = WordLevel::builder().vocab(vocab).unk_token("<unk>".into()).build().unwrap();
     let mut tok = tokenizers::Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
-    tok.add_special_tokens(vec![tokenizers::AddedToken::from("<|im_start|>", true), tokenizers::AddedToken::from("<|im_end|>", true)])
-        .unwrap();
+    tok.add_special_tokens(vec![
+        tokenizers::AddedToken::from("<|im_start|>", true),
+        tokenizers::AddedToken::from("<|im_end|>", true),
+    ])
+    .unwrap();
     tok.save(path, false).unwrap();
 }
 

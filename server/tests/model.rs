@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput, argmax_rows};
+use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput};
 use persona_server::model::chat::Message;
 use persona_server::model::weights::Requantize;
 
@@ -23,7 +23,11 @@ fn ours_step(m: &persona_server::model::LoadedModel, cache: &mut KvCache, tokens
     m.model.forward(ForwardContext { rows }).unwrap().logits.unwrap().squeeze(0).unwrap().to_vec1().unwrap()
 }
 
-fn reference_step(r: &mut candle_transformers::models::quantized_llama::ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
+fn reference_step(
+    r: &mut candle_transformers::models::quantized_llama::ModelWeights,
+    tokens: &[u32],
+    pos: usize,
+) -> Vec<f32> {
     let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     r.forward(&input, pos).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
 }
@@ -35,7 +39,8 @@ fn logits_match_candle_quantized_llama_token_by_token() {
     let mut reference = reference_model(&common::embedded_gguf());
     // Same weights as the reference: no re-quantization.
     let ours = common::load(Requantize::None);
-    let prompt = ours.tokenizer.encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n").unwrap();
+    let prompt =
+        ours.tokenizer.encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n").unwrap();
     let mut cache = KvCache::new(ours.config());
     let mut tokens = prompt.clone();
     for pos in 0..prompt.len() + 6 {
@@ -59,11 +64,13 @@ fn served_block_kernels_drift_like_the_reference() {
     let mut reference = reference_model(&common::embedded_gguf());
     let ours = common::served_model();
     let exact = common::load(Requantize::F32);
-    let prompt = ours.tokenizer.encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n").unwrap();
+    let prompt =
+        ours.tokenizer.encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n").unwrap();
     let (mut ours_cache, mut exact_cache) = (KvCache::new(ours.config()), KvCache::new(exact.config()));
     let mut tokens = prompt.clone();
     let steps = prompt.len() + 8;
-    let mean_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>() / a.len() as f64;
+    let mean_diff =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>() / a.len() as f64;
     let (mut ours_err, mut ref_err) = (0f64, 0f64);
     for pos in 0..steps {
         let want = ours_step(&exact, &mut exact_cache, &tokens[pos..pos + 1]);
@@ -72,7 +79,8 @@ fn served_block_kernels_drift_like_the_reference() {
         ours_err += mean_diff(&got, &want) / steps as f64;
         ref_err += mean_diff(&theirs, &want) / steps as f64;
         if pos + 1 >= tokens.len() {
-            let (g, t) = (persona_server::model::sampling::argmax(&got), persona_server::model::sampling::argmax(&theirs));
+            let (g, t) =
+                (persona_server::model::sampling::argmax(&got), persona_server::model::sampling::argmax(&theirs));
             assert_eq!(g, t, "position {pos}: greedy token differs from the reference");
             tokens.push(g);
         }
@@ -110,7 +118,12 @@ fn prefill_logits_match_candle_quantized_llama() {
 }
 
 /// Greedy-decodes each prompt `steps` tokens; rows are run together when `packed`.
-fn greedy(model: &persona_server::model::LoadedModel, prompts: &[Vec<u32>], steps: usize, packed: bool) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+fn greedy(
+    model: &persona_server::model::LoadedModel,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    packed: bool,
+) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
     let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(model.config())).collect();
     let mut pending: Vec<Vec<u32>> = prompts.to_vec();
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -124,9 +137,16 @@ fn greedy(model: &persona_server::model::LoadedModel, prompts: &[Vec<u32>], step
                 .zip(&pending)
                 .enumerate()
                 .filter(|(i, _)| group.contains(i))
-                .map(|(_, (cache, toks))| RowInput { tokens: toks, cache, steering: None, capture: false, logits: true })
+                .map(|(_, (cache, toks))| RowInput {
+                    tokens: toks,
+                    cache,
+                    steering: None,
+                    capture: false,
+                    logits: true,
+                })
                 .collect();
-            let logits: Vec<Vec<f32>> = model.model.forward(ForwardContext { rows }).unwrap().logits.unwrap().to_vec2().unwrap();
+            let logits: Vec<Vec<f32>> =
+                model.model.forward(ForwardContext { rows }).unwrap().logits.unwrap().to_vec2().unwrap();
             for (&i, l) in group.iter().zip(logits) {
                 let t = persona_server::model::sampling::argmax(&l);
                 out[i].push(t);
@@ -143,7 +163,8 @@ fn greedy(model: &persona_server::model::LoadedModel, prompts: &[Vec<u32>], step
 #[test]
 fn packed_rows_match_solo_runs() {
     let m = common::served_model();
-    let texts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time, in a small village by the sea, there lived"];
+    let texts =
+        ["The capital of France is", "1, 2, 3, 4,", "Once upon a time, in a small village by the sea, there lived"];
     let prompts: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t).unwrap()).collect();
     assert!(prompts.iter().map(Vec::len).collect::<std::collections::HashSet<_>>().len() > 1, "lengths differ");
     let (solo, solo_logits) = greedy(&m, &prompts, 8, false);
@@ -196,7 +217,13 @@ fn steering_changes_logits_only_where_applied() {
         let out = m
             .model
             .forward(ForwardContext {
-                rows: vec![RowInput { tokens: &prompt, cache: &mut cache, steering: steer, capture: true, logits: true }],
+                rows: vec![RowInput {
+                    tokens: &prompt,
+                    cache: &mut cache,
+                    steering: steer,
+                    capture: true,
+                    logits: true,
+                }],
             })
             .unwrap();
         let states = out.captures[0].iter().map(|s| s.flatten_all().unwrap().to_vec1().unwrap()).collect();

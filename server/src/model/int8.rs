@@ -46,7 +46,8 @@ pub struct QLinear {
 /// Quantizes `x` (a multiple of 32 long) into `q` with one scale per block in `d`; `s` gets
 /// `d · Σq` per block (used by the 4-bit offset term).
 pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-    for (((xs, qs), ds), ss) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(d.iter_mut()).zip(s.iter_mut()) {
+    for (((xs, qs), ds), ss) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(d.iter_mut()).zip(s.iter_mut())
+    {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
@@ -87,7 +88,8 @@ impl QLinear {
         if raw.len() != n_blocks * size {
             candle_core::bail!("{:?} tensor has {} bytes, expected {}", t.dtype(), raw.len(), n_blocks * size);
         }
-        let (mut qs, mut d, mut m) = (Vec::with_capacity(n_blocks * 16), Vec::with_capacity(n_blocks), Vec::with_capacity(n_blocks));
+        let (mut qs, mut d, mut m) =
+            (Vec::with_capacity(n_blocks * 16), Vec::with_capacity(n_blocks), Vec::with_capacity(n_blocks));
         let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         for b in raw.chunks_exact(size) {
             let scale = f16(&b[0..2]);
@@ -189,7 +191,11 @@ impl QLinear {
 }
 
 fn check_k(k: usize) -> Result<()> {
-    if k.is_multiple_of(BLOCK) { Ok(()) } else { candle_core::bail!("quantized weight needs k divisible by {BLOCK}, got {k}") }
+    if k.is_multiple_of(BLOCK) {
+        Ok(())
+    } else {
+        candle_core::bail!("quantized weight needs k divisible by {BLOCK}, got {k}")
+    }
 }
 
 /// Activations quantized per block: values, scales, and scale·sum per block.
@@ -217,7 +223,17 @@ fn scalar_int8(w: &[i8], wd: &[f32], a: &[i8], ad: &[f32], rows: usize, nb: usiz
 }
 
 #[allow(clippy::too_many_arguments)]
-fn scalar_int4(w: &[u8], wd: &[f32], wm: &[f32], a: &[i8], ad: &[f32], asum: &[f32], rows: usize, nb: usize, out: &mut [f32]) {
+fn scalar_int4(
+    w: &[u8],
+    wd: &[f32],
+    wm: &[f32],
+    a: &[i8],
+    ad: &[f32],
+    asum: &[f32],
+    rows: usize,
+    nb: usize,
+    out: &mut [f32],
+) {
     let k = nb * BLOCK;
     for (r, o) in out.iter_mut().enumerate().take(rows) {
         *o = (0..nb)
@@ -445,7 +461,8 @@ mod tests {
         let (mut v8, mut v4) = ([0f32; 2], [0f32; 2]);
         let act = Activations { q: a.clone(), d: ad.to_vec(), s: asum.to_vec() };
         QLinear { n: 1, k: 64, blocks: Blocks::Int8 { q: w8, d: wd.to_vec() } }.dot_rows(0, &act, 0, 2, &mut v8);
-        QLinear { n: 1, k: 64, blocks: Blocks::Int4 { qs: w4, d: wd.to_vec(), m: wm.to_vec() } }.dot_rows(0, &act, 0, 2, &mut v4);
+        QLinear { n: 1, k: 64, blocks: Blocks::Int4 { qs: w4, d: wd.to_vec(), m: wm.to_vec() } }
+            .dot_rows(0, &act, 0, 2, &mut v4);
         for (x, y) in s8.iter().chain(&s4).zip(v8.iter().chain(&v4)) {
             assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{x} vs {y}");
         }

@@ -111,14 +111,11 @@ impl LoadedModel {
                     Some(t) => TextTokenizer::from_file(t)?,
                     None => TextTokenizer::from_gguf(src.content())?,
                 };
-                let template = src
-                    .content()
-                    .metadata
-                    .get("tokenizer.chat_template")
-                    .and_then(|v| v.to_string().ok())
-                    .cloned();
+                let template =
+                    src.content().metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
                 let model = Llama::load(&mut src, cfg).with_context(|| format!("loading {}", file.display()))?;
-                let sources: std::collections::BTreeSet<&str> = src.formats.iter().map(|(from, _)| from.as_str()).collect();
+                let sources: std::collections::BTreeSet<&str> =
+                    src.formats.iter().map(|(from, _)| from.as_str()).collect();
                 let loaded = model.weight_formats();
                 let formats = format!("{loaded} (stored as {})", sources.into_iter().collect::<Vec<_>>().join(", "));
                 (model, tok, template, formats)

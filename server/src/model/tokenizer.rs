@@ -36,11 +36,7 @@ fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value>
 fn byte_level_pipeline(pre: &str) -> Result<PreTokenizerWrapper> {
     Ok(match pre {
         // SmolLM: every digit on its own, then GPT-2 byte-level splitting without a prefix space.
-        "smollm" => Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into(),
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
         "llama3" | "llama-bpe" | "qwen2" | "smaug-bpe" => Sequence::new(vec![
             Split::new(SplitPattern::Regex(SPLIT_LLAMA3.into()), SplitDelimiterBehavior::Isolated, false)
                 .map_err(|e| anyhow!("pre-tokenizer regex: {e}"))?
@@ -79,17 +75,9 @@ impl TextTokenizer {
             None => vec![1; tokens.len()],
         };
         let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| anyhow!("building BPE: {e}"))?;
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| anyhow!("building BPE: {e}"))?;
         let mut inner = Tokenizer::new(bpe);
-        let pre = ct
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let pre = ct.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         inner.with_pre_tokenizer(Some(byte_level_pipeline(&pre)?));
         inner.with_decoder(Some(ByteLevelDecoder::new(false, true, true)));
         let special: Vec<AddedToken> = tokens
@@ -129,12 +117,8 @@ impl TextTokenizer {
     }
 
     fn finish(inner: Tokenizer, bos: Option<String>, eos: Option<String>) -> Self {
-        let mut eos_ids: Vec<u32> = END_OF_TURN
-            .iter()
-            .copied()
-            .chain(eos.as_deref())
-            .filter_map(|t| inner.token_to_id(t))
-            .collect();
+        let mut eos_ids: Vec<u32> =
+            END_OF_TURN.iter().copied().chain(eos.as_deref()).filter_map(|t| inner.token_to_id(t)).collect();
         eos_ids.sort_unstable();
         eos_ids.dedup();
         Self { inner, eos_ids, bos, eos }

@@ -72,10 +72,7 @@ impl GgufSource {
     }
 
     fn md(&self, key: &str) -> Result<&gguf_file::Value> {
-        self.content
-            .metadata
-            .get(key)
-            .ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata has no `{key}`")))
+        self.content.metadata.get(key).ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata has no `{key}`")))
     }
 
     /// Architecture hyper-parameters from the GGUF metadata.
@@ -262,8 +259,8 @@ impl SafetensorsSource {
     }
 
     fn load(&self, gguf: &str) -> Result<Tensor> {
-        let hf = Self::hf_name(gguf)
-            .ok_or_else(|| candle_core::Error::msg(format!("no Hugging Face name for `{gguf}`")))?;
+        let hf =
+            Self::hf_name(gguf).ok_or_else(|| candle_core::Error::msg(format!("no Hugging Face name for `{gguf}`")))?;
         self.st.load(&hf, &self.device)?.to_dtype(DType::F32)
     }
 }

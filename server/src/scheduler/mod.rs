@@ -63,7 +63,10 @@ pub struct Summary {
 pub enum GenEvent {
     /// Newly stable text and the token behind it (text may be empty while a stop string or a
     /// multi-byte character is still undecided).
-    Token { text: String, id: u32 },
+    Token {
+        text: String,
+        id: u32,
+    },
     Done(Summary),
 }
 
@@ -182,7 +185,9 @@ impl Engine {
         let cfg = self.model.config();
         match cmd {
             Command::Generate(job, tx) => Sequence::generate(job, tx, KvCache::new(cfg)),
-            Command::Capture(job, tx) => Sequence::capture(job, tx, KvCache::new(cfg), cfg.n_residual_rows(), cfg.hidden_size),
+            Command::Capture(job, tx) => {
+                Sequence::capture(job, tx, KvCache::new(cfg), cfg.n_residual_rows(), cfg.hidden_size)
+            }
         }
     }
 
@@ -275,7 +280,8 @@ impl Engine {
                 Work::Generate(g) => {
                     if wants_logits {
                         let row = logits.next().ok_or_else(|| candle_core::Error::msg("missing logits row"))?;
-                        if let Some(next) = g.on_logits(&row, tok, seq.cache.len(), self.model.config().context_length) {
+                        if let Some(next) = g.on_logits(&row, tok, seq.cache.len(), self.model.config().context_length)
+                        {
                             seq.feed_response(next);
                         }
                     }

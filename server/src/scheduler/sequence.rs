@@ -21,13 +21,19 @@ pub(super) struct Sequence {
     pub work: Work,
 }
 
+/// What a sequence is for. Few exist at a time, so the size difference between variants is moot.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Work {
     Generate(Generation),
     Capture(Capture),
 }
 
 impl Sequence {
-    pub fn generate(job: GenerateJob, tx: mpsc::UnboundedSender<Result<GenEvent, EngineError>>, cache: KvCache) -> Self {
+    pub fn generate(
+        job: GenerateJob,
+        tx: mpsc::UnboundedSender<Result<GenEvent, EngineError>>,
+        cache: KvCache,
+    ) -> Self {
         let prompt_len = job.prompt.len();
         Self {
             cache,
@@ -77,11 +83,7 @@ impl Sequence {
     /// Tokens the next pass may take: all pending ones, but never across the prompt/response
     /// boundary, since steering differs on each side.
     pub fn pending_len(&self) -> usize {
-        if self.in_response() {
-            self.pending.len()
-        } else {
-            self.pending.len().min(self.prompt_len - self.consumed)
-        }
+        if self.in_response() { self.pending.len() } else { self.pending.len().min(self.prompt_len - self.consumed) }
     }
 
     pub fn is_capture(&self) -> bool {

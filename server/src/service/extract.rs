@@ -22,14 +22,19 @@ struct Rollout {
     messages: Vec<Message>,
 }
 
-pub fn extract(state: Arc<AppState>, req: pb::ExtractVectorRequest) -> ServiceResult<ResponseStream<pb::ExtractVectorResponse>> {
+pub fn extract(
+    state: Arc<AppState>,
+    req: pb::ExtractVectorRequest,
+) -> ServiceResult<ResponseStream<pb::ExtractVectorResponse>> {
     let engine = state.engine(&req.model)?.clone();
     validate_name(&req.name)?;
     for suffix in ["", ".prompt_avg", ".prompt_last"] {
         let name = format!("{}{suffix}", req.name);
         validate_name(&name)?;
         if !req.overwrite && state.store.get(&name).is_ok() {
-            return Err(ServiceError::AlreadyExists(format!("vector `{name}` already exists (set overwrite to replace it)")));
+            return Err(ServiceError::AlreadyExists(format!(
+                "vector `{name}` already exists (set overwrite to replace it)"
+            )));
         }
     }
     if req.pairs.is_empty() || req.questions.is_empty() {
@@ -131,15 +136,21 @@ async fn run(
     let mut done = 0;
     while let Some(joined) = tasks.join_next().await {
         let (i, cap) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
-        if rollouts[i].positive { pos.add(&cap) } else { neg.add(&cap) };
+        if rollouts[i].positive {
+            pos.add(&cap)
+        } else {
+            neg.add(&cap)
+        };
         done += 1;
         progress(&tx, "rollouts", done, total).await?;
     }
     let c = model.config();
     let mut primary = None;
-    for (kind, suffix) in
-        [(VectorKind::ResponseAvg, ""), (VectorKind::PromptAvg, ".prompt_avg"), (VectorKind::PromptLast, ".prompt_last")]
-    {
+    for (kind, suffix) in [
+        (VectorKind::ResponseAvg, ""),
+        (VectorKind::PromptAvg, ".prompt_avg"),
+        (VectorKind::PromptLast, ".prompt_last"),
+    ] {
         let values = pos.mean(kind).iter().zip(neg.mean(kind)).map(|(p, n)| p - n).collect();
         let vector = StoredVector {
             meta: VectorMeta {

@@ -26,7 +26,9 @@ pub fn generate(state: &AppState, req: pb::GenerateRequest) -> ServiceResult<Res
     // Dropping this stream (client gone, deadline passed) drops the receiver, which the engine
     // notices at its next step and frees the sequence.
     let stream = UnboundedReceiverStream::new(rx).map(move |ev| match ev {
-        Ok(GenEvent::Token { text, id }) => Ok(pb::GenerateResponse { delta: text, token_ids: vec![id], summary: None }),
+        Ok(GenEvent::Token { text, id }) => {
+            Ok(pb::GenerateResponse { delta: text, token_ids: vec![id], summary: None })
+        }
         Ok(GenEvent::Done(s)) => Ok(pb::GenerateResponse {
             delta: String::new(),
             token_ids: Vec::new(),

@@ -11,8 +11,8 @@ mod vectors;
 use crate::error::{ServiceError, ServiceResult};
 use crate::scheduler::EngineHandle;
 use crate::steering::store::VectorStore;
-use persona_proto::v1 as pb;
 use pb::persona_service_server::PersonaService;
+use persona_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -77,7 +77,10 @@ impl PersonaService for PersonaSvc {
         Ok(Response::new(models::list(&self.state)))
     }
 
-    async fn list_vectors(&self, req: Request<pb::ListVectorsRequest>) -> Result<Response<pb::ListVectorsResponse>, Status> {
+    async fn list_vectors(
+        &self,
+        req: Request<pb::ListVectorsRequest>,
+    ) -> Result<Response<pb::ListVectorsResponse>, Status> {
         Ok(Response::new(vectors::list(&self.state, req.into_inner())))
     }
 

@@ -7,7 +7,10 @@ use crate::steering::plan::SteeringPlan;
 use crate::steering::projection;
 use persona_proto::v1 as pb;
 
-pub async fn project(state: &AppState, req: pb::ProjectActivationRequest) -> ServiceResult<pb::ProjectActivationResponse> {
+pub async fn project(
+    state: &AppState,
+    req: pb::ProjectActivationRequest,
+) -> ServiceResult<pb::ProjectActivationResponse> {
     let engine = state.engine(&req.model)?;
     let model = engine.model();
     let c = model.config();
@@ -30,9 +33,8 @@ pub async fn project(state: &AppState, req: pb::ProjectActivationRequest) -> Ser
     }
     let (prompt_len, response_len) = (prompt.len(), response.len());
     let tokens = [prompt, response].concat();
-    let cap = engine
-        .capture(CaptureJob { tokens, prompt_len, steering: SteeringPlan::new(c.n_residual_rows()) })
-        .await?;
+    let cap =
+        engine.capture(CaptureJob { tokens, prompt_len, steering: SteeringPlan::new(c.n_residual_rows()) }).await?;
     let d = cap.d_model;
     let at = |acts: &[f32], layer: usize| acts[layer * d..(layer + 1) * d].to_vec();
     let projections = dirs

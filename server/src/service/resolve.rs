@@ -100,7 +100,10 @@ pub fn vector_for(store: &VectorStore, model: &LoadedModel, name: &str) -> Servi
 pub fn check_layer(model: &LoadedModel, layer: u32) -> ServiceResult<usize> {
     let n = model.config().n_layers;
     if layer as usize > n {
-        return Err(invalid(format!("layer {layer} is out of range: model `{}` has residual layers 0..={n}", model.id)));
+        return Err(invalid(format!(
+            "layer {layer} is out of range: model `{}` has residual layers 0..={n}",
+            model.id
+        )));
     }
     Ok(layer as usize)
 }
@@ -122,7 +125,8 @@ pub fn steering(store: &VectorStore, model: &LoadedModel, specs: &[pb::SteeringV
         match &s.source {
             Some(pb::steering_vector::Source::Name(name)) => {
                 let v = vector_for(store, model, name)?;
-                let row = v.row(layer).ok_or_else(|| ServiceError::Internal(format!("vector `{name}` lacks row {layer}")))?;
+                let row =
+                    v.row(layer).ok_or_else(|| ServiceError::Internal(format!("vector `{name}` lacks row {layer}")))?;
                 plan.add(layer, row, s.coefficient, phase);
             }
             Some(pb::steering_vector::Source::Inline(v)) => {

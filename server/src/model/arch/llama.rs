@@ -12,7 +12,7 @@
 
 use super::super::int8::QLinear;
 use candle_core::quantized::QMatMul;
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use std::collections::HashMap;
 
 /// Architecture hyper-parameters, read from GGUF metadata or a `config.json`.
@@ -74,10 +74,10 @@ enum Weight {
 /// One weight in the block-quantized CPU format: Q4_0/Q4_1 blocks are kept bit for bit,
 /// anything else becomes int8 blocks.
 fn block_weight(src: &mut dyn WeightSource, name: &str) -> Result<QLinear> {
-    if let Some(qt) = src.raw(name)? {
-        if let Some(l) = QLinear::from_q4(&qt)? {
-            return Ok(l);
-        }
+    if let Some(qt) = src.raw(name)?
+        && let Some(l) = QLinear::from_q4(&qt)?
+    {
+        return Ok(l);
     }
     QLinear::from_dense(&src.dense(name)?)
 }
@@ -222,12 +222,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &LlamaConfig) -> Self {
-        Self {
-            layers: (0..cfg.n_layers).map(|_| None).collect(),
-            len: 0,
-            capacity: 0,
-            max_len: cfg.context_length,
-        }
+        Self { layers: (0..cfg.n_layers).map(|_| None).collect(), len: 0, capacity: 0, max_len: cfg.context_length }
     }
 
     /// Tokens already cached, which is also the position of the next token.
@@ -380,17 +375,16 @@ impl Attention {
             let (k_all, v_all) = row.cache.append(layer, &k_new, &v_new)?;
             // Query heads sharing a kv head are adjacent: fold them into the row dimension so
             // one batched matmul per kv head serves the whole group.
-            let q_row = q
-                .narrow(2, off, t)?
-                .contiguous()?
-                .reshape((self.n_kv_heads, group * t, self.head_dim))?;
+            let q_row = q.narrow(2, off, t)?.contiguous()?.reshape((self.n_kv_heads, group * t, self.head_dim))?;
             let att = (q_row.matmul(&k_all.t()?)? * scale)?;
             let att = match packed.masks.get(&i) {
                 Some(mask) => {
                     let kv_len = k_all.dim(1)?;
-                    att.reshape((self.n_kv_heads, group, t, kv_len))?
-                        .broadcast_add(mask)?
-                        .reshape((self.n_kv_heads, group * t, kv_len))?
+                    att.reshape((self.n_kv_heads, group, t, kv_len))?.broadcast_add(mask)?.reshape((
+                        self.n_kv_heads,
+                        group * t,
+                        kv_len,
+                    ))?
                 }
                 None => att,
             };
@@ -445,9 +439,7 @@ impl Llama {
         let embed = src.dense("token_embd.weight")?;
         let head = if src.contains("output.weight") { "output" } else { "token_embd" };
         let lm_head = Linear::load(src, &[head.to_string()], false)?;
-        let blocks = (0..cfg.n_layers)
-            .map(|i| Block::load(src, i, &cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.n_layers).map(|i| Block::load(src, i, &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(src, "output_norm.weight", cfg.rms_norm_eps)?;
         let (cos, sin) = rope_tables(&cfg, &device)?;
         Ok(Self { cfg, embed, blocks, norm, lm_head, cos, sin, device })
@@ -512,9 +504,7 @@ impl Llama {
             .iter()
             .zip(&packed.spans)
             .filter(|(r, _)| r.capture)
-            .map(|(_, &(off, t, _))| {
-                layer_states.iter().map(|s| s.narrow(0, off, t)).collect::<Result<Vec<_>>>()
-            })
+            .map(|(_, &(off, t, _))| layer_states.iter().map(|s| s.narrow(0, off, t)).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?;
 
         let last: Vec<u32> = rows
@@ -545,11 +535,7 @@ impl Llama {
                 candle_core::bail!("row {i} has no tokens");
             }
             if start + t > self.cfg.context_length {
-                candle_core::bail!(
-                    "row {i} needs {} positions, context is {}",
-                    start + t,
-                    self.cfg.context_length
-                );
+                candle_core::bail!("row {i} needs {} positions, context is {}", start + t, self.cfg.context_length);
             }
             positions.extend((start..start + t).map(|p| p as u32));
             if t > 1 {
@@ -566,9 +552,7 @@ impl Llama {
 
     /// Adds each row's steering addend for residual layer `layer` to its tokens.
     fn steer(&self, xs: Tensor, layer: usize, rows: &[RowInput<'_>], packed: &PackedRows) -> Result<Tensor> {
-        let active = rows
-            .iter()
-            .any(|r| r.steering.and_then(|s| s.get(layer)).is_some_and(|a| a.is_some()));
+        let active = rows.iter().any(|r| r.steering.and_then(|s| s.get(layer)).is_some_and(|a| a.is_some()));
         if !active {
             return Ok(xs);
         }
@@ -590,9 +574,8 @@ impl Llama {
 
 fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1f32 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32))
-        .collect();
+    let inv_freq: Vec<f32> =
+        (0..half).map(|i| 1f32 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let t = Tensor::arange(0u32, cfg.context_length as u32, device)?
         .to_dtype(DType::F32)?
@@ -604,15 +587,9 @@ fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
 /// Additive mask `[t, start + t]`: token j of the chunk sees cached positions and itself.
 fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Tensor> {
     let kv = start + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|j| (0..kv).map(move |p| if p > start + j { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..t).flat_map(|j| (0..kv).map(move |p| if p > start + j { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (t, kv), device)
-}
-
-/// Greedy helper for tests and tools: index of the largest logit in each row.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    logits.argmax(D::Minus1)?.to_vec1::<u32>()
 }
 
 #[cfg(test)]
