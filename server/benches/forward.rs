@@ -13,6 +13,8 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // SAFETY: single-threaded at this point.
+    unsafe { persona_server::set_cpu_threads(0) };
     let dir = std::env::var_os("PERSONA_MODEL_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));

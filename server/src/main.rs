@@ -34,17 +34,12 @@ fn main() -> Result<()> {
     if let Some(l) = cli.listen {
         settings.listen = l;
     }
-    if settings.cpu_threads > 0 {
-        // Must happen before any tensor kernel starts its thread pool.
-        // SAFETY: no other thread exists yet.
-        unsafe {
-            std::env::set_var("CANDLE_NUM_THREADS", settings.cpu_threads.to_string());
-            std::env::set_var("RAYON_NUM_THREADS", settings.cpu_threads.to_string());
-        }
-    }
+    // SAFETY: no other thread exists yet; kernels start their pools later.
+    let threads = unsafe { persona_server::set_cpu_threads(settings.cpu_threads) };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _enter = rt.enter();
     let _telemetry = telemetry::init(&settings.telemetry)?;
+    tracing::debug!(threads, "CPU kernel threads");
     match cli.command.unwrap_or(Command::Serve) {
         Command::FetchModel => {
             let path = model::source::ensure_embedded(&settings.model_dir, true)?;
