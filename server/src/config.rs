@@ -57,6 +57,8 @@ pub struct EngineSettings {
     pub max_batch: usize,
     pub max_step_tokens: usize,
     pub max_queue: usize,
+    /// KV cache memory per model in MiB, shared by the running sequences.
+    pub kv_cache_mb: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,7 +107,12 @@ impl Default for ModelSettings {
 impl Default for EngineSettings {
     fn default() -> Self {
         let e = EngineConfig::default();
-        Self { max_batch: e.max_batch, max_step_tokens: e.max_step_tokens, max_queue: e.max_queue }
+        Self {
+            max_batch: e.max_batch,
+            max_step_tokens: e.max_step_tokens,
+            max_queue: e.max_queue,
+            kv_cache_mb: e.kv_cache_bytes >> 20,
+        }
     }
 }
 
@@ -143,8 +150,8 @@ impl Settings {
         if !self.default_model.is_empty() && !ids.contains(&self.default_model.as_str()) {
             bail!("default_model `{}` is not among the configured models {ids:?}", self.default_model);
         }
-        if self.engine.max_batch == 0 || self.engine.max_step_tokens == 0 {
-            bail!("engine.max_batch and engine.max_step_tokens must be at least 1");
+        if self.engine.max_batch == 0 || self.engine.max_step_tokens == 0 || self.engine.kv_cache_mb == 0 {
+            bail!("engine.max_batch, engine.max_step_tokens and engine.kv_cache_mb must be at least 1");
         }
         for m in &self.models {
             m.load_spec(self)?;
@@ -161,6 +168,7 @@ impl Settings {
             max_batch: self.engine.max_batch,
             max_step_tokens: self.engine.max_step_tokens,
             max_queue: self.engine.max_queue,
+            kv_cache_bytes: self.engine.kv_cache_mb << 20,
         }
     }
 }

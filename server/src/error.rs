@@ -39,7 +39,8 @@ impl From<ServiceError> for Status {
                 StoreError::Io { .. } => Code::Internal,
             },
             ServiceError::Engine(g) => match g {
-                EngineError::QueueFull(_) => Code::ResourceExhausted,
+                EngineError::QueueFull(_) | EngineError::TooLarge { .. } => Code::ResourceExhausted,
+                EngineError::DeadlineExceeded(_) => Code::DeadlineExceeded,
                 EngineError::Stopped => Code::Unavailable,
                 EngineError::Compute(_) => Code::Internal,
             },

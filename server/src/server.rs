@@ -36,7 +36,12 @@ pub async fn build_state(settings: &Settings) -> Result<Arc<AppState>> {
         engines.insert(m.id.clone(), engine);
     }
     let store = Arc::new(VectorStore::open(&settings.vector_dir)?);
-    Ok(Arc::new(AppState { engines, default_model: settings.default_model_id().to_string(), store }))
+    Ok(Arc::new(AppState {
+        engines,
+        default_model: settings.default_model_id().to_string(),
+        store,
+        started: std::time::Instant::now(),
+    }))
 }
 
 /// One short generation so the first real request does not pay for lazy initialisation.
@@ -48,6 +53,7 @@ async fn warm_up(engine: &EngineHandle) -> Result<()> {
         sampling: Default::default(),
         stop: Vec::new(),
         steering: SteeringPlan::new(0),
+        deadline: None,
     };
     let mut rx = engine.generate(job)?;
     while let Some(ev) = rx.recv().await {

@@ -3,63 +3,14 @@
 
 mod common;
 
+use common::{Running, TEST_CONTEXT, settings, start};
 use persona_client::{Client, chat, chat_request, generate_text, pb, steer_by_name, steer_inline};
-use persona_server::config::Settings;
-use persona_server::server::{build_state, serve};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 use tonic::Code;
 
 const SYSTEM: &str = "You are a helpful assistant.";
-/// Context cap of the test server, small so the over-long prompt test stays cheap.
-const TEST_CONTEXT: usize = 1024;
-
-fn settings(vector_dir: &Path) -> Settings {
-    let mut s = Settings {
-        model_dir: common::embedded_gguf().parent().unwrap().to_path_buf(),
-        auto_fetch: false,
-        vector_dir: vector_dir.to_path_buf(),
-        ..Default::default()
-    };
-    s.models[0].max_context = TEST_CONTEXT;
-    s.shutdown_grace_secs = 5;
-    s
-}
-
-/// A server on its own runtime and thread; `shutdown` stops it, `done` reports `serve`'s result.
-struct Running {
-    addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    done: std::sync::mpsc::Receiver<Result<(), String>>,
-}
-
-fn start(settings: Settings) -> Running {
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let (done_tx, done) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let result = rt.block_on(async move {
-            let state = build_state(&settings).await.map_err(|e| format!("{e:#}"))?;
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-            addr_tx.send(listener.local_addr().unwrap()).unwrap();
-            let stop = async move {
-                let _ = shutdown_rx.await;
-            };
-            serve(state, listener, stop, Duration::from_secs(settings.shutdown_grace_secs))
-                .await
-                .map_err(|e| format!("{e:#}"))
-        });
-        let _ = done_tx.send(result);
-    });
-    let addr = match addr_rx.recv_timeout(Duration::from_secs(300)) {
-        Ok(a) => a,
-        Err(_) => panic!("server did not start: {:?}", done.try_recv()),
-    };
-    Running { addr, shutdown: Some(shutdown_tx), done }
-}
 
 /// The server shared by the tests of this binary; it lives as long as the process.
 fn shared() -> SocketAddr {

@@ -12,6 +12,7 @@ use candle_core::Tensor;
 use sequence::{Sequence, Work};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
@@ -24,11 +25,14 @@ pub struct EngineConfig {
     pub max_step_tokens: usize,
     /// Requests waiting beyond the running batch; past this, submissions are refused.
     pub max_queue: usize,
+    /// Memory for the key/value caches of running sequences. A sequence reserves room for
+    /// its prompt plus `max_tokens` when it joins the batch; requests wait until that fits.
+    pub kv_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 16, max_step_tokens: 512, max_queue: 256 }
+        Self { max_batch: 16, max_step_tokens: 512, max_queue: 256, kv_cache_bytes: 1 << 30 }
     }
 }
 
@@ -36,6 +40,12 @@ impl Default for EngineConfig {
 pub enum EngineError {
     #[error("the engine queue is full ({0} waiting); retry later")]
     QueueFull(usize),
+    #[error(
+        "the request needs {need_mib:.1} MiB of KV cache ({tokens} tokens) but the engine's budget is {budget_mib:.1} MiB; lower max_tokens or shorten the prompt"
+    )]
+    TooLarge { tokens: usize, need_mib: f64, budget_mib: f64 },
+    #[error("deadline exceeded after {0} generated tokens")]
+    DeadlineExceeded(usize),
     #[error("the engine has stopped")]
     Stopped,
     #[error("model computation failed: {0}")]
@@ -76,6 +86,8 @@ pub struct GenerateJob {
     pub sampling: SamplingConfig,
     pub stop: Vec<String>,
     pub steering: SteeringPlan,
+    /// Past this instant the generation ends with `DeadlineExceeded`.
+    pub deadline: Option<Instant>,
 }
 
 /// A forward pass over `tokens` (prompt then optional response) that reports per-layer
@@ -105,27 +117,102 @@ enum Command {
     Capture(CaptureJob, oneshot::Sender<Result<CaptureResult, EngineError>>),
 }
 
+/// Counters an engine publishes for status reports and tests.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Submitted, not yet running (includes commands still in the channel).
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    /// KV cache bytes reserved by running sequences.
+    pub kv_reserved_bytes: AtomicUsize,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub rejected: AtomicU64,
+    pub generated_tokens: AtomicU64,
+}
+
+/// A point-in-time copy of [`EngineStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStatus {
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_reserved_bytes: usize,
+    pub kv_budget_bytes: usize,
+    pub completed: u64,
+    pub cancelled: u64,
+    pub rejected: u64,
+    pub generated_tokens: u64,
+}
+
 /// Cloneable handle to a model's engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     model: Arc<LoadedModel>,
-    max_batch: usize,
+    cfg: EngineConfig,
+    stats: Arc<EngineStats>,
+}
+
+/// KV cache bytes one token occupies across all layers (f32 keys and values).
+pub fn kv_bytes_per_token(model: &LoadedModel) -> usize {
+    let c = model.config();
+    c.n_layers * 2 * c.n_kv_heads * c.head_dim * std::mem::size_of::<f32>()
 }
 
 impl EngineHandle {
     /// Starts the engine thread for `model`.
     pub fn spawn(model: Arc<LoadedModel>, cfg: EngineConfig) -> std::io::Result<Self> {
+        // The channel never holds more than max_queue commands: `waiting` is checked first.
         let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
-        let max_batch = cfg.max_batch;
-        let engine = Engine { model: model.clone(), cfg, rx, running: Vec::new(), waiting: VecDeque::new() };
+        let stats = Arc::new(EngineStats::default());
+        let engine = Engine {
+            model: model.clone(),
+            cfg: cfg.clone(),
+            rx,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            stats: stats.clone(),
+            bytes_per_token: kv_bytes_per_token(&model),
+        };
         std::thread::Builder::new().name(format!("engine-{}", model.id)).spawn(move || engine.run())?;
-        Ok(Self { tx, model, max_batch })
+        Ok(Self { tx, model, cfg, stats })
     }
 
     /// Sequences the engine decodes together at most.
     pub fn max_batch(&self) -> usize {
-        self.max_batch
+        self.cfg.max_batch
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        let s = &self.stats;
+        EngineStatus {
+            waiting: s.waiting.load(Ordering::Relaxed),
+            running: s.running.load(Ordering::Relaxed),
+            kv_reserved_bytes: s.kv_reserved_bytes.load(Ordering::Relaxed),
+            kv_budget_bytes: self.cfg.kv_cache_bytes,
+            completed: s.completed.load(Ordering::Relaxed),
+            cancelled: s.cancelled.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Refuses work that could never fit the KV budget, or that would overflow the queue.
+    fn admit_check(&self, tokens: usize) -> Result<(), EngineError> {
+        let need = tokens * kv_bytes_per_token(&self.model);
+        let mib = |b: usize| b as f64 / (1 << 20) as f64;
+        let refused = if need > self.cfg.kv_cache_bytes {
+            Some(EngineError::TooLarge { tokens, need_mib: mib(need), budget_mib: mib(self.cfg.kv_cache_bytes) })
+        } else if self.stats.waiting.load(Ordering::Relaxed) >= self.cfg.max_queue {
+            Some(EngineError::QueueFull(self.cfg.max_queue))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(())
     }
 
     pub fn model(&self) -> &Arc<LoadedModel> {
@@ -133,15 +220,20 @@ impl EngineHandle {
     }
 
     fn submit(&self, cmd: Command) -> Result<(), EngineError> {
-        self.tx.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.tx.max_capacity()),
-            mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.tx.try_send(cmd).map_err(|e| {
+            self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.cfg.max_queue),
+                mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+            }
         })
     }
 
     /// Queues a generation; events arrive on the returned channel, which the caller may drop
     /// to cancel.
     pub fn generate(&self, job: GenerateJob) -> Result<EventStream, EngineError> {
+        self.admit_check(reserved_tokens(job.prompt.len(), job.max_tokens, self.model.config().context_length))?;
         // Unbounded: the engine never blocks on a slow reader; a generation's events are
         // bounded by its max_tokens anyway.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -151,10 +243,16 @@ impl EngineHandle {
 
     /// Runs a capture pass and waits for its result.
     pub async fn capture(&self, job: CaptureJob) -> Result<CaptureResult, EngineError> {
+        self.admit_check(job.tokens.len())?;
         let (tx, rx) = oneshot::channel();
         self.submit(Command::Capture(job, tx))?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
+}
+
+/// Cache slots a generation may fill: its prompt plus max_tokens, within the context window.
+fn reserved_tokens(prompt: usize, max_tokens: usize, context: usize) -> usize {
+    (prompt + max_tokens).min(context)
 }
 
 struct Engine {
@@ -163,6 +261,8 @@ struct Engine {
     rx: mpsc::Receiver<Command>,
     running: Vec<Sequence>,
     waiting: VecDeque<Sequence>,
+    stats: Arc<EngineStats>,
+    bytes_per_token: usize,
 }
 
 impl Engine {
@@ -172,11 +272,13 @@ impl Engine {
             if !self.admit() {
                 break;
             }
-            self.running.retain(|s| !s.cancelled());
+            self.expire();
+            self.retire();
             if self.running.is_empty() {
                 continue;
             }
             self.step();
+            self.retire();
         }
         tracing::info!(model = %self.model.id, "engine stopped");
     }
@@ -184,11 +286,57 @@ impl Engine {
     fn new_sequence(&self, cmd: Command) -> Sequence {
         let cfg = self.model.config();
         match cmd {
-            Command::Generate(job, tx) => Sequence::generate(job, tx, KvCache::new(cfg)),
+            Command::Generate(job, tx) => {
+                let reserve = reserved_tokens(job.prompt.len(), job.max_tokens, cfg.context_length);
+                Sequence::generate(job, tx, KvCache::new(cfg), reserve * self.bytes_per_token)
+            }
             Command::Capture(job, tx) => {
-                Sequence::capture(job, tx, KvCache::new(cfg), cfg.n_residual_rows(), cfg.hidden_size)
+                let reserve = job.tokens.len() * self.bytes_per_token;
+                Sequence::capture(job, tx, KvCache::new(cfg), cfg.n_residual_rows(), cfg.hidden_size, reserve)
             }
         }
+    }
+
+    fn reserved(&self) -> usize {
+        self.running.iter().map(|s| s.kv_reserve).sum()
+    }
+
+    /// Ends sequences whose deadline has passed, running or waiting.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        for s in self.running.iter_mut().chain(self.waiting.iter_mut()) {
+            if s.deadline.is_some_and(|d| now >= d) && !s.finished() {
+                let generated = s.generated();
+                s.fail(EngineError::DeadlineExceeded(generated));
+            }
+        }
+    }
+
+    /// Drops finished and cancelled sequences (their caches go with them) and publishes stats.
+    fn retire(&mut self) {
+        let stats = &self.stats;
+        let before_waiting = self.waiting.len();
+        self.waiting.retain(|s| {
+            let keep = !s.cancelled() && !s.finished();
+            if !keep {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            keep
+        });
+        stats.waiting.fetch_sub(before_waiting - self.waiting.len(), Ordering::Relaxed);
+        self.running.retain(|s| {
+            if s.finished() && !s.aborted() {
+                stats.completed.fetch_add(1, Ordering::Relaxed);
+                false
+            } else if s.finished() || s.cancelled() {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                false
+            } else {
+                true
+            }
+        });
+        stats.running.store(self.running.len(), Ordering::Relaxed);
+        stats.kv_reserved_bytes.store(self.reserved(), Ordering::Relaxed);
     }
 
     /// Moves new commands into the waiting queue and waiting sequences into the batch.
@@ -207,13 +355,23 @@ impl Engine {
             let seq = self.new_sequence(cmd);
             self.waiting.push_back(seq);
         }
-        self.waiting.retain(|s| !s.cancelled());
+        self.retire();
+        // First come, first served: the head of the queue waits for room rather than being
+        // overtaken by smaller requests, so large requests cannot starve.
+        let mut reserved = self.reserved();
         while self.running.len() < self.cfg.max_batch {
-            match self.waiting.pop_front() {
-                Some(s) => self.running.push(s),
-                None => break,
+            match self.waiting.front() {
+                Some(s) if reserved + s.kv_reserve <= self.cfg.kv_cache_bytes => {
+                    reserved += s.kv_reserve;
+                    let s = self.waiting.pop_front().expect("front exists");
+                    self.running.push(s);
+                    self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                }
+                _ => break,
             }
         }
+        self.stats.running.store(self.running.len(), Ordering::Relaxed);
+        self.stats.kv_reserved_bytes.store(reserved, Ordering::Relaxed);
         true
     }
 
@@ -254,7 +412,6 @@ impl Engine {
             Err(e) => self.fail(&selected, &e.to_string()),
         }
         tracing::trace!(rows = selected.len(), ms = started.elapsed().as_secs_f64() * 1e3, "step");
-        self.running.retain(|s| !s.finished());
     }
 
     fn absorb(
@@ -280,6 +437,7 @@ impl Engine {
                 Work::Generate(g) => {
                     if wants_logits {
                         let row = logits.next().ok_or_else(|| candle_core::Error::msg("missing logits row"))?;
+                        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                         if let Some(next) = g.on_logits(&row, tok, seq.cache.len(), self.model.config().context_length)
                         {
                             seq.feed_response(next);

@@ -19,6 +19,9 @@ pub(super) struct Sequence {
     prompt_len: usize,
     steering: SteeringPlan,
     pub work: Work,
+    /// KV cache bytes reserved for this sequence while it runs.
+    pub kv_reserve: usize,
+    pub deadline: Option<Instant>,
 }
 
 /// What a sequence is for. Few exist at a time, so the size difference between variants is moot.
@@ -33,9 +36,12 @@ impl Sequence {
         job: GenerateJob,
         tx: mpsc::UnboundedSender<Result<GenEvent, EngineError>>,
         cache: KvCache,
+        kv_reserve: usize,
     ) -> Self {
         let prompt_len = job.prompt.len();
         Self {
+            kv_reserve,
+            deadline: job.deadline,
             cache,
             pending: job.prompt,
             consumed: 0,
@@ -54,6 +60,7 @@ impl Sequence {
                 started: None,
                 first_token: None,
                 done: false,
+                aborted: false,
             }),
         }
     }
@@ -64,9 +71,12 @@ impl Sequence {
         cache: KvCache,
         n_rows: usize,
         d_model: usize,
+        kv_reserve: usize,
     ) -> Self {
         let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.tokens.len());
         Self {
+            kv_reserve,
+            deadline: None,
             cache,
             pending: job.tokens,
             consumed: 0,
@@ -114,6 +124,19 @@ impl Sequence {
         self.pending.push(token);
     }
 
+    /// Tokens generated so far (0 for captures).
+    pub fn generated(&self) -> usize {
+        match &self.work {
+            Work::Generate(g) => g.generated.len(),
+            Work::Capture(_) => 0,
+        }
+    }
+
+    /// Finished because its client went away rather than by completing.
+    pub fn aborted(&self) -> bool {
+        matches!(&self.work, Work::Generate(g) if g.aborted)
+    }
+
     pub fn cancelled(&self) -> bool {
         match &self.work {
             Work::Generate(g) => g.tx.is_closed(),
@@ -131,6 +154,7 @@ impl Sequence {
     pub fn fail(&mut self, err: EngineError) {
         match &mut self.work {
             Work::Generate(g) => {
+                g.aborted = matches!(err, EngineError::DeadlineExceeded(_));
                 let _ = g.tx.send(Err(err));
                 g.done = true;
             }
@@ -157,6 +181,8 @@ pub(super) struct Generation {
     started: Option<Instant>,
     first_token: Option<Instant>,
     done: bool,
+    /// Ended because the client went away (a send failed).
+    aborted: bool,
 }
 
 impl Generation {
@@ -192,6 +218,7 @@ impl Generation {
         self.sent = safe;
         if self.tx.send(Ok(GenEvent::Token { text, id })).is_err() {
             self.done = true;
+            self.aborted = true;
             return None;
         }
         Some(id)

@@ -119,6 +119,7 @@ async fn run(
             },
             stop: sampling.stop.clone(),
             steering: SteeringPlan::new(model.config().n_residual_rows()),
+            deadline: None,
         };
         let (engine, permits) = (engine.clone(), permits.clone());
         tasks.spawn(async move {

@@ -8,7 +8,11 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
 
-pub fn generate(state: &AppState, req: pb::GenerateRequest) -> ServiceResult<ResponseStream<pb::GenerateResponse>> {
+pub fn generate(
+    state: &AppState,
+    req: pb::GenerateRequest,
+    deadline: Option<std::time::Instant>,
+) -> ServiceResult<ResponseStream<pb::GenerateResponse>> {
     let engine = state.engine(&req.model)?;
     let model = engine.model();
     let prompt = resolve::prompt_tokens(model, req.prompt.as_ref())?;
@@ -22,6 +26,7 @@ pub fn generate(state: &AppState, req: pb::GenerateRequest) -> ServiceResult<Res
         sampling: sampling.config,
         stop: sampling.stop,
         steering,
+        deadline,
     })?;
     // Dropping this stream (client gone, deadline passed) drops the receiver, which the engine
     // notices at its next step and frees the sequence.

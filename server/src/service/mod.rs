@@ -26,6 +26,7 @@ pub struct AppState {
     pub engines: BTreeMap<String, EngineHandle>,
     pub default_model: String,
     pub store: Arc<VectorStore>,
+    pub started: std::time::Instant,
 }
 
 impl AppState {
@@ -37,6 +38,33 @@ impl AppState {
             ServiceError::NotFound(format!("model `{id}` is not loaded (available: {})", known.join(", ")))
         })
     }
+}
+
+/// The call's deadline from its `grpc-timeout` header ("<digits><H|M|S|m|u|n>"), which tonic
+/// does not enforce once a response stream has started.
+fn deadline_of<T>(req: &Request<T>) -> Result<Option<std::time::Instant>, Status> {
+    let Some(v) = req.metadata().get("grpc-timeout") else { return Ok(None) };
+    let v = v.to_str().map_err(|_| Status::invalid_argument("grpc-timeout is not ASCII"))?;
+    let timeout = parse_grpc_timeout(v).ok_or_else(|| Status::invalid_argument(format!("bad grpc-timeout `{v}`")))?;
+    Ok(Some(std::time::Instant::now() + timeout))
+}
+
+fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 #[derive(Clone)]
@@ -56,7 +84,8 @@ impl PersonaService for PersonaSvc {
     type ExtractVectorStream = ResponseStream<pb::ExtractVectorResponse>;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        Ok(Response::new(generate::generate(&self.state, req.into_inner())?))
+        let deadline = deadline_of(&req)?;
+        Ok(Response::new(generate::generate(&self.state, req.into_inner(), deadline)?))
     }
 
     async fn project_activation(
@@ -92,10 +121,33 @@ impl PersonaService for PersonaSvc {
         Ok(Response::new(vectors::put(&self.state, req.into_inner()).await?))
     }
 
+    async fn get_server_status(
+        &self,
+        _: Request<pb::GetServerStatusRequest>,
+    ) -> Result<Response<pb::GetServerStatusResponse>, Status> {
+        Ok(Response::new(models::status(&self.state)))
+    }
+
     async fn delete_vector(
         &self,
         req: Request<pb::DeleteVectorRequest>,
     ) -> Result<Response<pb::DeleteVectorResponse>, Status> {
         Ok(Response::new(vectors::delete(&self.state, req.into_inner()).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_per_the_spec() {
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "10", "10x", "123456789S", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! ListModels.
+//! ListModels and GetServerStatus.
 
 use super::AppState;
 use persona_proto::v1 as pb;
@@ -25,4 +25,46 @@ pub fn list(state: &AppState) -> pb::ListModelsResponse {
         })
         .collect();
     pb::ListModelsResponse { models }
+}
+
+/// Resident and peak resident memory of this process from /proc (Linux), in bytes.
+fn memory() -> (u64, u64) {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return (0, 0) };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub fn status(state: &AppState) -> pb::GetServerStatusResponse {
+    let engines = state
+        .engines
+        .iter()
+        .map(|(id, e)| {
+            let s = e.status();
+            pb::EngineStatus {
+                model: id.clone(),
+                running: s.running as u32,
+                waiting: s.waiting as u32,
+                kv_cache_reserved_bytes: s.kv_reserved_bytes as u64,
+                kv_cache_budget_bytes: s.kv_budget_bytes as u64,
+                completed: s.completed,
+                cancelled: s.cancelled,
+                rejected: s.rejected,
+                generated_tokens: s.generated_tokens,
+                max_batch: e.max_batch() as u32,
+            }
+        })
+        .collect();
+    let (rss_bytes, peak_rss_bytes) = memory();
+    pb::GetServerStatusResponse {
+        engines,
+        rss_bytes,
+        peak_rss_bytes,
+        uptime_secs: state.started.elapsed().as_secs_f64(),
+    }
 }

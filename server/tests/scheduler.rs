@@ -1,0 +1,144 @@
+//! Continuous batching through the real server: batch invariance under mixed steering,
+//! cancellation, queue bound, KV cache budget and deadlines.
+
+mod common;
+
+use persona_client::{Client, chat_request, generate_text, pb, steer_inline};
+use std::time::Duration;
+use tonic::Code;
+
+fn greedy(user: &str, max_tokens: u32) -> pb::GenerateRequest {
+    let mut req = chat_request(user, Some("You are a helpful assistant."));
+    req.sampling = Some(pb::SamplingParams { max_tokens, ..Default::default() });
+    req
+}
+
+async fn status(c: &mut Client) -> pb::EngineStatus {
+    c.get_server_status(pb::GetServerStatusRequest {}).await.unwrap().into_inner().engines.remove(0)
+}
+
+/// Polls the engine status until `pred` holds (the engine publishes after each step).
+async fn wait_for(c: &mut Client, what: &str, pred: impl Fn(&pb::EngineStatus) -> bool) -> pb::EngineStatus {
+    for _ in 0..200 {
+        let s = status(c).await;
+        if pred(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}: {:?}", status(c).await);
+}
+
+/// One server per test, configured for what it checks.
+fn server(configure: impl FnOnce(&mut persona_server::config::Settings)) -> (common::Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = common::settings(dir.path());
+    configure(&mut s);
+    (common::start(s), dir)
+}
+
+#[test]
+fn greedy_output_is_the_same_alone_and_in_a_batch_of_eight_differently_steered_sequences() {
+    let (srv, _dir) = server(|_| {});
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = persona_client::connect(&srv.addr.to_string()).await.unwrap();
+        let probe = greedy("Explain why the sky is blue.", 40);
+        let alone = generate_text(&mut c, probe.clone()).await.unwrap();
+        assert_eq!(status(&mut c).await.completed, 2, "warm-up plus the solo run");
+
+        let mut tasks = tokio::task::JoinSet::new();
+        let questions = [
+            "Name a fruit.",
+            "What is rust?",
+            "Describe a cat.",
+            "Why do birds sing?",
+            "Count to ten.",
+            "What is a river?",
+            "Tell me a joke.",
+        ];
+        for (i, q) in questions.iter().enumerate() {
+            let mut req = greedy(q, 48);
+            let v = persona_client::pseudo_random_vector(100 + i as u64, 576);
+            req.steering = vec![steer_inline(v, 4 + 3 * i as u32, 1.0 + i as f32)];
+            let mut c = c.clone();
+            tasks.spawn(async move { generate_text(&mut c, req).await.unwrap() });
+        }
+        let mut c2 = c.clone();
+        let batched = tokio::spawn(async move { generate_text(&mut c2, probe).await.unwrap() });
+        // All eight run in one batch (max_batch 16): the engine reports them together.
+        wait_for(&mut c, "eight running sequences", |s| s.running == 8).await;
+        let batched = batched.await.unwrap();
+        let others = tasks.join_all().await;
+        assert_eq!(batched.token_ids, alone.token_ids, "{:?} vs {:?}", batched.text, alone.text);
+        assert_eq!(batched.text, alone.text);
+        assert!(others.iter().all(|o| !o.token_ids.is_empty()));
+    });
+}
+
+#[test]
+fn cancelled_streams_free_their_slot_and_the_queue_is_bounded() {
+    // One slot and one queue place: a second request waits, a third is refused.
+    let (srv, _dir) = server(|s| {
+        s.engine.max_batch = 1;
+        s.engine.max_queue = 1;
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = persona_client::connect(&srv.addr.to_string()).await.unwrap();
+        let long = greedy("Write a very long story about a dragon who learns to bake bread.", 600);
+        let mut a = c.generate(long.clone()).await.unwrap().into_inner();
+        assert!(a.message().await.unwrap().is_some(), "first token of the long stream");
+
+        let mut c2 = c.clone();
+        let waiting = tokio::spawn(async move { generate_text(&mut c2, greedy("Say hello.", 8)).await });
+        wait_for(&mut c, "the second request to queue", |s| s.waiting == 1).await;
+        let refused = c.generate(greedy("And me?", 4)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.message().contains("queue"), "{}", refused.message());
+
+        // Dropping the long stream frees the only slot; the queued request then completes.
+        drop(a);
+        let done = waiting.await.unwrap().unwrap();
+        assert!(!done.token_ids.is_empty());
+        let s = wait_for(&mut c, "the cancellation to be counted", |s| s.cancelled == 1 && s.running == 0).await;
+        assert!(s.generated_tokens < 600, "the cancelled sequence ran on: {s:?}");
+        assert_eq!((s.rejected, s.kv_cache_reserved_bytes), (1, 0));
+    });
+}
+
+#[test]
+fn kv_budget_and_deadlines_get_precise_statuses() {
+    // 8 MiB holds ~180 tokens of SmolLM2's KV cache (45 KiB each).
+    let (srv, _dir) = server(|s| s.engine.kv_cache_mb = 8);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = persona_client::connect(&srv.addr.to_string()).await.unwrap();
+        let too_big = c.generate(greedy("Hi", 500)).await.unwrap_err();
+        assert_eq!(too_big.code(), Code::ResourceExhausted, "{too_big:?}");
+        assert!(too_big.message().contains("KV cache"), "{}", too_big.message());
+
+        // Two requests of ~130 tokens each cannot run together: the second waits, then runs.
+        let req = greedy("Tell me about the ocean.", 100);
+        let (mut c1, mut c2) = (c.clone(), c.clone());
+        let (r1, r2) = tokio::join!(generate_text(&mut c1, req.clone()), generate_text(&mut c2, req));
+        assert_eq!(r1.unwrap().token_ids.len(), r2.unwrap().token_ids.len());
+
+        // A deadline cuts a long generation short with DEADLINE_EXCEEDED.
+        let mut req = tonic::Request::new(greedy("Write a long essay about mountains.", 150));
+        req.set_timeout(Duration::from_millis(400));
+        let mut stream = c.generate(req).await.unwrap().into_inner();
+        let mut tokens = 0;
+        let err = loop {
+            match stream.message().await {
+                Ok(Some(m)) => tokens += m.token_ids.len(),
+                Ok(None) => panic!("stream ended without hitting the deadline after {tokens} tokens"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+        assert!(tokens < 150);
+        let s = wait_for(&mut c, "an idle engine", |s| s.running == 0 && s.kv_cache_reserved_bytes == 0).await;
+        assert_eq!((s.cancelled, s.rejected), (1, 1), "the deadline counts as a cancellation: {s:?}");
+    });
+}
