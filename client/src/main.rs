@@ -171,6 +171,13 @@ struct BenchArgs {
     layer: Option<u32>,
     #[arg(long, default_value_t = 4.0)]
     coefficient: f32,
+    /// Also run N concurrent streams, each steered by its own vector, for each N listed
+    /// (e.g. 1,4,8,16); prints aggregate tok/s, TTFT and inter-token latency percentiles.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Skip the single-stream steered/unsteered comparison.
+    #[arg(long)]
+    no_single: bool,
 }
 
 #[tokio::main]
@@ -438,6 +445,22 @@ async fn bench(c: &mut Client, a: BenchArgs) -> Result<()> {
         m.id, m.n_layers, m.d_model, m.weights, a.runs, a.max_tokens
     );
     bench_once(c, base.clone()).await?; // warm-up
+    if !a.no_single {
+        single_stream(c, &a, &base, &steered, layer).await?;
+    }
+    for &n in &a.concurrency {
+        concurrent(c, &a, m, layer, n).await?;
+    }
+    Ok(())
+}
+
+async fn single_stream(
+    c: &mut Client,
+    a: &BenchArgs,
+    base: &pb::GenerateRequest,
+    steered: &pb::GenerateRequest,
+    layer: u32,
+) -> Result<()> {
     let (mut pu, mut du, mut tu, mut ps, mut ds, mut ts) = (vec![], vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..a.runs {
         let (p, d, t) = bench_once(c, base.clone()).await?;
@@ -455,5 +478,69 @@ async fn bench(c: &mut Client, a: BenchArgs) -> Result<()> {
     println!("{:<12} {:>14.1} {:>14.1} {:>10.1}", "unsteered", pu, du, tu * 1e3);
     println!("{:<12} {:>14.1} {:>14.1} {:>10.1}", format!("steered L{layer}"), ps, ds, ts * 1e3);
     println!("steering overhead (decode, median): {:+.1}%", (du / ds - 1.0) * 100.0);
+    Ok(())
+}
+
+/// Arrival times of one stream's token messages, relative to the start of its request.
+async fn timed_stream(mut c: Client, req: pb::GenerateRequest, t0: std::time::Instant) -> Result<Vec<f64>> {
+    let mut stream = c.generate(req).await?.into_inner();
+    let mut times = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        for _ in &msg.token_ids {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
+}
+
+fn percentile(xs: &mut [f64], p: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    if xs.is_empty() { f64::NAN } else { xs[((xs.len() - 1) as f64 * p).round() as usize] }
+}
+
+/// N concurrent streams, each with its own steering vector and question.
+async fn concurrent(c: &mut Client, a: &BenchArgs, m: &pb::ModelInfo, layer: u32, n: usize) -> Result<()> {
+    const TOPICS: [&str; 8] =
+        ["a lighthouse", "a dragon", "the ocean", "a small town", "a robot", "a garden", "the moon", "a train journey"];
+    let mut aggregate = Vec::new();
+    let (mut ttft, mut itl) = (Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        let t0 = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let mut v = persona_client::pseudo_random_vector((run * 1000 + i) as u64, m.d_model as usize);
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= norm);
+            let user = format!("Write a long, detailed story about {}.", TOPICS[i % TOPICS.len()]);
+            let req = pb::GenerateRequest {
+                model: m.id.clone(),
+                prompt: Some(persona_client::chat(&user, Some("You are a creative writer."))),
+                sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, ..Default::default() }),
+                steering: vec![persona_client::steer_inline(v, layer, a.coefficient)],
+            };
+            tasks.spawn(timed_stream(c.clone(), req, t0));
+        }
+        let mut tokens = 0;
+        for times in tasks.join_all().await {
+            let times = times?;
+            tokens += times.len();
+            if let Some(first) = times.first() {
+                ttft.push(*first);
+            }
+            itl.extend(times.windows(2).map(|w| w[1] - w[0]));
+        }
+        aggregate.push(tokens as f64 / t0.elapsed().as_secs_f64());
+    }
+    let status = c.get_server_status(pb::GetServerStatusRequest {}).await?.into_inner();
+    let ms = |x: f64| x * 1e3;
+    println!(
+        "{n:>3} streams  aggregate {:>7.1} tok/s   TTFT p50 {:>6.0} ms p99 {:>6.0} ms   ITL p50 {:>5.1} ms p99 {:>6.1} ms   peak RSS {:>5.0} MiB",
+        median(&mut aggregate),
+        ms(percentile(&mut ttft, 0.5)),
+        ms(percentile(&mut ttft, 0.99)),
+        ms(percentile(&mut itl, 0.5)),
+        ms(percentile(&mut itl, 0.99)),
+        status.peak_rss_bytes as f64 / (1 << 20) as f64,
+    );
     Ok(())
 }

@@ -15,6 +15,8 @@ pub const BLOCK: usize = 32;
 /// Activation rows handled per pass over a weight row (bounds the accumulators and keeps the
 /// activation tile in cache).
 const ROW_TILE: usize = 64;
+/// Weight rows (output columns) per register tile.
+const COLS: usize = 2;
 
 /// True when this CPU can run the kernels.
 pub fn supported() -> bool {
@@ -145,48 +147,78 @@ impl QLinear {
     fn matmul(&self, a: &Activations, m: usize, out: &mut [f32]) {
         let n = self.n;
         let out_ptr = SendPtr(out.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(n, |cols| {
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(COLS), |tiles| {
             let out_ptr = &out_ptr;
-            let mut acc = [0f32; ROW_TILE];
+            let mut acc = [[0f32; COLS]; ROW_TILE];
             for i0 in (0..m).step_by(ROW_TILE) {
                 let rows = ROW_TILE.min(m - i0);
-                for j in cols.clone() {
-                    self.dot_rows(j, a, i0, rows, &mut acc[..rows]);
-                    for (r, v) in acc[..rows].iter().enumerate() {
-                        // SAFETY: column j belongs to this chunk alone; (i0 + r, j) is in bounds.
-                        unsafe { *out_ptr.0.add((i0 + r) * n + j) = *v };
+                for tile in tiles.clone() {
+                    let j0 = tile * COLS;
+                    let cols = COLS.min(n - j0);
+                    self.dot_tile(j0, cols, a, i0, rows, &mut acc[..rows]);
+                    for (r, vals) in acc[..rows].iter().enumerate() {
+                        for (c, v) in vals[..cols].iter().enumerate() {
+                            // SAFETY: this tile's columns belong to this task alone; in bounds.
+                            unsafe { *out_ptr.0.add((i0 + r) * n + j0 + c) = *v };
+                        }
                     }
                 }
             }
         });
     }
 
-    fn dot_rows(&self, j: usize, a: &Activations, i0: usize, rows: usize, out: &mut [f32]) {
+    /// Dot products of activation rows `i0..i0 + rows` with weight rows `j0..j0 + cols`
+    /// (`cols` ≤ [`COLS`]) into `out[row][col]`.
+    fn dot_tile(&self, j0: usize, cols: usize, a: &Activations, i0: usize, rows: usize, out: &mut [[f32; COLS]]) {
         let nb = self.k / BLOCK;
-        let (aq, ad, asum) = (&a.q[i0 * self.k..], &a.d[i0 * nb..], &a.s[i0 * nb..]);
-        match &self.blocks {
-            Blocks::Int8 { q, d } => {
-                let (w, wd) = (&q[j * self.k..(j + 1) * self.k], &d[j * nb..(j + 1) * nb]);
-                #[cfg(target_arch = "x86_64")]
-                if supported() {
-                    // SAFETY: AVX2/FMA detected; slice lengths as documented on the kernel.
-                    unsafe { avx2::dot_int8(w, wd, aq, ad, rows, nb, out) };
-                    return;
-                }
-                scalar_int8(w, wd, aq, ad, rows, nb, out);
+        let act = ActRows { q: &a.q[i0 * self.k..], d: &a.d[i0 * nb..], s: &a.s[i0 * nb..], rows, nb };
+        #[cfg(target_arch = "x86_64")]
+        if supported() && cols == COLS {
+            match &self.blocks {
+                // SAFETY: AVX2/FMA detected; the views are bounds-checked by the kernels.
+                Blocks::Int8 { q, d } => unsafe { avx2::tile_int8(self.int8_cols(q, d, j0), &act, out) },
+                Blocks::Int4 { qs, d, m } => unsafe { avx2::tile_int4(self.int4_cols(qs, d, m, j0), &act, out) },
             }
-            Blocks::Int4 { qs, d, m } => {
-                let w = &qs[j * nb * 16..(j + 1) * nb * 16];
-                let (wd, wm) = (&d[j * nb..(j + 1) * nb], &m[j * nb..(j + 1) * nb]);
-                #[cfg(target_arch = "x86_64")]
-                if supported() {
-                    // SAFETY: as above.
-                    unsafe { avx2::dot_int4(w, wd, wm, aq, ad, asum, rows, nb, out) };
-                    return;
-                }
-                scalar_int4(w, wd, wm, aq, ad, asum, rows, nb, out);
+            return;
+        }
+        for c in 0..cols {
+            let j = j0 + c;
+            for (r, o) in out.iter_mut().enumerate().take(rows) {
+                o[c] = match &self.blocks {
+                    Blocks::Int8 { q, d } => {
+                        let [(w, wd)] = self.int8_cols::<1>(q, d, j);
+                        scalar_int8(w, wd, &act, r)
+                    }
+                    Blocks::Int4 { qs, d, m } => {
+                        let [(w, wd, wm)] = self.int4_cols::<1>(qs, d, m, j);
+                        scalar_int4(w, wd, wm, &act, r)
+                    }
+                };
             }
         }
+    }
+
+    fn int8_cols<'a, const C: usize>(&self, q: &'a [i8], d: &'a [f32], j0: usize) -> [(&'a [i8], &'a [f32]); C] {
+        let nb = self.k / BLOCK;
+        std::array::from_fn(|c| {
+            let j = j0 + c;
+            (&q[j * self.k..(j + 1) * self.k], &d[j * nb..(j + 1) * nb])
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn int4_cols<'a, const C: usize>(
+        &self,
+        qs: &'a [u8],
+        d: &'a [f32],
+        m: &'a [f32],
+        j0: usize,
+    ) -> [(&'a [u8], &'a [f32], &'a [f32]); C] {
+        let nb = self.k / BLOCK;
+        std::array::from_fn(|c| {
+            let j = j0 + c;
+            (&qs[j * nb * 16..(j + 1) * nb * 16], &d[j * nb..(j + 1) * nb], &m[j * nb..(j + 1) * nb])
+        })
     }
 }
 
@@ -210,52 +242,51 @@ struct SendPtr(*mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
-fn scalar_int8(w: &[i8], wd: &[f32], a: &[i8], ad: &[f32], rows: usize, nb: usize, out: &mut [f32]) {
-    let k = nb * BLOCK;
-    for (r, o) in out.iter_mut().enumerate().take(rows) {
-        *o = (0..nb)
-            .map(|b| {
-                let dot: i32 = (0..BLOCK).map(|t| w[b * BLOCK + t] as i32 * a[r * k + b * BLOCK + t] as i32).sum();
-                dot as f32 * wd[b] * ad[r * nb + b]
-            })
-            .sum();
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn scalar_int4(
-    w: &[u8],
-    wd: &[f32],
-    wm: &[f32],
-    a: &[i8],
-    ad: &[f32],
-    asum: &[f32],
+/// A tile of quantized activation rows: values, per-block scales and scale·sums.
+struct ActRows<'a> {
+    q: &'a [i8],
+    d: &'a [f32],
+    s: &'a [f32],
     rows: usize,
     nb: usize,
-    out: &mut [f32],
-) {
-    let k = nb * BLOCK;
-    for (r, o) in out.iter_mut().enumerate().take(rows) {
-        *o = (0..nb)
-            .map(|b| {
-                let dot: i32 = (0..16)
-                    .map(|t| {
-                        let byte = w[b * 16 + t];
-                        let lo = (byte & 0x0F) as i32 * a[r * k + b * BLOCK + t] as i32;
-                        let hi = (byte >> 4) as i32 * a[r * k + b * BLOCK + t + 16] as i32;
-                        lo + hi
-                    })
-                    .sum();
-                dot as f32 * wd[b] * ad[r * nb + b] + wm[b] * asum[r * nb + b]
-            })
-            .sum();
-    }
+}
+
+fn scalar_int8(w: &[i8], wd: &[f32], a: &ActRows<'_>, r: usize) -> f32 {
+    let k = a.nb * BLOCK;
+    (0..a.nb)
+        .map(|b| {
+            let dot: i32 = (0..BLOCK).map(|t| w[b * BLOCK + t] as i32 * a.q[r * k + b * BLOCK + t] as i32).sum();
+            dot as f32 * wd[b] * a.d[r * a.nb + b]
+        })
+        .sum()
+}
+
+fn scalar_int4(w: &[u8], wd: &[f32], wm: &[f32], a: &ActRows<'_>, r: usize) -> f32 {
+    let k = a.nb * BLOCK;
+    (0..a.nb)
+        .map(|b| {
+            let dot: i32 = (0..16)
+                .map(|t| {
+                    let byte = w[b * 16 + t];
+                    let lo = (byte & 0x0F) as i32 * a.q[r * k + b * BLOCK + t] as i32;
+                    let hi = (byte >> 4) as i32 * a.q[r * k + b * BLOCK + t + 16] as i32;
+                    lo + hi
+                })
+                .sum();
+            dot as f32 * wd[b] * a.d[r * a.nb + b] + wm[b] * a.s[r * a.nb + b]
+        })
+        .sum()
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::BLOCK;
+    //! Register-blocked tiles: each weight block is unpacked once per group of four
+    //! activation rows, and each activation block is loaded once for [`COLS`] weight rows.
+
+    use super::{ActRows, BLOCK, COLS};
     use std::arch::x86_64::*;
+
+    const ROWS: usize = 4;
 
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
@@ -270,85 +301,119 @@ mod avx2 {
     /// Sum of u8 x i8 products of 32 pairs, as 8 f32 partial sums.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn udot(w_unsigned: __m256i, a: __m256i, ones: __m256i) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, a), ones))
+    fn udot(w_unsigned: __m256i, a: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, a), _mm256_set1_epi16(1)))
+    }
+
+    /// `Σ x[i]·y[i]` over f32 slices of equal length.
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n for both slices.
+            let (xv, yv) = unsafe { (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(y.as_ptr().add(i))) };
+            acc = _mm256_fmadd_ps(xv, yv, acc);
+            i += 8;
+        }
+        let mut s = hsum(acc);
+        while i < n {
+            s += x[i] * y[i];
+            i += 1;
+        }
+        s
+    }
+
+    fn check(a: &ActRows<'_>, out_len: usize, w_bytes: &[usize], block_bytes: usize) {
+        let k = a.nb * BLOCK;
+        assert!(a.q.len() >= a.rows * k && a.d.len() >= a.rows * a.nb && a.s.len() >= a.rows * a.nb);
+        assert!(out_len >= a.rows);
+        assert!(w_bytes.iter().all(|&len| len >= a.nb * block_bytes));
     }
 
     /// # Safety
-    /// AVX2 and FMA must be available; `w` holds `nb` blocks of 32, `a` at least `rows` rows of
-    /// `nb` blocks, `ad` their scales, `out` at least `rows` slots.
+    /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_int8(w: &[i8], wd: &[f32], a: &[i8], ad: &[f32], rows: usize, nb: usize, out: &mut [f32]) {
-        let k = nb * BLOCK;
-        assert!(w.len() >= k && wd.len() >= nb && a.len() >= rows * k && ad.len() >= rows * nb && out.len() >= rows);
-        let ones = _mm256_set1_epi16(1);
+    pub unsafe fn tile_int8(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+        check(a, out.len(), &w.map(|(q, _)| q.len()), BLOCK);
+        assert!(w.iter().all(|(_, d)| d.len() >= a.nb));
+        let k = a.nb * BLOCK;
         let mut r = 0;
-        while r < rows {
-            let take = (rows - r).min(4);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for b in 0..nb {
-                // SAFETY: bounds asserted above.
-                let wv = unsafe { _mm256_loadu_si256(w.as_ptr().add(b * BLOCK) as *const __m256i) };
-                // maddubs needs one unsigned operand: move w's sign onto a.
-                let w_abs = _mm256_sign_epi8(wv, wv);
+        while r < a.rows {
+            let take = (a.rows - r).min(ROWS);
+            let mut acc = [[_mm256_setzero_ps(); COLS]; ROWS];
+            for b in 0..a.nb {
+                let mut wv = [_mm256_setzero_si256(); COLS];
+                let mut w_abs = [_mm256_setzero_si256(); COLS];
+                let mut wd = [_mm256_setzero_ps(); COLS];
+                for c in 0..COLS {
+                    // SAFETY: checked above: every weight row holds nb blocks.
+                    wv[c] = unsafe { _mm256_loadu_si256(w[c].0.as_ptr().add(b * BLOCK) as *const __m256i) };
+                    // maddubs needs one unsigned operand: move w's sign onto a.
+                    w_abs[c] = _mm256_sign_epi8(wv[c], wv[c]);
+                    wd[c] = _mm256_set1_ps(w[c].1[b]);
+                }
                 for (t, acc) in acc.iter_mut().enumerate().take(take) {
                     let row = r + t;
-                    // SAFETY: bounds asserted above.
-                    let av = unsafe { _mm256_loadu_si256(a.as_ptr().add(row * k + b * BLOCK) as *const __m256i) };
-                    let s = _mm256_set1_ps(wd[b] * ad[row * nb + b]);
-                    *acc = _mm256_fmadd_ps(udot(w_abs, _mm256_sign_epi8(av, wv), ones), s, *acc);
+                    // SAFETY: checked above: a holds `rows` rows of k values.
+                    let av = unsafe { _mm256_loadu_si256(a.q.as_ptr().add(row * k + b * BLOCK) as *const __m256i) };
+                    let ad = _mm256_set1_ps(a.d[row * a.nb + b]);
+                    for c in 0..COLS {
+                        let dot = udot(w_abs[c], _mm256_sign_epi8(av, wv[c]));
+                        acc[c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(wd[c], ad), acc[c]);
+                    }
                 }
             }
-            for (t, acc) in acc.iter().enumerate().take(take) {
-                out[r + t] = hsum(*acc);
+            for t in 0..take {
+                for c in 0..COLS {
+                    out[r + t][c] = hsum(acc[t][c]);
+                }
             }
             r += take;
         }
     }
 
     /// # Safety
-    /// As [`dot_int8`], with `w` holding `nb` blocks of 16 bytes and `wm`, `asum` the offsets
-    /// and activation sums.
+    /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn dot_int4(
-        w: &[u8],
-        wd: &[f32],
-        wm: &[f32],
-        a: &[i8],
-        ad: &[f32],
-        asum: &[f32],
-        rows: usize,
-        nb: usize,
-        out: &mut [f32],
-    ) {
-        let k = nb * BLOCK;
-        assert!(w.len() >= nb * 16 && wd.len() >= nb && wm.len() >= nb);
-        assert!(a.len() >= rows * k && ad.len() >= rows * nb && asum.len() >= rows * nb && out.len() >= rows);
-        let ones = _mm256_set1_epi16(1);
+    pub unsafe fn tile_int4(w: [(&[u8], &[f32], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+        check(a, out.len(), &w.map(|(q, _, _)| q.len()), 16);
+        assert!(w.iter().all(|(_, d, m)| d.len() >= a.nb && m.len() >= a.nb));
+        let k = a.nb * BLOCK;
         let low = _mm_set1_epi8(0x0F);
         let mut r = 0;
-        while r < rows {
-            let take = (rows - r).min(4);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut offset = [0f32; 4];
-            for b in 0..nb {
-                // SAFETY: bounds asserted above.
-                let packed = unsafe { _mm_loadu_si128(w.as_ptr().add(b * 16) as *const __m128i) };
-                let lo = _mm_and_si128(packed, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-                let wv = _mm256_set_m128i(hi, lo);
-                for t in 0..take {
+        while r < a.rows {
+            let take = (a.rows - r).min(ROWS);
+            let mut acc = [[_mm256_setzero_ps(); COLS]; ROWS];
+            for b in 0..a.nb {
+                let mut wv = [_mm256_setzero_si256(); COLS];
+                let mut wd = [_mm256_setzero_ps(); COLS];
+                for c in 0..COLS {
+                    // SAFETY: checked above: every weight row holds nb blocks of 16 bytes.
+                    let packed = unsafe { _mm_loadu_si128(w[c].0.as_ptr().add(b * 16) as *const __m128i) };
+                    let lo = _mm_and_si128(packed, low);
+                    let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+                    wv[c] = _mm256_set_m128i(hi, lo);
+                    wd[c] = _mm256_set1_ps(w[c].1[b]);
+                }
+                for (t, acc) in acc.iter_mut().enumerate().take(take) {
                     let row = r + t;
-                    // SAFETY: bounds asserted above.
-                    let av = unsafe { _mm256_loadu_si256(a.as_ptr().add(row * k + b * BLOCK) as *const __m256i) };
-                    let s = _mm256_set1_ps(wd[b] * ad[row * nb + b]);
-                    acc[t] = _mm256_fmadd_ps(udot(wv, av, ones), s, acc[t]);
-                    offset[t] += wm[b] * asum[row * nb + b];
+                    // SAFETY: checked above.
+                    let av = unsafe { _mm256_loadu_si256(a.q.as_ptr().add(row * k + b * BLOCK) as *const __m256i) };
+                    let ad = _mm256_set1_ps(a.d[row * a.nb + b]);
+                    for c in 0..COLS {
+                        acc[c] = _mm256_fmadd_ps(udot(wv[c], av), _mm256_mul_ps(wd[c], ad), acc[c]);
+                    }
                 }
             }
             for t in 0..take {
-                out[r + t] = hsum(acc[t]) + offset[t];
+                let row = r + t;
+                let sums = &a.s[row * a.nb..(row + 1) * a.nb];
+                for c in 0..COLS {
+                    // The 4-bit offset term: Σ_b m_b · (d_a · Σq_a)_b.
+                    out[r + t][c] = hsum(acc[t][c]) + dot_f32(w[c].2, sums);
+                }
             }
             r += take;
         }
@@ -449,22 +514,38 @@ mod tests {
     }
 
     #[test]
-    fn simd_and_scalar_kernels_agree() {
-        let nb = 2;
-        let w8: Vec<i8> = (0..64).map(|i| ((i * 37) % 255 - 127) as i8).collect();
-        let w4: Vec<u8> = (0..32).map(|i| (i * 29 % 256) as u8).collect();
-        let a: Vec<i8> = (0..128).map(|i| ((i * 11) % 200) as i8 - 100).collect();
-        let (wd, wm, ad, asum) = ([0.5f32, 0.25], [0.1f32, -0.3], [1.0f32, 2.0, 0.5, 3.0], [4.0f32, -1.0, 2.0, 0.5]);
-        let (mut s8, mut s4) = ([0f32; 2], [0f32; 2]);
-        scalar_int8(&w8, &wd, &a, &ad, 2, nb, &mut s8);
-        scalar_int4(&w4, &wd, &wm, &a, &ad, &asum, 2, nb, &mut s4);
-        let (mut v8, mut v4) = ([0f32; 2], [0f32; 2]);
-        let act = Activations { q: a.clone(), d: ad.to_vec(), s: asum.to_vec() };
-        QLinear { n: 1, k: 64, blocks: Blocks::Int8 { q: w8, d: wd.to_vec() } }.dot_rows(0, &act, 0, 2, &mut v8);
-        QLinear { n: 1, k: 64, blocks: Blocks::Int4 { qs: w4, d: wd.to_vec(), m: wm.to_vec() } }
-            .dot_rows(0, &act, 0, 2, &mut v4);
-        for (x, y) in s8.iter().chain(&s4).zip(v8.iter().chain(&v4)) {
-            assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "{x} vs {y}");
+    fn simd_and_scalar_kernels_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        // Odd sizes exercise the row-group and column-pair tails.
+        let w = Tensor::randn(0f32, 1.0, (7, 96), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (6, 96), &dev)?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let (m, k, nb) = (6, 96, 3);
+        let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
+        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
+        let int8 = QLinear::from_dense(&w)?;
+        let int4 = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts");
+        for lin in [&int8, &int4] {
+            let mut simd = vec![0f32; m * 7];
+            lin.matmul(&act, m, &mut simd);
+            let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
+            for r in 0..m {
+                for j in 0..7 {
+                    let want = match &lin.blocks {
+                        Blocks::Int8 { q, d } => {
+                            let [(w, wd)] = lin.int8_cols::<1>(q, d, j);
+                            scalar_int8(w, wd, &rows, r)
+                        }
+                        Blocks::Int4 { qs, d, m } => {
+                            let [(w, wd, wm)] = lin.int4_cols::<1>(qs, d, m, j);
+                            scalar_int4(w, wd, wm, &rows, r)
+                        }
+                    };
+                    let got = simd[r * 7 + j];
+                    assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "({r}, {j}): {got} vs {want}");
+                }
+            }
         }
+        Ok(())
     }
 }
