@@ -37,8 +37,8 @@ fn reference_step(
 #[test]
 fn logits_match_candle_quantized_llama_token_by_token() {
     let mut reference = reference_model(&common::embedded_gguf());
-    // Same weights as the reference: no re-quantization.
-    let ours = common::load(Requantize::None);
+    // Same weights and attention arithmetic as the reference: no re-quantization, tensor ops.
+    let ours = common::load_with_tensor_attention(Requantize::None);
     let prompt =
         ours.tokenizer.encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n").unwrap();
     let mut cache = KvCache::new(ours.config());
@@ -51,6 +51,35 @@ fn logits_match_candle_quantized_llama_token_by_token() {
         if pos + 1 >= tokens.len() {
             tokens.push(persona_server::model::sampling::argmax(&got));
         }
+    }
+}
+
+/// Host-loop attention (the CPU default) against tensor-op attention on float weights, where
+/// no activation quantization can magnify rounding: the logits agree closely, token by token
+/// and for whole-prompt prefill, with the same greedy tokens.
+#[test]
+fn host_attention_matches_tensor_attention() {
+    let host = common::load(Requantize::F32);
+    let tensor = common::load_with_tensor_attention(Requantize::F32);
+    let prompt =
+        host.tokenizer.encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n").unwrap();
+    let (mut hc, mut tc) = (KvCache::new(host.config()), KvCache::new(tensor.config()));
+    // Prefill in two chunks (the second sees a cached prefix), then decode token by token.
+    let split = prompt.len() / 2;
+    let mut last = Vec::new();
+    for chunk in [&prompt[..split], &prompt[split..]] {
+        let (a, b) = (ours_step(&host, &mut hc, chunk), ours_step(&tensor, &mut tc, chunk));
+        assert!(max_abs_diff(&a, &b) < 2e-3, "prefill chunk: {}", max_abs_diff(&a, &b));
+        last = a;
+    }
+    let mut next = vec![persona_server::model::sampling::argmax(&last)];
+    for step in 0..8 {
+        let (a, b) = (ours_step(&host, &mut hc, &next), ours_step(&tensor, &mut tc, &next));
+        let diff = max_abs_diff(&a, &b);
+        assert!(diff < 2e-3, "decode step {step}: logits differ by {diff}");
+        let (ga, gb) = (persona_server::model::sampling::argmax(&a), persona_server::model::sampling::argmax(&b));
+        assert_eq!(ga, gb, "decode step {step}");
+        next = vec![ga];
     }
 }
 
@@ -96,7 +125,7 @@ fn served_block_kernels_drift_like_the_reference() {
 #[test]
 fn prefill_logits_match_candle_quantized_llama() {
     let path = common::embedded_gguf();
-    let ours = common::load(Requantize::None);
+    let ours = common::load_with_tensor_attention(Requantize::None);
     let text = "The quick brown fox jumps over the lazy dog and then it runs away into the forest near the river";
     let all = ours.tokenizer.encode(text).unwrap();
     let mut exact = 0;

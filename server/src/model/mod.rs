@@ -1,6 +1,7 @@
 //! Resident models: loading from a source onto a device, tokenizer and chat template.
 
 pub mod arch;
+pub mod attention;
 pub mod chat;
 pub mod int8;
 pub mod sampling;

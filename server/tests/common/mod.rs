@@ -23,6 +23,13 @@ pub fn embedded_gguf() -> PathBuf {
     .clone()
 }
 
+/// The embedded model with attention as tensor ops (the path candle's reference shares).
+pub fn load_with_tensor_attention(requantize: Requantize) -> LoadedModel {
+    let mut m = load(requantize);
+    m.model.set_host_attention(false);
+    m
+}
+
 pub fn load(requantize: Requantize) -> LoadedModel {
     let files = local_files(&embedded_gguf()).expect("model files");
     LoadedModel::from_files("smollm2-135m-instruct", &files, &candle_core::Device::Cpu, requantize, Some(4096))

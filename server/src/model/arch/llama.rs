@@ -10,6 +10,7 @@
 //! row against that row's own [`KvCache`]. Two hooks act on the residual stream, row by row:
 //! steering (add a vector after block L) and capture (keep the hidden state after every block).
 
+use super::super::attention::{self, Heads, HostKv, RowSpan};
 use super::super::int8::QLinear;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -173,6 +174,17 @@ impl Projections {
             Self::Separate(parts) => parts.iter().map(|l| l.forward(xs)).collect(),
         }
     }
+
+    /// All outputs side by side in one `[t, Σ sizes]` tensor.
+    fn forward_joint(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Fused { linear, .. } => linear.forward(xs),
+            Self::Separate(parts) => {
+                let ys = parts.iter().map(|l| l.forward(xs)).collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&ys, 1)
+            }
+        }
+    }
 }
 
 struct RmsNorm {
@@ -212,9 +224,11 @@ impl Mlp {
 }
 
 /// Per-sequence key/value cache: one `[n_kv_heads, capacity, head_dim]` buffer pair per layer,
-/// grown by doubling. `len` tokens are valid.
+/// grown by doubling. `len` tokens are valid. CPU models keep plain host buffers (`host`),
+/// device models tensors (`layers`).
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    host: Vec<HostKv>,
     len: usize,
     capacity: usize,
     max_len: usize,
@@ -222,7 +236,13 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &LlamaConfig) -> Self {
-        Self { layers: (0..cfg.n_layers).map(|_| None).collect(), len: 0, capacity: 0, max_len: cfg.context_length }
+        Self {
+            layers: (0..cfg.n_layers).map(|_| None).collect(),
+            host: (0..cfg.n_layers).map(|_| HostKv::default()).collect(),
+            len: 0,
+            capacity: 0,
+            max_len: cfg.context_length,
+        }
     }
 
     /// Tokens already cached, which is also the position of the next token.
@@ -327,6 +347,8 @@ struct PackedRows {
     sin: Tensor,
     /// Causal masks for rows with more than one new token, keyed by row index.
     masks: HashMap<usize, Tensor>,
+    /// Host copies of `cos`/`sin` (`[n_tokens, head_dim / 2]`) for the CPU attention path.
+    host_rope: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Attention {
@@ -355,6 +377,9 @@ impl Attention {
         rows: &mut [RowInput<'_>],
         interleaved: bool,
     ) -> Result<Tensor> {
+        if let Some((cos, sin)) = &packed.host_rope {
+            return self.forward_host(xs, layer, packed, rows, interleaved, cos, sin);
+        }
         let rope = |x: &Tensor| {
             if interleaved {
                 candle_nn::rotary_emb::rope_i(x, &packed.cos, &packed.sin)
@@ -401,6 +426,44 @@ impl Attention {
     }
 }
 
+impl Attention {
+    fn heads_geometry(&self) -> Heads {
+        Heads { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
+    }
+
+    /// The CPU path: q|k|v come back to host memory once per layer; rotary embedding, cache
+    /// append and attention run in [`attention`]'s loops.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_host(
+        &self,
+        xs: &Tensor,
+        layer: usize,
+        packed: &PackedRows,
+        rows: &mut [RowInput<'_>],
+        interleaved: bool,
+        cos: &[f32],
+        sin: &[f32],
+    ) -> Result<Tensor> {
+        let h = self.heads_geometry();
+        let n_tokens = xs.dim(0)?;
+        let mut qkv: Vec<f32> = self.qkv.forward_joint(xs)?.flatten_all()?.to_vec1()?;
+        attention::rope(&h, &mut qkv, cos, sin, interleaved);
+        for (row, &(off, t, start)) in rows.iter_mut().zip(&packed.spans) {
+            let cache = &mut *row.cache;
+            cache.ensure_capacity(start + t);
+            let cap = cache.capacity;
+            attention::append(&mut cache.host[layer], &h, &qkv, off, t, start, cap);
+        }
+        let spans: Vec<RowSpan<'_>> = rows
+            .iter()
+            .zip(&packed.spans)
+            .map(|(row, &(off, t, start))| RowSpan { off, t, start, kv: &row.cache.host[layer] })
+            .collect();
+        let y = attention::attend(&h, &qkv, &spans, n_tokens);
+        self.o.forward(&Tensor::from_vec(y, (n_tokens, self.n_heads * self.head_dim), xs.device())?)
+    }
+}
+
 struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
@@ -431,6 +494,8 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Attention in host loops ([`attention`]) rather than tensor ops; on by default on CPU.
+    host_attention: bool,
 }
 
 impl Llama {
@@ -442,7 +507,8 @@ impl Llama {
         let blocks = (0..cfg.n_layers).map(|i| Block::load(src, i, &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(src, "output_norm.weight", cfg.rms_norm_eps)?;
         let (cos, sin) = rope_tables(&cfg, &device)?;
-        Ok(Self { cfg, embed, blocks, norm, lm_head, cos, sin, device })
+        let host_attention = device.is_cpu();
+        Ok(Self { cfg, embed, blocks, norm, lm_head, cos, sin, device, host_attention })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -469,6 +535,13 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Chooses the CPU attention implementation: host loops (default) or tensor ops (the
+    /// device path, kept selectable on CPU to test one against the other). Only honoured on
+    /// the CPU. Caches filled by one path cannot be continued by the other.
+    pub fn set_host_attention(&mut self, on: bool) {
+        self.host_attention = on && self.device.is_cpu();
     }
 
     /// Runs the new tokens of every row through the model, updating each row's cache.
@@ -538,7 +611,7 @@ impl Llama {
                 candle_core::bail!("row {i} needs {} positions, context is {}", start + t, self.cfg.context_length);
             }
             positions.extend((start..start + t).map(|p| p as u32));
-            if t > 1 {
+            if t > 1 && !self.host_attention {
                 masks.insert(i, causal_mask(t, start, &self.device)?);
             }
             spans.push((off, t, start));
@@ -547,7 +620,12 @@ impl Llama {
         let pos = Tensor::from_vec(positions, off, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?;
         let sin = self.sin.index_select(&pos, 0)?;
-        Ok(PackedRows { spans, cos, sin, masks })
+        let host_rope = if self.host_attention {
+            Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
+        } else {
+            None
+        };
+        Ok(PackedRows { spans, cos, sin, masks, host_rope })
     }
 
     /// Adds each row's steering addend for residual layer `layer` to its tokens.
