@@ -30,6 +30,16 @@ pub fn supported() -> bool {
     }
 }
 
+/// True when the CPU also has AVX-512 VNNI (one-instruction u8·i8 dot products).
+#[cfg(target_arch = "x86_64")]
+fn vnni_supported() -> bool {
+    supported()
+        && std::env::var_os("PERSONA_NO_VNNI").is_none()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
 enum Blocks {
     /// `q[n*k]` int8, one scale per block.
     Int8 { q: Vec<i8>, d: Vec<f32> },
@@ -48,6 +58,25 @@ pub struct QLinear {
 /// Quantizes `x` (a multiple of 32 long) into `q` with one scale per block in `d`; `s` gets
 /// `d · Σq` per block (used by the 4-bit offset term).
 pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if supported() {
+        // SAFETY: AVX2/FMA detected.
+        unsafe { quantize_blocks_avx2(x, q, d, s) };
+        return;
+    }
+    quantize_blocks_body(x, q, d, s);
+}
+
+/// The same loop compiled for AVX2, where `round` becomes an inline vector instruction instead
+/// of a libm call per value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    quantize_blocks_body(x, q, d, s);
+}
+
+#[inline(always)]
+fn quantize_blocks_body(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     for (((xs, qs), ds), ss) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(d.iter_mut()).zip(s.iter_mut())
     {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -174,9 +203,15 @@ impl QLinear {
         let act = ActRows { q: &a.q[i0 * self.k..], d: &a.d[i0 * nb..], s: &a.s[i0 * nb..], rows, nb };
         #[cfg(target_arch = "x86_64")]
         if supported() && cols == COLS {
+            let vnni = vnni_supported();
+            // SAFETY: the features each kernel needs were detected; the views are
+            // bounds-checked by the kernels.
             match &self.blocks {
-                // SAFETY: AVX2/FMA detected; the views are bounds-checked by the kernels.
+                Blocks::Int8 { q, d } if vnni => unsafe { avx2::tile_int8_vnni(self.int8_cols(q, d, j0), &act, out) },
                 Blocks::Int8 { q, d } => unsafe { avx2::tile_int8(self.int8_cols(q, d, j0), &act, out) },
+                Blocks::Int4 { qs, d, m } if vnni => unsafe {
+                    avx2::tile_int4_vnni(self.int4_cols(qs, d, m, j0), &act, out)
+                },
                 Blocks::Int4 { qs, d, m } => unsafe { avx2::tile_int4(self.int4_cols(qs, d, m, j0), &act, out) },
             }
             return;
@@ -298,11 +333,19 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Sum of u8 x i8 products of 32 pairs, as 8 f32 partial sums.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn udot(w_unsigned: __m256i, a: __m256i) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, a), _mm256_set1_epi16(1)))
+    /// Sum of u8 x i8 products of 32 pairs, as 8 f32 partial sums: one VNNI instruction
+    /// where the CPU has it, two AVX2 ones otherwise.
+    #[inline(always)]
+    unsafe fn udot<const VNNI: bool>(w_unsigned: __m256i, a: __m256i) -> __m256 {
+        // SAFETY: the caller's target features cover the branch it instantiates.
+        unsafe {
+            let sums = if VNNI {
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_unsigned, a)
+            } else {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, a), _mm256_set1_epi16(1))
+            };
+            _mm256_cvtepi32_ps(sums)
+        }
     }
 
     /// `Σ x[i]·y[i]` over f32 slices of equal length.
@@ -336,6 +379,23 @@ mod avx2 {
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_int8(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+        // SAFETY: features enabled above.
+        unsafe { tile_int8_body::<false>(w, a, out) }
+    }
+
+    /// # Safety
+    /// AVX2, FMA, AVX-512VL and AVX-512 VNNI must be available.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn tile_int8_vnni(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+        // SAFETY: features enabled above.
+        unsafe { tile_int8_body::<true>(w, a, out) }
+    }
+
+    /// # Safety
+    /// Only called from the wrappers above, whose target features cover every intrinsic here.
+    #[inline(always)]
+    #[allow(unsafe_op_in_unsafe_fn)]
+    unsafe fn tile_int8_body<const VNNI: bool>(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
         check(a, out.len(), &w.map(|(q, _)| q.len()), BLOCK);
         assert!(w.iter().all(|(_, d)| d.len() >= a.nb));
         let k = a.nb * BLOCK;
@@ -360,7 +420,7 @@ mod avx2 {
                     let av = unsafe { _mm256_loadu_si256(a.q.as_ptr().add(row * k + b * BLOCK) as *const __m256i) };
                     let ad = _mm256_set1_ps(a.d[row * a.nb + b]);
                     for c in 0..COLS {
-                        let dot = udot(w_abs[c], _mm256_sign_epi8(av, wv[c]));
+                        let dot = udot::<VNNI>(w_abs[c], _mm256_sign_epi8(av, wv[c]));
                         acc[c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(wd[c], ad), acc[c]);
                     }
                 }
@@ -378,6 +438,27 @@ mod avx2 {
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile_int4(w: [(&[u8], &[f32], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+        // SAFETY: features enabled above.
+        unsafe { tile_int4_body::<false>(w, a, out) }
+    }
+
+    /// # Safety
+    /// AVX2, FMA, AVX-512VL and AVX-512 VNNI must be available.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn tile_int4_vnni(w: [(&[u8], &[f32], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+        // SAFETY: features enabled above.
+        unsafe { tile_int4_body::<true>(w, a, out) }
+    }
+
+    /// # Safety
+    /// Only called from the wrappers above, whose target features cover every intrinsic here.
+    #[inline(always)]
+    #[allow(unsafe_op_in_unsafe_fn)]
+    unsafe fn tile_int4_body<const VNNI: bool>(
+        w: [(&[u8], &[f32], &[f32]); COLS],
+        a: &ActRows<'_>,
+        out: &mut [[f32; COLS]],
+    ) {
         check(a, out.len(), &w.map(|(q, _, _)| q.len()), 16);
         assert!(w.iter().all(|(_, d, m)| d.len() >= a.nb && m.len() >= a.nb));
         let k = a.nb * BLOCK;
@@ -403,7 +484,7 @@ mod avx2 {
                     let av = unsafe { _mm256_loadu_si256(a.q.as_ptr().add(row * k + b * BLOCK) as *const __m256i) };
                     let ad = _mm256_set1_ps(a.d[row * a.nb + b]);
                     for c in 0..COLS {
-                        acc[c] = _mm256_fmadd_ps(udot(wv[c], av), _mm256_mul_ps(wd[c], ad), acc[c]);
+                        acc[c] = _mm256_fmadd_ps(udot::<VNNI>(wv[c], av), _mm256_mul_ps(wd[c], ad), acc[c]);
                     }
                 }
             }
@@ -510,6 +591,42 @@ mod tests {
             assert_eq!(all[i][..40], first[i][..], "row {i}");
         }
         assert!(QLinear::concat(vec![q(&w1), QLinear::from_dense(&w2)?]).is_err());
+        Ok(())
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_and_avx2_kernels_agree_exactly() -> Result<()> {
+        if !vnni_supported() {
+            return Ok(()); // nothing to compare on this CPU
+        }
+        let w = Tensor::randn(0f32, 1.0, (2, 128), &Device::Cpu)?;
+        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (5, 128), &Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let (m, nb) = (5, 4);
+        let mut act = Activations { q: vec![0; m * 128], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
+        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
+        let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
+        let int8 = QLinear::from_dense(&w)?;
+        let int4 = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts");
+        let (Blocks::Int8 { q, d }, Blocks::Int4 { qs, d: d4, m: m4 }) = (&int8.blocks, &int4.blocks) else {
+            unreachable!()
+        };
+        let run = |vnni: bool, four: bool| {
+            let mut out = vec![[0f32; COLS]; m];
+            // SAFETY: VNNI (and so AVX2) support checked above.
+            unsafe {
+                match (vnni, four) {
+                    (true, false) => avx2::tile_int8_vnni(int8.int8_cols(q, d, 0), &rows, &mut out),
+                    (false, false) => avx2::tile_int8(int8.int8_cols(q, d, 0), &rows, &mut out),
+                    (true, true) => avx2::tile_int4_vnni(int4.int4_cols(qs, d4, m4, 0), &rows, &mut out),
+                    (false, true) => avx2::tile_int4(int4.int4_cols(qs, d4, m4, 0), &rows, &mut out),
+                }
+            }
+            out
+        };
+        // Integer dot products are exact either way, so the floats match bit for bit.
+        assert_eq!(run(true, false), run(false, false));
+        assert_eq!(run(true, true), run(false, true));
         Ok(())
     }
 
