@@ -502,7 +502,7 @@ fn percentile(xs: &mut [f64], p: f64) -> f64 {
 async fn concurrent(c: &mut Client, a: &BenchArgs, m: &pb::ModelInfo, layer: u32, n: usize) -> Result<()> {
     const TOPICS: [&str; 8] =
         ["a lighthouse", "a dragon", "the ocean", "a small town", "a robot", "a garden", "the moon", "a train journey"];
-    let mut aggregate = Vec::new();
+    let (mut aggregate, mut decode) = (Vec::new(), Vec::new());
     let (mut ttft, mut itl) = (Vec::new(), Vec::new());
     for run in 0..a.runs {
         let t0 = std::time::Instant::now();
@@ -520,22 +520,30 @@ async fn concurrent(c: &mut Client, a: &BenchArgs, m: &pb::ModelInfo, layer: u32
             };
             tasks.spawn(timed_stream(c.clone(), req, t0));
         }
-        let mut tokens = 0;
+        let (mut tokens, mut decoded) = (0, 0);
+        let (mut first_token, mut last_token) = (f64::INFINITY, 0f64);
         for times in tasks.join_all().await {
             let times = times?;
             tokens += times.len();
-            if let Some(first) = times.first() {
+            decoded += times.len().saturating_sub(1);
+            if let (Some(first), Some(last)) = (times.first(), times.last()) {
                 ttft.push(*first);
+                first_token = first_token.min(*first);
+                last_token = last_token.max(*last);
             }
             itl.extend(times.windows(2).map(|w| w[1] - w[0]));
         }
         aggregate.push(tokens as f64 / t0.elapsed().as_secs_f64());
+        // Decode phase only: tokens after each stream's first, over the span from the first
+        // stream's first token to the last stream's last token.
+        decode.push(decoded as f64 / (last_token - first_token));
     }
     let status = c.get_server_status(pb::GetServerStatusRequest {}).await?.into_inner();
     let ms = |x: f64| x * 1e3;
     println!(
-        "{n:>3} streams  aggregate {:>7.1} tok/s   TTFT p50 {:>6.0} ms p99 {:>6.0} ms   ITL p50 {:>5.1} ms p99 {:>6.1} ms   peak RSS {:>5.0} MiB",
+        "{n:>3} streams  aggregate {:>6.1} tok/s  decode {:>6.1} tok/s   TTFT p50 {:>5.0} ms p99 {:>5.0} ms   ITL p50 {:>5.1} ms p99 {:>5.1} ms   peak RSS {:>4.0} MiB",
         median(&mut aggregate),
+        median(&mut decode),
         ms(percentile(&mut ttft, 0.5)),
         ms(percentile(&mut ttft, 0.99)),
         ms(percentile(&mut itl, 0.5)),
