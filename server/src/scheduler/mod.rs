@@ -197,16 +197,18 @@ impl EngineHandle {
         }
     }
 
-    /// Refuses work that could never fit the KV budget, or that would overflow the queue.
+    /// Refuses work that could never fit the KV budget, or that would overflow the queue;
+    /// otherwise takes a queue place (given back when the request starts running or leaves).
     fn admit_check(&self, tokens: usize) -> Result<(), EngineError> {
         let need = tokens * kv_bytes_per_token(&self.model);
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         let refused = if need > self.cfg.kv_cache_bytes {
             Some(EngineError::TooLarge { tokens, need_mib: mib(need), budget_mib: mib(self.cfg.kv_cache_bytes) })
-        } else if self.stats.waiting.load(Ordering::Relaxed) >= self.cfg.max_queue {
-            Some(EngineError::QueueFull(self.cfg.max_queue))
         } else {
-            None
+            let max = self.cfg.max_queue;
+            let place =
+                self.stats.waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < max).then_some(w + 1));
+            place.is_err().then_some(EngineError::QueueFull(max))
         };
         if let Some(e) = refused {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -219,8 +221,8 @@ impl EngineHandle {
         &self.model
     }
 
+    /// Sends a command whose queue place `admit_check` took.
     fn submit(&self, cmd: Command) -> Result<(), EngineError> {
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         self.tx.try_send(cmd).map_err(|e| {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             match e {
@@ -288,11 +290,14 @@ impl Engine {
         match cmd {
             Command::Generate(job, tx) => {
                 let reserve = reserved_tokens(job.prompt.len(), job.max_tokens, cfg.context_length);
-                Sequence::generate(job, tx, KvCache::new(cfg), reserve * self.bytes_per_token)
+                let cache = KvCache::with_limit(cfg, reserve);
+                Sequence::generate(job, tx, cache, reserve * self.bytes_per_token)
             }
             Command::Capture(job, tx) => {
-                let reserve = job.tokens.len() * self.bytes_per_token;
-                Sequence::capture(job, tx, KvCache::new(cfg), cfg.n_residual_rows(), cfg.hidden_size, reserve)
+                let reserve = job.tokens.len();
+                let cache = KvCache::with_limit(cfg, reserve);
+                let bytes = reserve * self.bytes_per_token;
+                Sequence::capture(job, tx, cache, cfg.n_residual_rows(), cfg.hidden_size, bytes)
             }
         }
     }

@@ -236,12 +236,18 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &LlamaConfig) -> Self {
+        Self::with_limit(cfg, cfg.context_length)
+    }
+
+    /// A cache that never grows past `limit` tokens (the engine's reservation for a sequence),
+    /// so memory stays within what was reserved.
+    pub fn with_limit(cfg: &LlamaConfig, limit: usize) -> Self {
         Self {
             layers: (0..cfg.n_layers).map(|_| None).collect(),
             host: (0..cfg.n_layers).map(|_| HostKv::default()).collect(),
             len: 0,
             capacity: 0,
-            max_len: cfg.context_length,
+            max_len: limit.min(cfg.context_length),
         }
     }
 
