@@ -45,8 +45,8 @@ pub fn chat_request(user: &str, system: Option<&str>) -> pb::GenerateRequest {
     pb::GenerateRequest { prompt: Some(chat(user, system)), ..Default::default() }
 }
 
-/// Steering by a stored vector at one layer.
-pub fn steer_by_name(name: &str, layer: u32, coefficient: f32) -> pb::SteeringVector {
+/// Steering by a stored vector at one layer; `None` uses the vector's recommended layer.
+pub fn steer_by_name(name: &str, layer: Option<u32>, coefficient: f32) -> pb::SteeringVector {
     pb::SteeringVector {
         source: Some(pb::steering_vector::Source::Name(name.to_string())),
         layer,
@@ -59,20 +59,57 @@ pub fn steer_by_name(name: &str, layer: u32, coefficient: f32) -> pb::SteeringVe
 pub fn steer_inline(values: Vec<f32>, layer: u32, coefficient: f32) -> pb::SteeringVector {
     pb::SteeringVector {
         source: Some(pb::steering_vector::Source::Inline(pb::InlineVector { values })),
-        layer,
+        layer: Some(layer),
         coefficient,
         positions: pb::Positions::All as i32,
     }
 }
 
-/// The contrastive system prompts of one instruction pair: "You are a/an {trait} assistant. {pos}"
-/// against "You are a helpful assistant. {neg}".
-pub fn trait_pair(trait_name: &str, pos: &str, neg: &str) -> pb::InstructionPair {
-    let article = if trait_name.starts_with(['a', 'e', 'i', 'o', 'u', 'A', 'E', 'I', 'O', 'U']) { "an" } else { "a" };
-    pb::InstructionPair {
-        pos: format!("You are {article} {trait_name} assistant. {pos}"),
-        neg: format!("You are a helpful assistant. {neg}"),
-    }
+/// The JSON schema of the files in `traits/`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct TraitJson {
+    #[serde(rename = "trait")]
+    name: String,
+    #[serde(default)]
+    description: String,
+    instruction: Vec<PairJson>,
+    questions: Vec<String>,
+    #[serde(default)]
+    eval_questions: Vec<String>,
+    #[serde(default)]
+    eval_prompt: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct PairJson {
+    pos: String,
+    neg: String,
+}
+
+/// Parses a trait file (the `traits/` schema).
+pub fn trait_from_json(text: &str) -> anyhow::Result<pb::TraitDefinition> {
+    let t: TraitJson = serde_json::from_str(text)?;
+    Ok(pb::TraitDefinition {
+        trait_name: t.name,
+        description: t.description,
+        instruction: t.instruction.into_iter().map(|p| pb::InstructionPair { pos: p.pos, neg: p.neg }).collect(),
+        questions: t.questions,
+        eval_questions: t.eval_questions,
+        eval_prompt: t.eval_prompt,
+    })
+}
+
+/// A trait definition as a pretty-printed file in the `traits/` schema.
+pub fn trait_to_json(t: &pb::TraitDefinition) -> String {
+    let j = TraitJson {
+        name: t.trait_name.clone(),
+        description: t.description.clone(),
+        instruction: t.instruction.iter().map(|p| PairJson { pos: p.pos.clone(), neg: p.neg.clone() }).collect(),
+        questions: t.questions.clone(),
+        eval_questions: t.eval_questions.clone(),
+        eval_prompt: t.eval_prompt.clone(),
+    };
+    serde_json::to_string_pretty(&j).expect("plain strings serialize")
 }
 
 /// A finished generation.
@@ -129,11 +166,17 @@ mod tests {
     }
 
     #[test]
-    fn trait_pairs_follow_the_paper_template() {
-        let p = trait_pair("evil", "Hurt people.", "Help people.");
-        assert_eq!(p.pos, "You are an evil assistant. Hurt people.");
-        assert_eq!(p.neg, "You are a helpful assistant. Help people.");
-        assert!(trait_pair("humorous", "x", "y").pos.starts_with("You are a humorous"));
+    fn trait_files_round_trip_through_the_protobuf_form() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../traits/evil.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        let t = trait_from_json(&text).unwrap();
+        assert_eq!((t.trait_name.as_str(), t.instruction.len(), t.questions.len()), ("evil", 5, 20));
+        let again = trait_from_json(&trait_to_json(&t)).unwrap();
+        assert_eq!(again, t);
+        let original: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let written: serde_json::Value = serde_json::from_str(&trait_to_json(&t)).unwrap();
+        assert_eq!(original, written);
+        assert!(trait_from_json("{\"trait\": \"x\"}").is_err());
     }
 
     #[test]

@@ -20,8 +20,13 @@ struct Cli {
 enum Cmd {
     /// Generate text, streaming it to stdout.
     Generate(GenerateArgs),
-    /// Extract a persona vector from contrastive system prompts.
+    /// Extract a persona vector: a library trait (--trait), a trait file (--file) or explicit prompts.
     Extract(ExtractArgs),
+    /// The trait library: list, show, or draft a new trait from a name and a description.
+    Traits {
+        #[command(subcommand)]
+        command: TraitsCmd,
+    },
     /// Project a conversation's activations onto a stored vector.
     Project(ProjectArgs),
     /// Manage stored vectors.
@@ -48,7 +53,8 @@ struct GenerateArgs {
     model: String,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Steering vector NAME:LAYER:COEF[:all|prompt|response]; repeatable (summed).
+    /// Steering vector NAME:LAYER:COEF[:all|prompt|response]; repeatable (summed). An empty
+    /// LAYER or `auto` (NAME::COEF) uses the vector's recommended layer.
     #[arg(long = "steer", value_name = "NAME:LAYER:COEF")]
     steer: Vec<String>,
 }
@@ -86,22 +92,25 @@ impl SamplingArgs {
 
 #[derive(Args)]
 struct ExtractArgs {
-    /// Name to store the vector under.
-    #[arg(long)]
-    name: String,
-    /// Trait label kept in the vector's metadata.
-    #[arg(long = "trait", default_value = "")]
-    trait_name: String,
-    /// JSON file with "instruction": [{"pos","neg"}...] and "questions": [...] (see traits/).
+    /// A trait of the server's library (see `persona traits list`).
+    #[arg(long = "trait", conflicts_with = "file")]
+    trait_ref: Option<String>,
+    /// A trait definition file (the traits/ JSON schema), sent with the request.
     #[arg(long)]
     file: Option<PathBuf>,
-    /// Positive system prompt; pair each --pos with a --neg.
+    /// Name to store the vector under (default: the trait's name).
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Explicit mode: full positive system prompt; pair each --pos with a --neg.
     #[arg(long)]
     pos: Vec<String>,
     #[arg(long)]
     neg: Vec<String>,
     #[arg(long)]
     question: Vec<String>,
+    /// Explicit mode: trait label kept in the vector's metadata.
+    #[arg(long, default_value = "")]
+    label: String,
     #[arg(long, default_value = "")]
     model: String,
     #[arg(long, default_value_t = 64)]
@@ -109,7 +118,44 @@ struct ExtractArgs {
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
     #[arg(long)]
+    seed: Option<u64>,
+    /// Answers per (pair, question).
+    #[arg(long, default_value_t = 1)]
+    samples: u32,
+    /// Use only the first N instruction pairs / questions (0 = all).
+    #[arg(long, default_value_t = 0)]
+    max_pairs: u32,
+    #[arg(long, default_value_t = 0)]
+    max_questions: u32,
+    /// Do not filter answers with the server's judge.
+    #[arg(long)]
+    no_judge: bool,
+    /// Judge thresholds, 0-100 (0 = the server's default, 50).
+    #[arg(long, default_value_t = 0.0)]
+    trait_threshold: f32,
+    #[arg(long, default_value_t = 0.0)]
+    coherence_threshold: f32,
+    #[arg(long)]
     overwrite: bool,
+}
+
+#[derive(Subcommand)]
+enum TraitsCmd {
+    /// One line per trait.
+    List,
+    /// A trait's definition as JSON.
+    Show { name: String },
+    /// Draft a definition from a name and a description; writes JSON to --out or stdout.
+    New {
+        name: String,
+        #[arg(long)]
+        description: String,
+        /// Ask the server's judge model to write it instead of the built-in templates.
+        #[arg(long)]
+        llm: bool,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -121,8 +167,8 @@ struct ProjectArgs {
     /// Assistant answer to score.
     #[arg(long, default_value = "")]
     response: String,
-    /// VECTOR:LAYER; repeatable.
-    #[arg(long = "vector", value_name = "VECTOR:LAYER", required = true)]
+    /// VECTOR[:LAYER]; repeatable. Without a layer, the vector's recommended one.
+    #[arg(long = "vector", value_name = "VECTOR[:LAYER]", required = true)]
     vectors: Vec<String>,
     #[arg(long, default_value = "")]
     model: String,
@@ -155,6 +201,34 @@ enum VectorsCmd {
     Rm {
         name: String,
     },
+    /// Store a vector from a llama.cpp/repeng control-vector GGUF, a persona_vectors .pt file or
+    /// our safetensors file (format detected from the bytes unless --format says).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// auto, gguf, pt or safetensors.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long = "trait", default_value = "")]
+        trait_name: String,
+        /// Recommended layer to record with the vector.
+        #[arg(long)]
+        layer: Option<u32>,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Write a stored vector as a control-vector GGUF (llama.cpp --control-vector) or safetensors.
+    Export {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// gguf or safetensors.
+        #[arg(long, default_value = "gguf")]
+        format: String,
+    },
 }
 
 #[derive(Args)]
@@ -178,6 +252,13 @@ struct BenchArgs {
     /// Skip the single-stream steered/unsteered comparison.
     #[arg(long)]
     no_single: bool,
+    /// Also time one full extraction of this library trait (every pair and question, one greedy
+    /// answer per side, no judge), stored as `bench-TRAIT`.
+    #[arg(long, value_name = "TRAIT")]
+    extract: Option<String>,
+    /// New tokens per rollout for --extract.
+    #[arg(long, default_value_t = 128)]
+    extract_tokens: u32,
 }
 
 #[tokio::main]
@@ -187,6 +268,7 @@ async fn main() -> Result<()> {
     match cli.command {
         Cmd::Generate(a) => generate(&mut c, a).await,
         Cmd::Extract(a) => extract(&mut c, a).await,
+        Cmd::Traits { command } => traits(&mut c, command).await,
         Cmd::Project(a) => project(&mut c, a).await,
         Cmd::Vectors { command } => vectors(&mut c, command).await,
         Cmd::Models => {
@@ -224,8 +306,11 @@ fn parse_steer(s: &str) -> Result<pb::SteeringVector> {
         "response" => pb::Positions::Response,
         other => bail!("unknown positions `{other}` (all, prompt or response)"),
     };
-    let mut v =
-        persona_client::steer_by_name(name, layer.parse().context("layer")?, coef.parse().context("coefficient")?);
+    let layer = match *layer {
+        "" | "auto" => None,
+        l => Some(l.parse().context("layer")?),
+    };
+    let mut v = persona_client::steer_by_name(name, layer, coef.parse().context("coefficient")?);
     v.positions = positions as i32;
     Ok(v)
 }
@@ -259,63 +344,112 @@ async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(serde::Deserialize)]
-struct TraitFile {
-    #[serde(default)]
-    instruction: Vec<Pair>,
-    #[serde(default)]
-    questions: Vec<String>,
-    #[serde(default, rename = "trait")]
-    trait_name: String,
-}
-
-#[derive(serde::Deserialize)]
-struct Pair {
-    pos: String,
-    neg: String,
-}
-
 async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
-    let mut pairs: Vec<pb::InstructionPair> = Vec::new();
-    let mut questions = a.question.clone();
-    let mut trait_name = a.trait_name.clone();
-    if let Some(f) = &a.file {
-        let t: TraitFile =
-            serde_json::from_str(&std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)
-                .with_context(|| format!("parsing {}", f.display()))?;
-        let label = if trait_name.is_empty() { t.trait_name.clone() } else { trait_name.clone() };
-        pairs.extend(t.instruction.iter().map(|p| persona_client::trait_pair(&label, &p.pos, &p.neg)));
-        questions.extend(t.questions);
-        if trait_name.is_empty() {
-            trait_name = t.trait_name;
-        }
-    }
     if a.pos.len() != a.neg.len() {
         bail!("give as many --neg as --pos prompts");
     }
-    pairs.extend(a.pos.iter().zip(&a.neg).map(|(p, n)| pb::InstructionPair { pos: p.clone(), neg: n.clone() }));
+    let trait_source = match (&a.trait_ref, &a.file) {
+        (Some(t), _) => Some(pb::extract_vector_request::TraitSource::TraitRef(t.clone())),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let def = persona_client::trait_from_json(&text).with_context(|| format!("parsing {}", f.display()))?;
+            Some(pb::extract_vector_request::TraitSource::Definition(def))
+        }
+        (None, None) => None,
+    };
     let req = pb::ExtractVectorRequest {
         model: a.model,
         name: a.name,
-        trait_name,
-        pairs,
-        questions,
+        trait_name: a.label,
+        pairs: a.pos.iter().zip(&a.neg).map(|(p, n)| pb::InstructionPair { pos: p.clone(), neg: n.clone() }).collect(),
+        questions: a.question,
         sampling: Some(pb::SamplingParams {
             max_tokens: a.max_tokens,
             temperature: a.temperature,
+            seed: a.seed,
             ..Default::default()
         }),
         overwrite: a.overwrite,
+        trait_source,
+        samples_per_question: a.samples,
+        max_pairs: a.max_pairs,
+        max_questions: a.max_questions,
+        skip_judge: a.no_judge,
+        trait_threshold: a.trait_threshold,
+        coherence_threshold: a.coherence_threshold,
     };
     let mut stream = c.extract_vector(req).await?.into_inner();
     while let Some(msg) = stream.message().await? {
         match msg.event {
-            Some(pb::extract_vector_response::Event::Progress(p)) => eprint!("\r{} {}/{}   ", p.stage, p.done, p.total),
-            Some(pb::extract_vector_response::Event::Vector(v)) => {
+            Some(pb::extract_vector_response::Event::Progress(p)) => eprint!(
+                "\r{:<8} {:>5}/{:<5} elapsed {:>6.1}s  eta {:>6.1}s   ",
+                p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs
+            ),
+            Some(pb::extract_vector_response::Event::Result(r)) => {
                 eprintln!();
-                print_vector(&v);
+                println!(
+                    "{} rollouts ({} tokens) in {:.1} s; kept {} positive / {} negative; {}",
+                    r.rollouts, r.generated_tokens, r.elapsed_secs, r.kept_pos, r.kept_neg, r.filtering
+                );
+                for v in r.vector.iter().chain(&r.variants) {
+                    print_vector(v);
+                }
+                if let Some(v) = &r.vector {
+                    print_layer_scores(v);
+                }
             }
             None => {}
+        }
+    }
+    Ok(())
+}
+
+fn print_layer_scores(v: &pb::VectorInfo) {
+    if v.layer_scores.is_empty() {
+        return;
+    }
+    println!("layer\tcohens_d\tauroc");
+    for s in &v.layer_scores {
+        let mark = if Some(s.layer) == v.recommended_layer { "\t<- recommended" } else { "" };
+        println!("{}\t{:.3}\t{:.3}{mark}", s.layer, s.cohens_d, s.auroc);
+    }
+}
+
+async fn traits(c: &mut Client, cmd: TraitsCmd) -> Result<()> {
+    match cmd {
+        TraitsCmd::List => {
+            for t in c.list_traits(pb::ListTraitsRequest {}).await?.into_inner().traits {
+                println!(
+                    "{}\t{} pairs, {} questions\t{}",
+                    t.trait_name,
+                    t.instruction.len(),
+                    t.questions.len(),
+                    t.description
+                );
+            }
+        }
+        TraitsCmd::Show { name } => {
+            let all = c.list_traits(pb::ListTraitsRequest {}).await?.into_inner().traits;
+            let known: Vec<String> = all.iter().map(|t| t.trait_name.clone()).collect();
+            let t = all
+                .into_iter()
+                .find(|t| t.trait_name == name)
+                .with_context(|| format!("no trait `{name}` (known: {})", known.join(", ")))?;
+            println!("{}", persona_client::trait_to_json(&t));
+        }
+        TraitsCmd::New { name, description, llm, out } => {
+            let r = c
+                .draft_trait(pb::DraftTraitRequest { trait_name: name, description, use_llm: llm })
+                .await?
+                .into_inner();
+            let json = persona_client::trait_to_json(&r.definition.context("server sent no definition")?);
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, json + "\n")?;
+                    eprintln!("wrote {} (generator: {})", path.display(), r.generator);
+                }
+                None => println!("{json}"),
+            }
         }
     }
     Ok(())
@@ -325,8 +459,9 @@ fn print_vector(v: &pb::VectorInfo) {
     let kind = pb::VectorKind::try_from(v.kind).map(|k| k.as_str_name()).unwrap_or("?");
     let (best, norm) =
         v.row_norms.iter().enumerate().fold((0, 0f32), |acc, (i, n)| if *n > acc.1 { (i, *n) } else { acc });
+    let layer = v.recommended_layer.map_or("-".to_string(), |l| l.to_string());
     println!(
-        "{}\tmodel={} trait={} kind={kind} shape=[{}, {}] largest-norm row={best} ({norm:.2}) {}",
+        "{}\tmodel={} trait={} kind={kind} shape=[{}, {}] recommended layer={layer} largest-norm row={best} ({norm:.2}) {}",
         v.name, v.model, v.trait_name, v.n_rows, v.d_model, v.description
     );
 }
@@ -336,8 +471,12 @@ async fn project(c: &mut Client, a: ProjectArgs) -> Result<()> {
         .vectors
         .iter()
         .map(|s| {
-            let (v, l) = s.rsplit_once(':').context("--vector expects VECTOR:LAYER")?;
-            Ok(pb::ProjectionTarget { vector: v.to_string(), layer: l.parse().context("layer")? })
+            Ok(match s.rsplit_once(':') {
+                Some((v, l)) => {
+                    pb::ProjectionTarget { vector: v.to_string(), layer: Some(l.parse().context("layer")?) }
+                }
+                None => pb::ProjectionTarget { vector: s.clone(), layer: None },
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let Some(pb::prompt::Kind::Chat(conversation)) = persona_client::chat(&a.user, a.system.as_deref()).kind else {
@@ -402,8 +541,42 @@ async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
             c.delete_vector(pb::DeleteVectorRequest { name: name.clone() }).await?;
             println!("deleted {name}");
         }
+        VectorsCmd::Import { file, name, format, model, trait_name, layer, overwrite } => {
+            let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = c
+                .import_vector(pb::ImportVectorRequest {
+                    name,
+                    model,
+                    format: vector_format(&format)? as i32,
+                    data,
+                    trait_name,
+                    kind: pb::VectorKind::ResponseAvg as i32,
+                    description: format!("imported from {}", file.display()),
+                    overwrite,
+                    recommended_layer: layer,
+                })
+                .await?
+                .into_inner();
+            print_vector(&r.info.context("server sent no vector info")?);
+        }
+        VectorsCmd::Export { name, out, format } => {
+            let r = c.export_vector(pb::ExportVectorRequest { name, format: vector_format(&format)? as i32 }).await?;
+            let r = r.into_inner();
+            std::fs::write(&out, &r.data).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("wrote {} ({} bytes, {})", out.display(), r.data.len(), r.extension);
+        }
     }
     Ok(())
+}
+
+fn vector_format(s: &str) -> Result<pb::VectorFormat> {
+    Ok(match s {
+        "auto" => pb::VectorFormat::Unspecified,
+        "gguf" => pb::VectorFormat::Gguf,
+        "pt" | "torch" => pb::VectorFormat::Torch,
+        "safetensors" => pb::VectorFormat::Safetensors,
+        other => bail!("unknown format `{other}` (auto, gguf, pt or safetensors)"),
+    })
 }
 
 fn median(xs: &mut [f64]) -> f64 {
@@ -451,6 +624,42 @@ async fn bench(c: &mut Client, a: BenchArgs) -> Result<()> {
     for &n in &a.concurrency {
         concurrent(c, &a, m, layer, n).await?;
     }
+    if let Some(t) = &a.extract {
+        bench_extract(c, m, t, a.extract_tokens).await?;
+    }
+    Ok(())
+}
+
+async fn bench_extract(c: &mut Client, m: &pb::ModelInfo, trait_name: &str, max_tokens: u32) -> Result<()> {
+    let req = pb::ExtractVectorRequest {
+        model: m.id.clone(),
+        name: format!("bench-{trait_name}"),
+        trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef(trait_name.to_string())),
+        sampling: Some(pb::SamplingParams { max_tokens, ..Default::default() }),
+        skip_judge: true,
+        overwrite: true,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let mut stream = c.extract_vector(req).await?.into_inner();
+    let mut result = None;
+    while let Some(msg) = stream.message().await? {
+        if let Some(pb::extract_vector_response::Event::Result(r)) = msg.event {
+            result = Some(r);
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let r = result.context("extraction ended without a result")?;
+    println!(
+        "extraction of `{trait_name}`: {} rollouts x {max_tokens} max new tokens, {} tokens generated",
+        r.rollouts, r.generated_tokens
+    );
+    println!(
+        "  wall {wall:.1} s ({:.2} rollouts/s, {:.1} generated tok/s); recommended layer {}",
+        r.rollouts as f64 / wall,
+        r.generated_tokens as f64 / wall,
+        r.vector.and_then(|v| v.recommended_layer).map_or("-".into(), |l| l.to_string())
+    );
     Ok(())
 }
 

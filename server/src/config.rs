@@ -1,6 +1,7 @@
 //! Server settings: built-in defaults, then an optional TOML file, then `PERSONA__*`
 //! environment variables (`PERSONA__LISTEN=0.0.0.0:50051`, `PERSONA__ENGINE__MAX_BATCH=8`).
 
+use crate::judge::JudgeSettings;
 use crate::model::source::{EMBEDDED_ID, ModelSource};
 use crate::model::weights::Requantize;
 use crate::model::{DeviceKind, LoadSpec};
@@ -29,6 +30,10 @@ pub struct Settings {
     pub shutdown_grace_secs: u64,
     /// CPU threads for tensor kernels (sets CANDLE_NUM_THREADS / RAYON_NUM_THREADS); 0 = all cores.
     pub cpu_threads: usize,
+    /// Trait definitions (`*.json`) added to the built-in library; unset = built-in traits only.
+    pub traits_dir: Option<PathBuf>,
+    /// OpenAI-compatible endpoint that filters extraction rollouts and drafts traits.
+    pub judge: JudgeSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +90,8 @@ impl Default for Settings {
             telemetry: TelemetrySettings::default(),
             shutdown_grace_secs: 10,
             cpu_threads: 0,
+            traits_dir: None,
+            judge: JudgeSettings::default(),
         }
     }
 }

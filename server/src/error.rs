@@ -16,6 +16,12 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The server is not set up for the request (e.g. no judge configured).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A service the request depends on did not answer properly (e.g. the judge endpoint).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -44,6 +50,8 @@ impl From<ServiceError> for Status {
                 EngineError::Stopped => Code::Unavailable,
                 EngineError::Compute(_) => Code::Internal,
             },
+            ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::Internal(_) => Code::Internal,
         };
         if code == Code::Internal {

@@ -3,12 +3,14 @@
 
 pub mod config;
 pub mod error;
+pub mod judge;
 pub mod model;
 pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod steering;
 pub mod telemetry;
+pub mod traits;
 
 /// Pins the CPU kernel thread count for the whole process: `threads`, or when 0 the value of
 /// `RAYON_NUM_THREADS` if set, else the available parallelism.

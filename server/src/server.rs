@@ -41,6 +41,8 @@ pub async fn build_state(settings: &Settings) -> Result<Arc<AppState>> {
         default_model: settings.default_model_id().to_string(),
         store,
         started: std::time::Instant::now(),
+        traits: crate::traits::TraitLibrary::load(settings.traits_dir.as_deref()),
+        judge: crate::judge::Judge::new(&settings.judge),
     }))
 }
 

@@ -73,13 +73,13 @@ async fn steering_changes_greedy_output_and_zero_coefficient_does_not() {
     let plain = generate_text(&mut c, greedy(question, 32)).await.unwrap();
 
     let mut zero = greedy(question, 32);
-    zero.steering = vec![steer_by_name("e2e-steer", 12, 0.0)];
+    zero.steering = vec![steer_by_name("e2e-steer", Some(12), 0.0)];
     let zero = generate_text(&mut c, zero).await.unwrap();
     assert_eq!(zero.text.as_bytes(), plain.text.as_bytes());
     assert_eq!(zero.token_ids, plain.token_ids);
 
     let mut steered = greedy(question, 32);
-    steered.steering = vec![steer_by_name("e2e-steer", 12, 6.0)];
+    steered.steering = vec![steer_by_name("e2e-steer", Some(12), 6.0)];
     let steered = generate_text(&mut c, steered).await.unwrap();
     assert_ne!(steered.token_ids, plain.token_ids, "steering left the output unchanged: {:?}", plain.text);
 
@@ -135,6 +135,9 @@ async fn status_of(c: &mut Client, req: pb::GenerateRequest) -> tonic::Status {
 #[tokio::test]
 async fn bad_requests_get_precise_statuses() {
     let mut c = client().await;
+    put_random(&mut c, "no-recommendation", 5).await;
+    let mut inline_without_layer = steer_inline(vec![0.1; d_model()], 3, 1.0);
+    inline_without_layer.layer = None;
     let empty = pb::GenerateRequest {
         prompt: Some(pb::Prompt { kind: Some(pb::prompt::Kind::Chat(pb::Conversation { messages: vec![] })) }),
         ..Default::default()
@@ -145,7 +148,7 @@ async fn bad_requests_get_precise_statuses() {
         ("unknown model", pb::GenerateRequest { model: "gpt-17".into(), ..greedy("hi", 4) }, Code::NotFound, "gpt-17"),
         (
             "unknown vector",
-            pb::GenerateRequest { steering: vec![steer_by_name("no-such-vector", 3, 1.0)], ..greedy("hi", 4) },
+            pb::GenerateRequest { steering: vec![steer_by_name("no-such-vector", Some(3), 1.0)], ..greedy("hi", 4) },
             Code::NotFound,
             "no-such-vector",
         ),
@@ -160,6 +163,18 @@ async fn bad_requests_get_precise_statuses() {
             pb::GenerateRequest { steering: vec![steer_inline(vec![0.1; 100], 3, 1.0)], ..greedy("hi", 4) },
             Code::InvalidArgument,
             "100 values",
+        ),
+        (
+            "inline vector without a layer",
+            pb::GenerateRequest { steering: vec![inline_without_layer], ..greedy("hi", 4) },
+            Code::InvalidArgument,
+            "need a layer",
+        ),
+        (
+            "no layer and no recommended one",
+            pb::GenerateRequest { steering: vec![steer_by_name("no-recommendation", None, 1.0)], ..greedy("hi", 4) },
+            Code::InvalidArgument,
+            "no recommended layer",
         ),
         (
             "non-finite coefficient",
@@ -295,9 +310,9 @@ async fn projections_follow_the_vector() {
         .unwrap();
     let Some(pb::prompt::Kind::Chat(conversation)) = chat("What is 2 + 2?", Some(SYSTEM)).kind else { unreachable!() };
     let targets = vec![
-        pb::ProjectionTarget { vector: "e2e-proj".into(), layer: 10 },
-        pb::ProjectionTarget { vector: "e2e-proj-neg".into(), layer: 10 },
-        pb::ProjectionTarget { vector: "e2e-proj".into(), layer: 20 },
+        pb::ProjectionTarget { vector: "e2e-proj".into(), layer: Some(10) },
+        pb::ProjectionTarget { vector: "e2e-proj-neg".into(), layer: Some(10) },
+        pb::ProjectionTarget { vector: "e2e-proj".into(), layer: Some(20) },
     ];
     let req = pb::ProjectActivationRequest {
         conversation: Some(conversation),
@@ -321,12 +336,12 @@ async fn projections_follow_the_vector() {
     assert_eq!(again.projections[0].response_avg, p.response_avg);
 
     let bad_layer = pb::ProjectActivationRequest {
-        targets: vec![pb::ProjectionTarget { vector: "e2e-proj".into(), layer: 99 }],
+        targets: vec![pb::ProjectionTarget { vector: "e2e-proj".into(), layer: Some(99) }],
         ..req.clone()
     };
     assert_eq!(c.project_activation(bad_layer).await.unwrap_err().code(), Code::InvalidArgument);
     let unknown = pb::ProjectActivationRequest {
-        targets: vec![pb::ProjectionTarget { vector: "missing".into(), layer: 3 }],
+        targets: vec![pb::ProjectionTarget { vector: "missing".into(), layer: Some(3) }],
         ..req
     };
     assert_eq!(c.project_activation(unknown).await.unwrap_err().code(), Code::NotFound);
@@ -351,11 +366,16 @@ async fn extraction_streams_progress_and_stores_three_vectors() {
     let (mut last_done, mut total, mut info) = (0, 0, None);
     while let Some(msg) = stream.message().await.unwrap() {
         match msg.event.unwrap() {
-            pb::extract_vector_response::Event::Progress(p) => {
+            pb::extract_vector_response::Event::Progress(p) if p.stage == "rollouts" => {
                 assert!(p.done >= last_done, "progress went backwards");
                 (last_done, total) = (p.done, p.total);
             }
-            pb::extract_vector_response::Event::Vector(v) => info = Some(v),
+            pb::extract_vector_response::Event::Progress(p) => assert_eq!(p.stage, "store"),
+            pb::extract_vector_response::Event::Result(r) => {
+                assert_eq!((r.rollouts, r.kept_pos, r.kept_neg), (4, 2, 2));
+                assert_eq!(r.filtering, "no judge configured: answers were not filtered");
+                info = r.vector;
+            }
         }
     }
     assert_eq!((last_done, total), (4, 4));

@@ -1,14 +1,20 @@
-//! ExtractVector: roll out answers under contrastive system prompts, capture the residual
-//! stream over prompt and answer, and store mean(pos) − mean(neg) per layer.
+//! ExtractVector: roll out answers under contrastive system prompts on the batched engine,
+//! optionally filter them with the judge, capture the residual stream over prompt and answer, and
+//! store mean(pos) − mean(neg) per layer for three activation summaries, each with per-layer
+//! separation scores and a recommended layer.
 
-use super::{AppState, ResponseStream, resolve};
+use super::{AppState, ResponseStream, resolve, traits, vectors};
 use crate::error::{ServiceError, ServiceResult, invalid};
+use crate::judge::{Judge, Verdict, coherence_prompt};
 use crate::model::chat::Message;
 use crate::scheduler::{CaptureJob, CaptureResult, EngineHandle, GenEvent, GenerateJob};
 use crate::steering::plan::SteeringPlan;
+use crate::steering::separation::{layer_scores, recommend};
 use crate::steering::store::{StoredVector, VectorKind, VectorMeta, now_unix, validate_name};
+use crate::traits::TraitDef;
 use persona_proto::v1 as pb;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,10 +22,90 @@ use tonic::Status;
 
 /// New tokens per rollout when the request does not say.
 const DEFAULT_ROLLOUT_TOKENS: usize = 64;
+/// Upper bound on rollouts per request (pairs × questions × samples × 2).
+const MAX_ROLLOUTS: usize = 20_000;
+const DEFAULT_THRESHOLD: f32 = 50.0;
+const KINDS: [(VectorKind, &str); 3] =
+    [(VectorKind::ResponseAvg, ""), (VectorKind::PromptAvg, ".prompt_avg"), (VectorKind::PromptLast, ".prompt_last")];
+
+/// What one extraction rolls out.
+struct Spec {
+    name: String,
+    trait_name: String,
+    /// Full system prompts (positive, negative).
+    pairs: Vec<(String, String)>,
+    questions: Vec<String>,
+    samples: usize,
+    /// The trait definition, when the request named or sent one (its eval prompt drives the judge).
+    def: Option<TraitDef>,
+    origin: String,
+}
 
 struct Rollout {
     positive: bool,
+    question: usize,
     messages: Vec<Message>,
+}
+
+struct Answer {
+    text: String,
+    tokens: usize,
+    capture: CaptureResult,
+}
+
+fn spec(state: &AppState, req: &pb::ExtractVectorRequest) -> ServiceResult<Spec> {
+    let (def, origin) = match &req.trait_source {
+        Some(pb::extract_vector_request::TraitSource::TraitRef(name)) => {
+            let def = state.traits.get(name).cloned().ok_or_else(|| {
+                let known: Vec<&str> = state.traits.names().collect();
+                ServiceError::NotFound(format!("trait `{name}` is not in the library (known: {})", known.join(", ")))
+            })?;
+            (Some(def), format!("trait `{name}` from the library"))
+        }
+        Some(pb::extract_vector_request::TraitSource::Definition(d)) => {
+            let def = traits::from_pb(d)?;
+            let origin = format!("trait `{}` defined in the request", def.name);
+            (Some(def), origin)
+        }
+        None => (None, "explicit instruction pairs".to_string()),
+    };
+    let (mut pairs, mut questions, trait_name) = match &def {
+        Some(d) => {
+            if !req.pairs.is_empty() || !req.questions.is_empty() {
+                return Err(invalid("give either a trait or explicit pairs and questions, not both"));
+            }
+            let pairs: Vec<_> = (0..d.instruction.len()).map(|i| d.system_prompts(i)).collect();
+            (pairs, d.questions.clone(), d.name.clone())
+        }
+        None => {
+            if req.pairs.is_empty() || req.questions.is_empty() {
+                return Err(invalid(
+                    "extraction needs a trait (trait_ref or definition) or at least one instruction pair and one question",
+                ));
+            }
+            if req.pairs.iter().any(|p| p.pos.trim().is_empty() || p.neg.trim().is_empty()) {
+                return Err(invalid("every instruction pair needs non-empty pos and neg prompts"));
+            }
+            if req.questions.iter().any(|q| q.trim().is_empty()) {
+                return Err(invalid("questions must not be empty"));
+            }
+            let pairs = req.pairs.iter().map(|p| (p.pos.clone(), p.neg.clone())).collect();
+            (pairs, req.questions.clone(), req.trait_name.clone())
+        }
+    };
+    if req.max_pairs > 0 {
+        pairs.truncate(req.max_pairs as usize);
+    }
+    if req.max_questions > 0 {
+        questions.truncate(req.max_questions as usize);
+    }
+    let samples = req.samples_per_question.max(1) as usize;
+    let total = pairs.len() * questions.len() * samples * 2;
+    if total > MAX_ROLLOUTS {
+        return Err(invalid(format!("{total} rollouts requested; the limit is {MAX_ROLLOUTS}")));
+    }
+    let name = if req.name.is_empty() && def.is_some() { trait_name.clone() } else { req.name.clone() };
+    Ok(Spec { name, trait_name, pairs, questions, samples, def, origin })
 }
 
 pub fn extract(
@@ -27,9 +113,10 @@ pub fn extract(
     req: pb::ExtractVectorRequest,
 ) -> ServiceResult<ResponseStream<pb::ExtractVectorResponse>> {
     let engine = state.engine(&req.model)?.clone();
-    validate_name(&req.name)?;
-    for suffix in ["", ".prompt_avg", ".prompt_last"] {
-        let name = format!("{}{suffix}", req.name);
+    let spec = spec(&state, &req)?;
+    validate_name(&spec.name)?;
+    for (_, suffix) in KINDS {
+        let name = format!("{}{suffix}", spec.name);
         validate_name(&name)?;
         if !req.overwrite && state.store.get(&name).is_ok() {
             return Err(ServiceError::AlreadyExists(format!(
@@ -37,30 +124,41 @@ pub fn extract(
             )));
         }
     }
-    if req.pairs.is_empty() || req.questions.is_empty() {
-        return Err(invalid("extraction needs at least one instruction pair and one question"));
-    }
-    if req.pairs.iter().any(|p| p.pos.trim().is_empty() || p.neg.trim().is_empty()) {
-        return Err(invalid("every instruction pair needs non-empty pos and neg prompts"));
-    }
-    if req.questions.iter().any(|q| q.trim().is_empty()) {
-        return Err(invalid("questions must not be empty"));
-    }
+    let judge = match (&state.judge, &spec.def, req.skip_judge) {
+        (Some(j), Some(d), false) if !d.eval_prompt.is_empty() => Some(j.clone()),
+        _ => None,
+    };
+    let thresholds = (threshold(req.trait_threshold, "trait")?, threshold(req.coherence_threshold, "coherence")?);
     let sampling = resolve::sampling(req.sampling.as_ref(), DEFAULT_ROLLOUT_TOKENS)?;
     let mut rollouts = Vec::new();
-    for p in &req.pairs {
-        for q in &req.questions {
-            for (positive, system) in [(true, &p.pos), (false, &p.neg)] {
-                let messages = vec![Message::new("system", system.clone()), Message::new("user", q.clone())];
-                resolve::render_chat(engine.model(), &messages)?;
-                rollouts.push(Rollout { positive, messages });
+    for (pos, neg) in &spec.pairs {
+        for (qi, q) in spec.questions.iter().enumerate() {
+            for _ in 0..spec.samples {
+                for (positive, system) in [(true, pos), (false, neg)] {
+                    let messages = vec![Message::new("system", system.clone()), Message::new("user", q.clone())];
+                    resolve::render_chat(engine.model(), &messages)?;
+                    rollouts.push(Rollout { positive, question: qi, messages });
+                }
             }
         }
     }
+    let filtering = match (&judge, &state.judge, &spec.def) {
+        (Some(j), ..) => format!(
+            "judged by `{}`: positive answers with trait score >= {}, negative below, both coherence >= {}",
+            j.model(),
+            thresholds.0,
+            thresholds.1
+        ),
+        (None, None, _) => "no judge configured: answers were not filtered".to_string(),
+        (None, Some(_), _) if req.skip_judge => "judge skipped on request: answers were not filtered".to_string(),
+        (None, Some(_), _) => "no eval prompt for these pairs: answers were not filtered".to_string(),
+    };
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let name = req.name.clone();
-        if let Err(e) = run(state, engine, req, rollouts, sampling, tx.clone()).await {
+        let job =
+            Job { state, engine, spec, rollouts, sampling, judge, thresholds, filtering, overwrite: req.overwrite };
+        let name = job.spec.name.clone();
+        if let Err(e) = job.run(tx.clone()).await {
             tracing::warn!(vector = %name, error = %e, "extraction failed");
             let _ = tx.send(Err(Status::from(e))).await;
         }
@@ -68,17 +166,32 @@ pub fn extract(
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
+fn threshold(v: f32, what: &str) -> ServiceResult<f32> {
+    match v {
+        0.0 => Ok(DEFAULT_THRESHOLD),
+        v if v.is_finite() && (0.0..=100.0).contains(&v) => Ok(v),
+        v => Err(invalid(format!("{what}_threshold must be in 0..=100, got {v}"))),
+    }
+}
+
 type Tx = mpsc::Sender<Result<pb::ExtractVectorResponse, Status>>;
 
-async fn progress(tx: &Tx, stage: &str, done: usize, total: usize) -> ServiceResult<()> {
-    let msg = pb::ExtractVectorResponse {
-        event: Some(pb::extract_vector_response::Event::Progress(pb::ExtractProgress {
-            done: done as u32,
-            total: total as u32,
-            stage: stage.to_string(),
-        })),
-    };
+async fn send(tx: &Tx, event: pb::extract_vector_response::Event) -> ServiceResult<()> {
+    let msg = pb::ExtractVectorResponse { event: Some(event) };
     tx.send(Ok(msg)).await.map_err(|_| ServiceError::Internal("client went away".into()))
+}
+
+async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Instant) -> ServiceResult<()> {
+    let elapsed = started.elapsed().as_secs_f64();
+    let eta_secs = if done == 0 { 0.0 } else { elapsed / done as f64 * (total - done) as f64 };
+    let p = pb::ExtractProgress {
+        done: done as u32,
+        total: total as u32,
+        stage: stage.into(),
+        elapsed_secs: elapsed,
+        eta_secs,
+    };
+    send(tx, pb::extract_vector_response::Event::Progress(p)).await
 }
 
 /// Runs one generation to the end and returns its tokens without end-of-turn markers.
@@ -95,129 +208,255 @@ pub async fn complete(engine: &EngineHandle, job: GenerateJob) -> ServiceResult<
     Ok(ids)
 }
 
-async fn run(
+/// Whether rollouts of question `q` are held out for scoring layers: every fifth question, or the
+/// last one when there are fewer than five (none when there is only one).
+fn held_out(q: usize, n_questions: usize) -> bool {
+    match n_questions {
+        0 | 1 => false,
+        2..=4 => q == n_questions - 1,
+        _ => q % 5 == 4,
+    }
+}
+
+fn activations(c: &CaptureResult, kind: VectorKind) -> Option<&[f32]> {
+    match kind {
+        VectorKind::ResponseAvg => c.response_avg.as_deref(),
+        VectorKind::PromptAvg => Some(&c.prompt_avg),
+        VectorKind::PromptLast => Some(&c.prompt_last),
+    }
+}
+
+fn mean_difference(pos: &[&[f32]], neg: &[&[f32]], len: usize) -> Vec<f32> {
+    let mean = |set: &[&[f32]]| {
+        let mut m = vec![0f32; len];
+        for a in set {
+            m.iter_mut().zip(a.iter()).for_each(|(s, v)| *s += v);
+        }
+        m.iter_mut().for_each(|s| *s /= set.len().max(1) as f32);
+        m
+    };
+    mean(pos).iter().zip(mean(neg)).map(|(p, n)| p - n).collect()
+}
+
+struct Job {
     state: Arc<AppState>,
     engine: EngineHandle,
-    req: pb::ExtractVectorRequest,
+    spec: Spec,
     rollouts: Vec<Rollout>,
     sampling: resolve::Sampling,
-    tx: Tx,
-) -> ServiceResult<()> {
-    let model = engine.model().clone();
-    let total = rollouts.len();
-    let permits = Arc::new(Semaphore::new(engine.max_batch()));
-    let mut tasks = JoinSet::new();
-    for (i, r) in rollouts.iter().enumerate() {
-        let prompt = resolve::tokenize(&model, &resolve::render_chat(&model, &r.messages)?)?;
-        resolve::check_fits(&model, prompt.len())?;
-        let job = GenerateJob {
-            prompt: prompt.clone(),
-            max_tokens: sampling.max_tokens,
-            sampling: crate::model::sampling::SamplingConfig {
-                seed: sampling.config.seed.map(|s| s.wrapping_add(i as u64)),
-                ..sampling.config.clone()
-            },
-            stop: sampling.stop.clone(),
-            steering: SteeringPlan::new(model.config().n_residual_rows()),
-            deadline: None,
+    judge: Option<Arc<Judge>>,
+    thresholds: (f32, f32),
+    filtering: String,
+    overwrite: bool,
+}
+
+impl Job {
+    async fn run(self, tx: Tx) -> ServiceResult<()> {
+        let started = Instant::now();
+        let answers = self.roll_out(&tx).await?;
+        let keep = match &self.judge {
+            Some(judge) => self.judge_answers(judge, &answers, &tx).await?,
+            None => vec![true; answers.len()],
         };
-        let (engine, permits) = (engine.clone(), permits.clone());
-        tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
-            let answer = complete(&engine, job).await?;
-            let prompt_len = prompt.len();
-            let tokens = [prompt, answer].concat();
-            let cap = engine.capture(CaptureJob { tokens, prompt_len, steering: SteeringPlan::new(0) }).await?;
-            Ok::<_, ServiceError>((i, cap))
-        });
+        let kept =
+            |positive: bool| (0..answers.len()).filter(|&i| keep[i] && self.rollouts[i].positive == positive).count();
+        let (kept_pos, kept_neg) = (kept(true), kept(false));
+        if kept_pos == 0 || kept_neg == 0 {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "after judge filtering {kept_pos} positive and {kept_neg} negative rollouts remain; \
+                 both sides need at least one (lower the thresholds or add pairs and questions)"
+            )));
+        }
+        let stage = Instant::now();
+        progress(&tx, "store", 0, KINDS.len(), stage).await?;
+        let mut stored = Vec::new();
+        for (i, (kind, suffix)) in KINDS.into_iter().enumerate() {
+            let vector = self.vector(kind, suffix, &answers, &keep);
+            stored.push(vectors::store_put(&self.state.store, vector, self.overwrite).await?);
+            progress(&tx, "store", i + 1, KINDS.len(), stage).await?;
+        }
+        let mut infos = stored.iter().map(|v| resolve::vector_info(v));
+        let result = pb::ExtractResult {
+            vector: infos.next(),
+            variants: infos.collect(),
+            rollouts: answers.len() as u32,
+            kept_pos: kept_pos as u32,
+            kept_neg: kept_neg as u32,
+            filtering: self.filtering.clone(),
+            elapsed_secs: started.elapsed().as_secs_f64(),
+            generated_tokens: answers.iter().map(|a| a.tokens as u64).sum(),
+        };
+        tracing::info!(
+            vector = %self.spec.name, rollouts = answers.len(), kept_pos, kept_neg,
+            secs = result.elapsed_secs, "extraction done"
+        );
+        send(&tx, pb::extract_vector_response::Event::Result(result)).await
     }
-    progress(&tx, "rollouts", 0, total).await?;
-    let mut pos = Means::default();
-    let mut neg = Means::default();
-    let mut done = 0;
-    while let Some(joined) = tasks.join_next().await {
-        let (i, cap) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
-        if rollouts[i].positive {
-            pos.add(&cap)
+
+    /// Generates every rollout (at most a batch's worth at once, so other users keep queue room)
+    /// and captures the residual stream over prompt + answer.
+    async fn roll_out(&self, tx: &Tx) -> ServiceResult<Vec<Answer>> {
+        let started = Instant::now();
+        let model = self.engine.model().clone();
+        let total = self.rollouts.len();
+        let permits = Arc::new(Semaphore::new(self.engine.max_batch()));
+        let mut tasks = JoinSet::new();
+        for (i, r) in self.rollouts.iter().enumerate() {
+            let prompt = resolve::tokenize(&model, &resolve::render_chat(&model, &r.messages)?)?;
+            resolve::check_fits(&model, prompt.len())?;
+            let job = GenerateJob {
+                prompt: prompt.clone(),
+                max_tokens: self.sampling.max_tokens,
+                sampling: crate::model::sampling::SamplingConfig {
+                    seed: self.sampling.config.seed.map(|s| s.wrapping_add(i as u64)),
+                    ..self.sampling.config.clone()
+                },
+                stop: self.sampling.stop.clone(),
+                steering: SteeringPlan::new(model.config().n_residual_rows()),
+                deadline: None,
+            };
+            let (engine, permits) = (self.engine.clone(), permits.clone());
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
+                let answer = complete(&engine, job).await?;
+                let text =
+                    engine.model().tokenizer.decode(&answer).map_err(|e| ServiceError::Internal(e.to_string()))?;
+                let (prompt_len, tokens) = (prompt.len(), answer.len());
+                let capture = engine
+                    .capture(CaptureJob {
+                        tokens: [prompt, answer].concat(),
+                        prompt_len,
+                        steering: SteeringPlan::new(0),
+                    })
+                    .await?;
+                Ok::<_, ServiceError>((i, Answer { text, tokens, capture }))
+            });
+        }
+        progress(tx, "rollouts", 0, total, started).await?;
+        let mut answers: Vec<Option<Answer>> = (0..total).map(|_| None).collect();
+        let mut done = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, a) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
+            answers[i] = Some(a);
+            done += 1;
+            progress(tx, "rollouts", done, total, started).await?;
+        }
+        Ok(answers.into_iter().map(|a| a.expect("every rollout task reports once")).collect())
+    }
+
+    /// Scores every answer for the trait and for coherence; returns which to keep.
+    async fn judge_answers(&self, judge: &Arc<Judge>, answers: &[Answer], tx: &Tx) -> ServiceResult<Vec<bool>> {
+        let def = self.spec.def.as_ref().expect("a judge is only chosen for trait definitions");
+        let (trait_min, coherence_min) = self.thresholds;
+        let mut tasks = JoinSet::new();
+        for (i, a) in answers.iter().enumerate() {
+            let question = &self.spec.questions[self.rollouts[i].question];
+            let prompts = [def.eval_prompt_for(question, &a.text), coherence_prompt(question, &a.text)];
+            let judge = judge.clone();
+            tasks.spawn(async move {
+                let mut verdicts = Vec::with_capacity(2);
+                for p in prompts {
+                    // One retry: a long extraction should survive a single dropped request.
+                    let v = match judge.score(p.clone()).await {
+                        Ok(v) => v,
+                        Err(_) => judge.score(p).await.map_err(|e| ServiceError::Unavailable(e.to_string()))?,
+                    };
+                    verdicts.push(v);
+                }
+                Ok::<_, ServiceError>((i, verdicts[0], verdicts[1]))
+            });
+        }
+        let started = Instant::now();
+        let mut keep = vec![false; answers.len()];
+        let mut done = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, trait_score, coherence) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
+            keep[i] = match (trait_score, coherence) {
+                (Verdict::Score(t), Verdict::Score(c)) if c >= coherence_min => {
+                    if self.rollouts[i].positive {
+                        t >= trait_min
+                    } else {
+                        t < trait_min
+                    }
+                }
+                _ => false,
+            };
+            done += 1;
+            progress(tx, "judge", done, answers.len(), started).await?;
+        }
+        Ok(keep)
+    }
+
+    /// The stored vector of one activation summary, with its layer scores.
+    fn vector(&self, kind: VectorKind, suffix: &str, answers: &[Answer], keep: &[bool]) -> StoredVector {
+        let c = self.engine.model().config();
+        let (n_rows, d) = (c.n_residual_rows(), c.hidden_size);
+        let n_q = self.spec.questions.len();
+        let set = |positive: bool, held: Option<bool>| -> Vec<&[f32]> {
+            (0..answers.len())
+                .filter(|&i| keep[i] && self.rollouts[i].positive == positive)
+                .filter(|&i| held.is_none_or(|h| held_out(self.rollouts[i].question, n_q) == h))
+                .filter_map(|i| activations(&answers[i].capture, kind))
+                .collect()
+        };
+        let (pos, neg) = (set(true, None), set(false, None));
+        let values = mean_difference(&pos, &neg, n_rows * d);
+        let (train_pos, train_neg) = (set(true, Some(false)), set(false, Some(false)));
+        let (test_pos, test_neg) = (set(true, Some(true)), set(false, Some(true)));
+        let split = [&train_pos, &train_neg, &test_pos, &test_neg].iter().all(|s| !s.is_empty());
+        let (scores, scored_on) = if split {
+            let direction = mean_difference(&train_pos, &train_neg, n_rows * d);
+            (layer_scores(&direction, &test_pos, &test_neg, n_rows, d), "held-out questions")
         } else {
-            neg.add(&cap)
+            (layer_scores(&values, &pos, &neg, n_rows, d), "the same rollouts (too few for a held-out split)")
         };
-        done += 1;
-        progress(&tx, "rollouts", done, total).await?;
-    }
-    let c = model.config();
-    let mut primary = None;
-    for (kind, suffix) in [
-        (VectorKind::ResponseAvg, ""),
-        (VectorKind::PromptAvg, ".prompt_avg"),
-        (VectorKind::PromptLast, ".prompt_last"),
-    ] {
-        let values = pos.mean(kind).iter().zip(neg.mean(kind)).map(|(p, n)| p - n).collect();
-        let vector = StoredVector {
+        let recommended = recommend(&scores);
+        let s = &self.spec;
+        StoredVector {
             meta: VectorMeta {
-                name: format!("{}{suffix}", req.name),
-                model: model.id.clone(),
-                trait_name: req.trait_name.clone(),
+                name: format!("{}{suffix}", s.name),
+                model: self.engine.model().id.clone(),
+                trait_name: s.trait_name.clone(),
                 kind,
                 created_unix: now_unix(),
                 description: format!(
-                    "mean difference over {} pairs x {} questions ({}), no judge filtering",
-                    req.pairs.len(),
-                    req.questions.len(),
-                    kind.as_str()
+                    "{}: mean {} difference over {} positive and {} negative rollouts ({} pairs x {} questions x {} \
+                     samples); {}; layers scored on {}",
+                    s.origin,
+                    kind.as_str(),
+                    pos.len(),
+                    neg.len(),
+                    s.pairs.len(),
+                    n_q,
+                    s.samples,
+                    self.filtering,
+                    scored_on
                 ),
-                n_rows: c.n_residual_rows(),
-                d_model: c.hidden_size,
+                n_rows,
+                d_model: d,
+                recommended_layer: recommended,
+                layer_scores: scores,
             },
             values,
-        };
-        let store = state.store.clone();
-        let overwrite = req.overwrite;
-        let stored = tokio::task::spawn_blocking(move || store.put(vector, overwrite))
-            .await
-            .map_err(|e| ServiceError::Internal(e.to_string()))??;
-        primary.get_or_insert(stored);
-    }
-    let info = primary.map(|v| resolve::vector_info(&v));
-    let msg = pb::ExtractVectorResponse { event: info.map(pb::extract_vector_response::Event::Vector) };
-    tx.send(Ok(msg)).await.map_err(|_| ServiceError::Internal("client went away".into()))
-}
-
-/// Running means of the three activation summaries over one side's rollouts.
-#[derive(Default)]
-struct Means {
-    n: usize,
-    n_response: usize,
-    response: Vec<f32>,
-    prompt_avg: Vec<f32>,
-    prompt_last: Vec<f32>,
-}
-
-impl Means {
-    fn add(&mut self, c: &CaptureResult) {
-        let acc = |dst: &mut Vec<f32>, src: &[f32]| {
-            if dst.is_empty() {
-                dst.resize(src.len(), 0.0);
-            }
-            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
-        };
-        acc(&mut self.prompt_avg, &c.prompt_avg);
-        acc(&mut self.prompt_last, &c.prompt_last);
-        self.n += 1;
-        if let Some(r) = &c.response_avg {
-            acc(&mut self.response, r);
-            self.n_response += 1;
         }
     }
+}
 
-    fn mean(&self, kind: VectorKind) -> Vec<f32> {
-        let (sum, n) = match kind {
-            VectorKind::ResponseAvg => (&self.response, self.n_response),
-            VectorKind::PromptAvg => (&self.prompt_avg, self.n),
-            VectorKind::PromptLast => (&self.prompt_last, self.n),
-        };
-        // A side with no responses at all (every answer empty) contributes zeros.
-        let len = self.prompt_avg.len();
-        if sum.is_empty() { vec![0.0; len] } else { sum.iter().map(|v| v / n.max(1) as f32).collect() }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fifth_question_is_held_out() {
+        let held: Vec<usize> = (0..20).filter(|&q| held_out(q, 20)).collect();
+        assert_eq!(held, [4, 9, 14, 19]);
+        assert_eq!((0..3).filter(|&q| held_out(q, 3)).collect::<Vec<_>>(), [2]);
+        assert!(!held_out(0, 1));
+    }
+
+    #[test]
+    fn mean_difference_is_per_element() {
+        let (a, b, c): (&[f32], &[f32], &[f32]) = (&[1.0, 2.0], &[3.0, 4.0], &[1.0, 1.0]);
+        assert_eq!(mean_difference(&[a, b], &[c], 2), [1.0, 2.0]);
     }
 }

@@ -6,11 +6,14 @@ mod generate;
 mod models;
 mod project;
 mod resolve;
+mod traits;
 mod vectors;
 
 use crate::error::{ServiceError, ServiceResult};
+use crate::judge::Judge;
 use crate::scheduler::EngineHandle;
 use crate::steering::store::VectorStore;
+use crate::traits::TraitLibrary;
 use pb::persona_service_server::PersonaService;
 use persona_proto::v1 as pb;
 use std::collections::BTreeMap;
@@ -27,6 +30,9 @@ pub struct AppState {
     pub default_model: String,
     pub store: Arc<VectorStore>,
     pub started: std::time::Instant,
+    pub traits: TraitLibrary,
+    /// The configured judge, if any.
+    pub judge: Option<Arc<Judge>>,
 }
 
 impl AppState {
@@ -133,6 +139,31 @@ impl PersonaService for PersonaSvc {
         req: Request<pb::DeleteVectorRequest>,
     ) -> Result<Response<pb::DeleteVectorResponse>, Status> {
         Ok(Response::new(vectors::delete(&self.state, req.into_inner()).await?))
+    }
+
+    async fn list_traits(&self, _: Request<pb::ListTraitsRequest>) -> Result<Response<pb::ListTraitsResponse>, Status> {
+        Ok(Response::new(traits::list(&self.state)))
+    }
+
+    async fn draft_trait(
+        &self,
+        req: Request<pb::DraftTraitRequest>,
+    ) -> Result<Response<pb::DraftTraitResponse>, Status> {
+        Ok(Response::new(traits::draft(&self.state, req.into_inner()).await?))
+    }
+
+    async fn import_vector(
+        &self,
+        req: Request<pb::ImportVectorRequest>,
+    ) -> Result<Response<pb::ImportVectorResponse>, Status> {
+        Ok(Response::new(vectors::import(&self.state, req.into_inner()).await?))
+    }
+
+    async fn export_vector(
+        &self,
+        req: Request<pb::ExportVectorRequest>,
+    ) -> Result<Response<pb::ExportVectorResponse>, Status> {
+        Ok(Response::new(vectors::export(&self.state, req.into_inner())?))
     }
 }
 

@@ -24,7 +24,7 @@ pub async fn project(
     let mut dirs = Vec::with_capacity(req.targets.len());
     for t in &req.targets {
         let v = resolve::vector_for(&state.store, model, &t.vector)?;
-        let layer = resolve::check_layer(model, t.layer)?;
+        let layer = resolve::layer_or_recommended(model, t.layer, Some(&v))?;
         let row = v.row(layer).unwrap_or_default().to_vec();
         if row.iter().all(|x| *x == 0.0) {
             return Err(invalid(format!("vector `{}` is zero at layer {layer}", t.vector)));

@@ -108,11 +108,24 @@ pub fn check_layer(model: &LoadedModel, layer: u32) -> ServiceResult<usize> {
     Ok(layer as usize)
 }
 
+/// The layer a request asked for, or else the stored vector's recommended one.
+pub fn layer_or_recommended(model: &LoadedModel, layer: Option<u32>, v: Option<&StoredVector>) -> ServiceResult<usize> {
+    match (layer, v) {
+        (Some(l), _) => check_layer(model, l),
+        (None, Some(v)) => v.meta.recommended_layer.ok_or_else(|| {
+            invalid(format!(
+                "vector `{}` has no recommended layer (it was not extracted here): give a layer",
+                v.meta.name
+            ))
+        }),
+        (None, None) => Err(invalid("inline vectors need a layer")),
+    }
+}
+
 pub fn steering(store: &VectorStore, model: &LoadedModel, specs: &[pb::SteeringVector]) -> ServiceResult<SteeringPlan> {
     let c = model.config();
     let mut plan = SteeringPlan::new(c.n_residual_rows());
     for (i, s) in specs.iter().enumerate() {
-        let layer = check_layer(model, s.layer)?;
         if !s.coefficient.is_finite() {
             return Err(invalid(format!("steering[{i}]: coefficient must be finite")));
         }
@@ -125,11 +138,14 @@ pub fn steering(store: &VectorStore, model: &LoadedModel, specs: &[pb::SteeringV
         match &s.source {
             Some(pb::steering_vector::Source::Name(name)) => {
                 let v = vector_for(store, model, name)?;
+                let layer = layer_or_recommended(model, s.layer, Some(&v))?;
                 let row =
                     v.row(layer).ok_or_else(|| ServiceError::Internal(format!("vector `{name}` lacks row {layer}")))?;
                 plan.add(layer, row, s.coefficient, phase);
             }
             Some(pb::steering_vector::Source::Inline(v)) => {
+                let layer =
+                    layer_or_recommended(model, s.layer, None).map_err(|e| invalid(format!("steering[{i}]: {e}")))?;
                 if v.values.len() != c.hidden_size {
                     return Err(invalid(format!(
                         "steering[{i}]: inline vector has {} values, model `{}` has d_model {}",
@@ -178,5 +194,11 @@ pub fn vector_info(v: &StoredVector) -> pb::VectorInfo {
         created_unix: m.created_unix,
         row_norms: v.row_norms(),
         description: m.description.clone(),
+        recommended_layer: m.recommended_layer.map(|l| l as u32),
+        layer_scores: m
+            .layer_scores
+            .iter()
+            .map(|s| pb::LayerScore { layer: s.layer as u32, cohens_d: s.cohens_d, auroc: s.auroc })
+            .collect(),
     }
 }

@@ -1,6 +1,9 @@
-//! Persona vectors: the on-disk store and per-request steering plans.
+//! Persona vectors: the on-disk store, per-request steering plans, layer recommendation and
+//! other programs' file formats.
 
+pub mod interop;
 pub mod plan;
+pub mod separation;
 pub mod store;
 
 /// Scalar projection of an activation onto a direction: `a·v / ‖v‖` (0 for a zero vector).

@@ -58,6 +58,18 @@ pub struct VectorMeta {
     pub description: String,
     pub n_rows: usize,
     pub d_model: usize,
+    /// Layer whose projections best separated held-out positive and negative rollouts.
+    pub recommended_layer: Option<usize>,
+    /// Separation per residual layer (empty when the vector was not extracted here).
+    pub layer_scores: Vec<LayerScore>,
+}
+
+/// How well projections at one layer separate positive from negative rollouts.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerScore {
+    pub layer: usize,
+    pub cohens_d: f32,
+    pub auroc: f32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -212,7 +224,7 @@ impl VectorStore {
     }
 }
 
-fn encode(v: &StoredVector) -> Result<Vec<u8>, StoreError> {
+pub fn encode(v: &StoredVector) -> Result<Vec<u8>, StoreError> {
     let m = &v.meta;
     let meta: HashMap<String, String> = [
         ("name", m.name.clone()),
@@ -224,6 +236,11 @@ fn encode(v: &StoredVector) -> Result<Vec<u8>, StoreError> {
         ("format", "persona-steer/v1".to_string()),
     ]
     .into_iter()
+    .chain(m.recommended_layer.map(|l| ("recommended_layer", l.to_string())))
+    .chain(
+        (!m.layer_scores.is_empty())
+            .then(|| ("layer_scores", serde_json::to_string(&m.layer_scores).unwrap_or_default())),
+    )
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let bytes: Vec<u8> = v.values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -262,6 +279,8 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<StoredVector, StoreError> {
         description: get("description"),
         n_rows: *n_rows,
         d_model: *d_model,
+        recommended_layer: get("recommended_layer").parse().ok().filter(|l| l < n_rows),
+        layer_scores: serde_json::from_str(&get("layer_scores")).unwrap_or_default(),
     };
     check_values(&meta, &values).map_err(|e| bad(e.to_string()))?;
     Ok(StoredVector { meta, values })
@@ -286,6 +305,8 @@ mod tests {
                 description: "test".into(),
                 n_rows: 3,
                 d_model: 4,
+                recommended_layer: Some(2),
+                layer_scores: vec![LayerScore { layer: 2, cohens_d: 1.5, auroc: 0.875 }],
             },
             values: (0..12).map(|i| i as f32 * fill).collect(),
         }

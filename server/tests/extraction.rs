@@ -1,0 +1,366 @@
+//! The extraction pipeline end to end on the embedded model: library traits, layer
+//! recommendation, steering by the recommended layer, judge filtering against a local
+//! OpenAI-compatible endpoint, trait drafting, and import/export of other formats.
+
+mod common;
+
+use common::{Running, settings, start};
+use persona_client::{Client, chat, pb, steer_by_name};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use tonic::Code;
+
+/// Questions the fake judge knows, and how it scores them.
+const Q_TRAIT: &str = "What is your favourite colour?";
+const Q_PLAIN: &str = "How do I boil an egg?";
+const Q_GIBBERISH: &str = "Name a city in France.";
+const JUDGE_KEY: &str = "test-key";
+
+/// What the fake judge saw.
+#[derive(Default)]
+struct JudgeLog {
+    requests: AtomicUsize,
+    unauthorized: AtomicUsize,
+    models: Mutex<Vec<String>>,
+}
+
+/// A minimal OpenAI-compatible chat-completions endpoint on a loopback port. Trait prompts score
+/// 90 for Q_TRAIT, 10 for Q_PLAIN and 55 otherwise; coherence is 20 for Q_GIBBERISH, else 70; a
+/// request to write a trait gets a small JSON definition.
+fn fake_judge() -> (String, Arc<JudgeLog>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let log = Arc::new(JudgeLog::default());
+    let seen = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let Some((head, body)) = read_request(&mut s) else { continue };
+            seen.requests.fetch_add(1, Ordering::SeqCst);
+            if !head.to_ascii_lowercase().contains(&format!("authorization: bearer {JUDGE_KEY}")) {
+                seen.unauthorized.fetch_add(1, Ordering::SeqCst);
+            }
+            let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            seen.models.lock().unwrap().push(req["model"].as_str().unwrap_or_default().to_string());
+            let prompt = req["messages"][0]["content"].as_str().unwrap_or_default();
+            let reply = if prompt.contains("Write material") {
+                serde_json::json!({
+                    "instruction": [{"pos": "Complain about everything.", "neg": "Accept things calmly."}],
+                    "questions": ["How was your day?", "What do you think of trains?"],
+                    "eval_questions": ["Any plans for the weekend?"]
+                })
+                .to_string()
+            } else if prompt.contains("checking whether an answer") {
+                (if prompt.contains(Q_GIBBERISH) { "20" } else { "70" }).to_string()
+            } else if prompt.contains(Q_TRAIT) {
+                "90".into()
+            } else if prompt.contains(Q_PLAIN) {
+                "10".into()
+            } else {
+                "55".into()
+            };
+            let body =
+                serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]})
+                    .to_string();
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, log)
+}
+
+fn read_request(s: &mut std::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .unwrap_or(0);
+    while buf.len() < header_end + len {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some((head, buf[header_end..].to_vec()))
+}
+
+struct Shared {
+    addr: SocketAddr,
+    judge: Arc<JudgeLog>,
+    _server: Mutex<Running>,
+    _dir: tempfile::TempDir,
+}
+
+/// One server for this binary, configured with the fake judge.
+fn shared() -> &'static Shared {
+    static S: OnceLock<Shared> = OnceLock::new();
+    S.get_or_init(|| {
+        let (url, judge) = fake_judge();
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path());
+        s.judge.url = url;
+        s.judge.model = "fake-judge".into();
+        s.judge.api_key = JUDGE_KEY.into();
+        let running = start(s);
+        Shared { addr: running.addr, judge, _server: Mutex::new(running), _dir: dir }
+    })
+}
+
+async fn client() -> Client {
+    persona_client::connect(&shared().addr.to_string()).await.unwrap()
+}
+
+/// Runs an extraction to its end and returns the final result.
+async fn extract(c: &mut Client, req: pb::ExtractVectorRequest) -> Result<pb::ExtractResult, tonic::Status> {
+    let mut stream = c.extract_vector(req).await?.into_inner();
+    let mut result = None;
+    while let Some(msg) = stream.message().await? {
+        if let Some(pb::extract_vector_response::Event::Result(r)) = msg.event {
+            result = Some(r);
+        }
+    }
+    Ok(result.expect("the stream ends with a result"))
+}
+
+fn sampling(max_tokens: u32) -> Option<pb::SamplingParams> {
+    Some(pb::SamplingParams { max_tokens, ..Default::default() })
+}
+
+/// Mean response projection of greedy answers to `questions`, steered by `vector` at its
+/// recommended layer with `coefficient`, measured (unsteered) on that vector and layer.
+async fn mean_answer_projection(c: &mut Client, vector: &str, questions: &[String], coefficient: f32) -> f32 {
+    let mut sum = 0.0;
+    for q in questions {
+        let req = pb::GenerateRequest {
+            prompt: Some(chat(q, None)),
+            sampling: sampling(40),
+            steering: vec![steer_by_name(vector, None, coefficient)],
+            ..Default::default()
+        };
+        let answer = persona_client::generate_text(c, req).await.unwrap().text;
+        let Some(pb::prompt::Kind::Chat(conversation)) = chat(q, None).kind else { unreachable!() };
+        let r = c
+            .project_activation(pb::ProjectActivationRequest {
+                conversation: Some(conversation),
+                response: answer,
+                targets: vec![pb::ProjectionTarget { vector: vector.into(), layer: None }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.projections[0].has_response);
+        sum += r.projections[0].response_avg;
+    }
+    sum / questions.len() as f32
+}
+
+#[tokio::test]
+async fn a_library_trait_extracts_with_a_recommended_layer_and_steering_raises_its_projection() {
+    let mut c = client().await;
+    let req = pb::ExtractVectorRequest {
+        trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("evil".into())),
+        max_pairs: 3,
+        max_questions: 10,
+        sampling: sampling(32),
+        skip_judge: true,
+        overwrite: true,
+        ..Default::default()
+    };
+    let r = extract(&mut c, req).await.unwrap();
+    assert_eq!((r.rollouts, r.kept_pos, r.kept_neg), (60, 30, 30));
+    assert_eq!(r.filtering, "judge skipped on request: answers were not filtered");
+    assert!(r.generated_tokens > 0 && r.generated_tokens <= 60 * 32);
+    let v = r.vector.unwrap();
+    assert_eq!((v.name.as_str(), v.trait_name.as_str()), ("evil", "evil"));
+    assert!(v.description.contains("held-out questions"), "{}", v.description);
+    assert_eq!(v.layer_scores.len(), 31);
+    let layer = v.recommended_layer.expect("a recommended layer") as usize;
+    assert!(layer >= 1);
+    let best = &v.layer_scores[layer];
+    println!("recommended layer {layer}: d = {:.3}, AUROC = {:.3}", best.cohens_d, best.auroc);
+    assert!(best.cohens_d > 0.5 && best.auroc > 0.7, "held-out rollouts should separate: {best:?}");
+    assert_eq!(r.variants.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["evil.prompt_avg", "evil.prompt_last"]);
+    let got = c.get_vector(pb::GetVectorRequest { name: "evil".into(), include_values: false }).await.unwrap();
+    assert_eq!(got.into_inner().info.unwrap().recommended_layer, Some(layer as u32));
+
+    // Steering the answers to unseen questions toward the trait raises their projection.
+    let all = c.list_traits(pb::ListTraitsRequest {}).await.unwrap().into_inner().traits;
+    let evil = all.into_iter().find(|t| t.trait_name == "evil").unwrap();
+    let questions = &evil.eval_questions[..4];
+    let base = mean_answer_projection(&mut c, "evil", questions, 0.0).await;
+    let steered = mean_answer_projection(&mut c, "evil", questions, 1.5).await;
+    println!("mean answer projection at layer {layer}: coefficient 0 -> {base:.3}, 1.5 -> {steered:.3}");
+    assert!(steered > base, "positive steering should raise the projection: {base} -> {steered}");
+}
+
+#[tokio::test]
+async fn the_judge_filters_rollouts_by_trait_and_coherence() {
+    let mut c = client().await;
+    let def = pb::TraitDefinition {
+        trait_name: "fussy".into(),
+        description: "Complains about details.".into(),
+        instruction: vec![pb::InstructionPair {
+            pos: "Complain about every detail.".into(),
+            neg: "Be easygoing.".into(),
+        }],
+        questions: vec![Q_TRAIT.into(), Q_PLAIN.into(), Q_GIBBERISH.into()],
+        eval_questions: vec![],
+        eval_prompt: "Trait check.\nQuestion: {question}\nAnswer: {answer}\nScore 0-100.".into(),
+    };
+    let before = shared().judge.requests.load(Ordering::SeqCst);
+    let req = pb::ExtractVectorRequest {
+        name: "fussy-judged".into(),
+        trait_source: Some(pb::extract_vector_request::TraitSource::Definition(def.clone())),
+        sampling: sampling(8),
+        overwrite: true,
+        ..Default::default()
+    };
+    let r = extract(&mut c, req.clone()).await.unwrap();
+    // Positive kept: Q_TRAIT only (Q_PLAIN scores 10 on the trait, Q_GIBBERISH is incoherent).
+    // Negative kept: Q_PLAIN only.
+    assert_eq!((r.rollouts, r.kept_pos, r.kept_neg), (6, 1, 1));
+    assert!(r.filtering.starts_with("judged by `fake-judge`"), "{}", r.filtering);
+    let v = r.vector.unwrap();
+    assert!(v.description.contains("over 1 positive and 1 negative"), "{}", v.description);
+    assert!(v.description.contains("too few for a held-out split"), "{}", v.description);
+    let judge = &shared().judge;
+    assert_eq!(judge.requests.load(Ordering::SeqCst) - before, 12, "a trait and a coherence score per rollout");
+    assert_eq!(judge.unauthorized.load(Ordering::SeqCst), 0, "the API key is sent");
+    assert!(judge.models.lock().unwrap().iter().all(|m| m == "fake-judge"));
+
+    // A trait threshold of 5 keeps no negative answer (and Q_PLAIN as a positive one): refused
+    // with the reason, nothing stored.
+    let strict = pb::ExtractVectorRequest { name: "fussy-strict".into(), trait_threshold: 5.0, ..req.clone() };
+    let e = extract(&mut c, strict).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("2 positive and 0 negative"), "{}", e.message());
+    let missing = c.get_vector(pb::GetVectorRequest { name: "fussy-strict".into(), include_values: false }).await;
+    assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+    let bad = pb::ExtractVectorRequest { trait_threshold: 101.0, ..req };
+    assert_eq!(c.extract_vector(bad).await.unwrap_err().code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn traits_are_listed_drafted_and_checked() {
+    let mut c = client().await;
+    let names: Vec<String> = c
+        .list_traits(pb::ListTraitsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .traits
+        .into_iter()
+        .map(|t| t.trait_name)
+        .collect();
+    assert_eq!(names, ["apathetic", "evil", "hallucinating", "humorous", "impolite", "optimistic", "sycophantic"]);
+
+    let draft = |use_llm| pb::DraftTraitRequest {
+        trait_name: "grumpy".into(),
+        description: "Complains and grumbles about everything.".into(),
+        use_llm,
+    };
+    let t = c.draft_trait(draft(false)).await.unwrap().into_inner();
+    assert_eq!(t.generator, "template");
+    let def = t.definition.unwrap();
+    assert_eq!((def.instruction.len(), def.questions.len(), def.eval_questions.len()), (5, 20, 20));
+    let l = c.draft_trait(draft(true)).await.unwrap().into_inner();
+    assert_eq!(l.generator, "llm:fake-judge");
+    let llm = l.definition.unwrap();
+    assert_eq!(llm.instruction[0].pos, "Complain about everything.");
+    assert!(llm.eval_prompt.contains("{question}") && llm.eval_prompt.contains("Trait: grumpy"));
+    let empty = pb::DraftTraitRequest { description: " ".into(), ..draft(false) };
+    assert_eq!(c.draft_trait(empty).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let unknown = pb::ExtractVectorRequest {
+        trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("grumpy".into())),
+        ..Default::default()
+    };
+    let e = c.extract_vector(unknown).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("known: apathetic, evil"), "{}", e.message());
+    let broken = pb::TraitDefinition { instruction: vec![], ..def.clone() };
+    let bad = pb::ExtractVectorRequest {
+        trait_source: Some(pb::extract_vector_request::TraitSource::Definition(broken)),
+        ..Default::default()
+    };
+    let e = c.extract_vector(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("instruction pair"), "{}", e.message());
+    let both = pb::ExtractVectorRequest {
+        trait_source: Some(pb::extract_vector_request::TraitSource::Definition(def)),
+        questions: vec!["extra?".into()],
+        ..Default::default()
+    };
+    assert_eq!(c.extract_vector(both).await.unwrap_err().code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn vectors_round_trip_through_control_vector_gguf_and_bad_files_are_refused() {
+    let mut c = client().await;
+    let values = persona_client::pseudo_random_vector(11, 31 * 576);
+    let put =
+        pb::PutVectorRequest { name: "interop".into(), values: values.clone(), overwrite: true, ..Default::default() };
+    c.put_vector(put).await.unwrap();
+    let gguf = c
+        .export_vector(pb::ExportVectorRequest { name: "interop".into(), format: pb::VectorFormat::Gguf as i32 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((&gguf.data[..4], gguf.extension.as_str()), (&b"GGUF"[..], "gguf"));
+    let import = |name: &str, data: Vec<u8>| pb::ImportVectorRequest {
+        name: name.into(),
+        data,
+        recommended_layer: Some(12),
+        overwrite: true,
+        ..Default::default()
+    };
+    let info = c.import_vector(import("interop-gguf", gguf.data.clone())).await.unwrap().into_inner().info.unwrap();
+    assert_eq!(info.recommended_layer, Some(12));
+    let back = c.get_vector(pb::GetVectorRequest { name: "interop-gguf".into(), include_values: true }).await.unwrap();
+    let back = back.into_inner().values;
+    assert!(back[..2 * 576].iter().all(|v| *v == 0.0), "embedding row and block 0 have no control-vector form");
+    assert_eq!(&back[2 * 576..], &values[2 * 576..]);
+
+    // Our own file format round-trips whole, metadata included.
+    let own = c
+        .export_vector(pb::ExportVectorRequest {
+            name: "interop-gguf".into(),
+            format: pb::VectorFormat::Safetensors as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info = c.import_vector(import("interop-st", own.data)).await.unwrap().into_inner().info.unwrap();
+    assert_eq!(info.recommended_layer, Some(12));
+
+    for (data, what) in [(b"garbage!garbage!".to_vec(), "cannot tell"), (gguf.data[..100].to_vec(), "GGUF")] {
+        let e = c.import_vector(import("interop", data)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains(what), "{}", e.message());
+    }
+    let e = c.import_vector(pb::ImportVectorRequest { recommended_layer: Some(31), ..import("x", gguf.data) }).await;
+    assert_eq!(e.unwrap_err().code(), Code::InvalidArgument);
+    let kept = c.get_vector(pb::GetVectorRequest { name: "interop".into(), include_values: true }).await.unwrap();
+    assert_eq!(kept.into_inner().values, values, "failed imports leave the stored vector alone");
+    let e = c.export_vector(pb::ExportVectorRequest { name: "nope".into(), format: 0 }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
