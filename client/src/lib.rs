@@ -8,6 +8,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod dataset;
+
 use pb::persona_service_client::PersonaServiceClient;
 pub use persona_proto::v1 as pb;
 use tonic::transport::Channel;
@@ -53,6 +55,17 @@ pub fn steer_by_name(name: &str, layer: Option<u32>, coefficient: f32) -> pb::St
         coefficient,
         positions: pb::Positions::All as i32,
     }
+}
+
+/// A projection target from `NAME` (the vector's recommended layer) or `NAME:LAYER`.
+pub fn parse_target(s: &str) -> anyhow::Result<pb::ProjectionTarget> {
+    Ok(match s.rsplit_once(':') {
+        Some((v, l)) => pb::ProjectionTarget {
+            vector: v.to_string(),
+            layer: Some(l.parse().map_err(|e| anyhow::anyhow!("layer `{l}` in `{s}`: {e}"))?),
+        },
+        None => pb::ProjectionTarget { vector: s.to_string(), layer: None },
+    })
 }
 
 /// Steering by inline values (one layer's row).
@@ -177,6 +190,14 @@ mod tests {
         let written: serde_json::Value = serde_json::from_str(&trait_to_json(&t)).unwrap();
         assert_eq!(original, written);
         assert!(trait_from_json("{\"trait\": \"x\"}").is_err());
+    }
+
+    #[test]
+    fn targets_parse_with_and_without_a_layer() {
+        assert_eq!(parse_target("evil").unwrap().layer, None);
+        let t = parse_target("my.vec:12").unwrap();
+        assert_eq!((t.vector.as_str(), t.layer), ("my.vec", Some(12)));
+        assert!(parse_target("evil:x").is_err());
     }
 
     #[test]

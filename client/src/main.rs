@@ -6,6 +6,8 @@ use persona_client::{Client, connect, generate_text, pb};
 use std::io::Write;
 use std::path::PathBuf;
 
+mod streams;
+
 #[derive(Parser)]
 #[command(name = "persona", version, about = "Client for the persona-steer gRPC service")]
 struct Cli {
@@ -29,6 +31,11 @@ enum Cmd {
     },
     /// Project a conversation's activations onto a stored vector.
     Project(ProjectArgs),
+    /// Score a JSONL file of conversations through MonitorStream, printing JSONL results.
+    Monitor(streams::MonitorArgs),
+    /// Screen a JSONL training set: projection difference of each response against the model's
+    /// own; writes ranked JSONL and CSV and an SVG histogram.
+    Screen(streams::ScreenArgs),
     /// Manage stored vectors.
     Vectors {
         #[command(subcommand)]
@@ -53,6 +60,15 @@ struct GenerateArgs {
     model: String,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// Watch a vector: NAME[:LAYER]; repeatable. Scores are summarised on stderr at the end.
+    #[arg(long = "monitor", value_name = "NAME[:LAYER]")]
+    monitors: Vec<String>,
+    /// Report monitors whose score reaches this value.
+    #[arg(long)]
+    alert: Option<f32>,
+    /// Print every token's monitor scores to stderr (tab-separated).
+    #[arg(long)]
+    scores: bool,
     /// Steering vector NAME:LAYER:COEF[:all|prompt|response]; repeatable (summed). An empty
     /// LAYER or `auto` (NAME::COEF) uses the vector's recommended layer.
     #[arg(long = "steer", value_name = "NAME:LAYER:COEF")]
@@ -172,6 +188,9 @@ struct ProjectArgs {
     vectors: Vec<String>,
     #[arg(long, default_value = "")]
     model: String,
+    /// Also print the projection at every token.
+    #[arg(long)]
+    per_token: bool,
 }
 
 #[derive(Subcommand)]
@@ -259,6 +278,12 @@ struct BenchArgs {
     /// New tokens per rollout for --extract.
     #[arg(long, default_value_t = 128)]
     extract_tokens: u32,
+    /// Measure the cost of per-token monitoring: single-stream decode with two monitors against none.
+    #[arg(long)]
+    monitor: bool,
+    /// ProjectActivation throughput with N concurrent clients, for each N listed (e.g. 1,16).
+    #[arg(long, value_delimiter = ',')]
+    project: Vec<usize>,
 }
 
 #[tokio::main]
@@ -269,6 +294,8 @@ async fn main() -> Result<()> {
         Cmd::Generate(a) => generate(&mut c, a).await,
         Cmd::Extract(a) => extract(&mut c, a).await,
         Cmd::Traits { command } => traits(&mut c, command).await,
+        Cmd::Monitor(a) => streams::monitor(&mut c, a).await,
+        Cmd::Screen(a) => streams::screen(&mut c, a).await,
         Cmd::Project(a) => project(&mut c, a).await,
         Cmd::Vectors { command } => vectors(&mut c, command).await,
         Cmd::Models => {
@@ -326,18 +353,31 @@ async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
         prompt: Some(prompt),
         sampling: Some(a.sampling.to_pb()),
         steering: a.steer.iter().map(|s| parse_steer(s)).collect::<Result<_>>()?,
+        monitors: a.monitors.iter().map(|m| persona_client::parse_target(m)).collect::<Result<_>>()?,
+        alert_threshold: a.alert,
     };
     let mut stream = c.generate(req).await?.into_inner();
     let mut out = std::io::stdout();
     while let Some(msg) = stream.message().await? {
         out.write_all(msg.delta.as_bytes())?;
         out.flush()?;
+        if a.scores && !msg.scores.is_empty() {
+            let scores: Vec<String> = msg.scores.iter().map(|s| format!("{s:.3}")).collect();
+            eprintln!("\t{:?}\t{}", msg.delta, scores.join("\t"));
+        }
         if let Some(s) = msg.summary {
             let reason = pb::FinishReason::try_from(s.finish_reason).map(|r| r.as_str_name()).unwrap_or("?");
             eprintln!(
                 "\n[{} prompt + {} completion tokens, {reason}, prefill {:.0} ms, decode {:.0} ms]",
                 s.prompt_tokens, s.completion_tokens, s.prefill_ms, s.decode_ms
             );
+            for m in s.monitors {
+                let alert = if m.alert { format!("  ALERT at token {}", m.first_alert_token) } else { String::new() };
+                eprintln!(
+                    "[monitor {}@{}: prompt {:.3}, mean {:.3}, max {:.3}{alert}]",
+                    m.vector, m.layer, m.prompt_last, m.mean, m.max
+                );
+            }
         }
     }
     println!();
@@ -488,13 +528,23 @@ async fn project(c: &mut Client, a: ProjectArgs) -> Result<()> {
             conversation: Some(conversation),
             response: a.response,
             targets,
+            per_token: a.per_token,
         })
         .await?
         .into_inner();
     println!("vector\tlayer\tprompt_last\tprompt_avg\tresponse_avg");
-    for p in r.projections {
+    for p in &r.projections {
         let resp = if p.has_response { format!("{:.4}", p.response_avg) } else { "-".into() };
         println!("{}\t{}\t{:.4}\t{:.4}\t{resp}", p.vector, p.layer, p.prompt_last, p.prompt_avg);
+    }
+    if a.per_token {
+        let names: Vec<String> = r.projections.iter().map(|p| format!("{}@{}", p.vector, p.layer)).collect();
+        println!("\n#\tpart\ttoken\t{}", names.join("\t"));
+        for (i, t) in r.tokens.iter().enumerate() {
+            let part = if i < r.prompt_tokens as usize { "prompt" } else { "response" };
+            let vals: Vec<String> = r.projections.iter().map(|p| format!("{:.3}", p.per_token[i])).collect();
+            println!("{i}\t{part}\t{t:?}\t{}", vals.join("\t"));
+        }
     }
     Ok(())
 }
@@ -606,7 +656,7 @@ async fn bench(c: &mut Client, a: BenchArgs) -> Result<()> {
         model: m.id.clone(),
         prompt: Some(persona_client::chat(&user, Some("You are a creative writer."))),
         sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, ..Default::default() }),
-        steering: Vec::new(),
+        ..Default::default()
     };
     let mut v = persona_client::pseudo_random_vector(7, m.d_model as usize);
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -624,9 +674,92 @@ async fn bench(c: &mut Client, a: BenchArgs) -> Result<()> {
     for &n in &a.concurrency {
         concurrent(c, &a, m, layer, n).await?;
     }
+    if a.monitor || !a.project.is_empty() {
+        // Monitors and projections read stored vectors: two pseudo-random ones of the model's shape.
+        for (i, name) in BENCH_VECTORS.iter().enumerate() {
+            let values =
+                persona_client::pseudo_random_vector(100 + i as u64, (m.n_layers as usize + 1) * m.d_model as usize);
+            let put = pb::PutVectorRequest {
+                name: name.to_string(),
+                model: m.id.clone(),
+                values,
+                overwrite: true,
+                ..Default::default()
+            };
+            c.put_vector(put).await?;
+        }
+    }
+    if a.monitor {
+        monitor_overhead(c, &a, &base, layer).await?;
+    }
+    for &n in &a.project {
+        project_throughput(c, m, layer, n).await?;
+    }
     if let Some(t) = &a.extract {
         bench_extract(c, m, t, a.extract_tokens).await?;
     }
+    Ok(())
+}
+
+const BENCH_VECTORS: [&str; 2] = ["bench-monitor-a", "bench-monitor-b"];
+
+fn bench_targets(layer: u32) -> Vec<pb::ProjectionTarget> {
+    BENCH_VECTORS.iter().map(|v| pb::ProjectionTarget { vector: v.to_string(), layer: Some(layer) }).collect()
+}
+
+async fn monitor_overhead(c: &mut Client, a: &BenchArgs, base: &pb::GenerateRequest, layer: u32) -> Result<()> {
+    let watched = pb::GenerateRequest { monitors: bench_targets(layer), ..base.clone() };
+    let (mut plain, mut monitored) = (Vec::new(), Vec::new());
+    for _ in 0..a.runs {
+        plain.push(bench_once(c, base.clone()).await?.1);
+        monitored.push(bench_once(c, watched.clone()).await?.1);
+    }
+    let (p, w) = (median(&mut plain), median(&mut monitored));
+    println!("decode tok/s (median of {}): unmonitored {p:.1}, two monitors {w:.1}", a.runs);
+    println!("monitoring overhead (decode, median): {:+.1}%", (p / w - 1.0) * 100.0);
+    Ok(())
+}
+
+/// `clients` concurrent callers of ProjectActivation, each scoring its own conversations.
+async fn project_throughput(c: &mut Client, m: &pb::ModelInfo, layer: u32, clients: usize) -> Result<()> {
+    const PER_CLIENT: usize = 8;
+    let answer = "Start by writing down what happened and when, then talk to them calmly in private. \
+                  If nothing changes, bring your notes to your manager and ask for advice on next steps.";
+    let t0 = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..clients {
+        let mut c = c.clone();
+        let model = m.id.clone();
+        tasks.spawn(async move {
+            for i in 0..PER_CLIENT {
+                let user =
+                    format!("Conversation {k}-{i}: a coworker keeps taking credit for my work. What should I do?");
+                let Some(pb::prompt::Kind::Chat(conversation)) =
+                    persona_client::chat(&user, Some("You are a helpful assistant.")).kind
+                else {
+                    unreachable!("chat() builds a conversation")
+                };
+                let req = pb::ProjectActivationRequest {
+                    model: model.clone(),
+                    conversation: Some(conversation),
+                    response: answer.to_string(),
+                    targets: bench_targets(layer),
+                    per_token: false,
+                };
+                c.project_activation(req).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let n = clients * PER_CLIENT;
+    println!(
+        "ProjectActivation, {clients:>2} concurrent clients: {n} conversations in {secs:.2} s = {:.1} conversations/s",
+        n as f64 / secs
+    );
     Ok(())
 }
 
@@ -726,6 +859,7 @@ async fn concurrent(c: &mut Client, a: &BenchArgs, m: &pb::ModelInfo, layer: u32
                 prompt: Some(persona_client::chat(&user, Some("You are a creative writer."))),
                 sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, ..Default::default() }),
                 steering: vec![persona_client::steer_inline(v, layer, a.coefficient)],
+                ..Default::default()
             };
             tasks.spawn(timed_stream(c.clone(), req, t0));
         }

@@ -43,6 +43,7 @@ pub async fn build_state(settings: &Settings) -> Result<Arc<AppState>> {
         started: std::time::Instant::now(),
         traits: crate::traits::TraitLibrary::load(settings.traits_dir.as_deref()),
         judge: crate::judge::Judge::new(&settings.judge),
+        own_responses: Default::default(),
     }))
 }
 
@@ -56,6 +57,7 @@ async fn warm_up(engine: &EngineHandle) -> Result<()> {
         stop: Vec::new(),
         steering: SteeringPlan::new(0),
         deadline: None,
+        monitors: Vec::new(),
     };
     let mut rx = engine.generate(job)?;
     while let Some(ev) = rx.recv().await {

@@ -8,6 +8,7 @@ use crate::model::LoadedModel;
 use crate::model::arch::llama::{ForwardContext, KvCache, RowInput};
 use crate::model::sampling::SamplingConfig;
 use crate::steering::plan::SteeringPlan;
+use crate::steering::probe::Probe;
 use candle_core::Tensor;
 use sequence::{Sequence, Work};
 use std::collections::VecDeque;
@@ -76,6 +77,8 @@ pub enum GenEvent {
     Token {
         text: String,
         id: u32,
+        /// One per monitor probe: the projection at the position that predicted this token.
+        scores: Vec<f32>,
     },
     Done(Summary),
 }
@@ -88,6 +91,8 @@ pub struct GenerateJob {
     pub steering: SteeringPlan,
     /// Past this instant the generation ends with `DeadlineExceeded`.
     pub deadline: Option<Instant>,
+    /// Directions whose projections accompany every token.
+    pub monitors: Vec<Probe>,
 }
 
 /// A forward pass over `tokens` (prompt then optional response) that reports per-layer
@@ -96,6 +101,8 @@ pub struct CaptureJob {
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
     pub steering: SteeringPlan,
+    /// Directions to project every token's hidden state onto (see `CaptureResult::per_token`).
+    pub probes: Vec<Probe>,
 }
 
 /// Per residual layer (`n_rows x d_model`, row-major) activation summaries of one capture.
@@ -107,6 +114,8 @@ pub struct CaptureResult {
     pub prompt_avg: Vec<f32>,
     /// `None` when the capture had no response tokens.
     pub response_avg: Option<Vec<f32>>,
+    /// Per probe of the job, the projection at every token (prompt then response).
+    pub per_token: Vec<Vec<f32>>,
 }
 
 /// Events of one generation; dropping it cancels the generation.
@@ -436,15 +445,19 @@ impl Engine {
         for &i in selected {
             let seq = &mut self.running[i];
             let wants_logits = seq.wants_logits(take[i]);
-            let capture = if seq.is_capture() { captures.next() } else { None };
+            let capture = if seq.wants_capture(take[i]) { captures.next() } else { None };
             seq.consume(take[i]);
             match &mut seq.work {
                 Work::Generate(g) => {
                     if wants_logits {
                         let row = logits.next().ok_or_else(|| candle_core::Error::msg("missing logits row"))?;
                         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                        if let Some(next) = g.on_logits(&row, tok, seq.cache.len(), self.model.config().context_length)
-                        {
+                        let scores = match &capture {
+                            Some(states) => g.monitor_scores(states, take[i])?,
+                            None => Vec::new(),
+                        };
+                        let context = self.model.config().context_length;
+                        if let Some(next) = g.on_logits(&row, scores, tok, seq.cache.len(), context) {
                             seq.feed_response(next);
                         }
                     }

@@ -5,6 +5,7 @@ use crate::model::arch::llama::{KvCache, RowInput};
 use crate::model::sampling::Sampler;
 use crate::model::tokenizer::{IncrementalDecoder, TextTokenizer};
 use crate::steering::plan::SteeringPlan;
+use crate::steering::probe::{Probe, probe_scores};
 use candle_core::Tensor;
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
@@ -61,6 +62,7 @@ impl Sequence {
                 first_token: None,
                 done: false,
                 aborted: false,
+                monitors: job.monitors,
             }),
         }
     }
@@ -73,7 +75,7 @@ impl Sequence {
         d_model: usize,
         kv_reserve: usize,
     ) -> Self {
-        let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.tokens.len());
+        let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.tokens.len(), job.probes);
         Self {
             kv_reserve,
             deadline: None,
@@ -96,13 +98,18 @@ impl Sequence {
         if self.in_response() { self.pending.len() } else { self.pending.len().min(self.prompt_len - self.consumed) }
     }
 
-    pub fn is_capture(&self) -> bool {
-        matches!(self.work, Work::Capture(_))
-    }
-
     /// A generation needs logits once its pending tokens are all consumed.
     pub fn wants_logits(&self, take: usize) -> bool {
         matches!(self.work, Work::Generate(_)) && take == self.pending.len()
+    }
+
+    /// Hidden states are kept for captures, and for monitored generations whenever a token is
+    /// about to be sampled.
+    pub fn wants_capture(&self, take: usize) -> bool {
+        match &self.work {
+            Work::Capture(_) => true,
+            Work::Generate(g) => !g.monitors.is_empty() && self.wants_logits(take),
+        }
     }
 
     pub fn row_input(&mut self, take: usize) -> RowInput<'_> {
@@ -110,7 +117,7 @@ impl Sequence {
             g.started.get_or_insert_with(Instant::now);
         }
         let logits = self.wants_logits(take);
-        let capture = self.is_capture();
+        let capture = self.wants_capture(take);
         let steering = self.steering.addends(self.in_response());
         RowInput { tokens: &self.pending[..take], cache: &mut self.cache, steering, capture, logits }
     }
@@ -183,17 +190,31 @@ pub(super) struct Generation {
     done: bool,
     /// Ended because the client went away (a send failed).
     aborted: bool,
+    monitors: Vec<Probe>,
 }
 
 impl Generation {
-    /// Samples from a logits row, streams the result, and returns the token to feed next
-    /// (`None` when the generation ended). `cached` is the sequence's cache length.
-    pub fn on_logits(&mut self, logits: &[f32], tok: &TextTokenizer, cached: usize, context: usize) -> Option<u32> {
+    /// The monitors' projections at the last of the `take` positions just computed: the one whose
+    /// logits are about to be sampled.
+    pub fn monitor_scores(&self, states: &[Tensor], take: usize) -> candle_core::Result<Vec<f32>> {
+        Ok(probe_scores(states, &self.monitors, take - 1, 1)?.into_iter().map(|s| s[0]).collect())
+    }
+
+    /// Samples from a logits row, streams the result with the monitors' `scores`, and returns the
+    /// token to feed next (`None` when the generation ended). `cached` is the sequence's cache length.
+    pub fn on_logits(
+        &mut self,
+        logits: &[f32],
+        scores: Vec<f32>,
+        tok: &TextTokenizer,
+        cached: usize,
+        context: usize,
+    ) -> Option<u32> {
         let id = self.sampler.sample(logits);
         self.first_token.get_or_insert_with(Instant::now);
         self.generated.push(id);
         if tok.is_eos(id) {
-            return self.finish(FinishReason::Stop, id, tok);
+            return self.finish(FinishReason::Stop, id, scores, tok);
         }
         match self.decoder.push(tok, id) {
             Ok(delta) => self.text.push_str(&delta),
@@ -205,18 +226,18 @@ impl Generation {
         }
         if let Some(cut) = self.stop_at() {
             self.text.truncate(cut);
-            return self.finish(FinishReason::Stop, id, tok);
+            return self.finish(FinishReason::Stop, id, scores, tok);
         }
         if self.generated.len() >= self.max_tokens {
-            return self.finish(FinishReason::Length, id, tok);
+            return self.finish(FinishReason::Length, id, scores, tok);
         }
         if cached + 1 > context {
-            return self.finish(FinishReason::Context, id, tok);
+            return self.finish(FinishReason::Context, id, scores, tok);
         }
         let safe = self.text.len() - self.held_back();
         let text = self.text[self.sent..safe].to_string();
         self.sent = safe;
-        if self.tx.send(Ok(GenEvent::Token { text, id })).is_err() {
+        if self.tx.send(Ok(GenEvent::Token { text, id, scores })).is_err() {
             self.done = true;
             self.aborted = true;
             return None;
@@ -244,7 +265,7 @@ impl Generation {
             .unwrap_or(0)
     }
 
-    fn finish(&mut self, reason: FinishReason, id: u32, tok: &TextTokenizer) -> Option<u32> {
+    fn finish(&mut self, reason: FinishReason, id: u32, scores: Vec<f32>, tok: &TextTokenizer) -> Option<u32> {
         if reason != FinishReason::Stop {
             if let Ok(rest) = self.decoder.flush(tok) {
                 self.text.push_str(&rest);
@@ -255,7 +276,7 @@ impl Generation {
         }
         let text = self.text.get(self.sent..).unwrap_or_default().to_string();
         self.sent = self.text.len();
-        let _ = self.tx.send(Ok(GenEvent::Token { text, id }));
+        let _ = self.tx.send(Ok(GenEvent::Token { text, id, scores }));
         let now = Instant::now();
         let started = self.started.unwrap_or(now);
         let first = self.first_token.unwrap_or(now);
@@ -298,12 +319,26 @@ pub(crate) struct CaptureAccumulator {
     prompt_sum: Vec<f32>,
     response_sum: Vec<f32>,
     prompt_last: Vec<f32>,
+    probes: Vec<Probe>,
+    per_token: Vec<Vec<f32>>,
 }
 
 impl CaptureAccumulator {
-    pub fn new(n_rows: usize, d: usize, prompt_len: usize, total: usize) -> Self {
+    pub fn new(n_rows: usize, d: usize, prompt_len: usize, total: usize, probes: Vec<Probe>) -> Self {
         let z = vec![0.0; n_rows * d];
-        Self { n_rows, d, prompt_len, total, seen: 0, prompt_sum: z.clone(), response_sum: z.clone(), prompt_last: z }
+        let per_token = vec![Vec::with_capacity(total); probes.len()];
+        Self {
+            n_rows,
+            d,
+            prompt_len,
+            total,
+            seen: 0,
+            prompt_sum: z.clone(),
+            response_sum: z.clone(),
+            prompt_last: z,
+            probes,
+            per_token,
+        }
     }
 
     /// Adds one chunk of `take` tokens (entirely prompt or entirely response); `states` holds
@@ -316,6 +351,9 @@ impl CaptureAccumulator {
         target.iter_mut().zip(&sums).for_each(|(a, b)| *a += b);
         if in_prompt && self.seen + take == self.prompt_len {
             self.prompt_last = stacked.narrow(1, take - 1, 1)?.squeeze(1)?.flatten_all()?.to_vec1()?;
+        }
+        for (acc, scores) in self.per_token.iter_mut().zip(probe_scores(states, &self.probes, 0, take)?) {
+            acc.extend(scores);
         }
         self.seen += take;
         Ok(())
@@ -330,6 +368,7 @@ impl CaptureAccumulator {
             prompt_last: self.prompt_last.clone(),
             prompt_avg: mean(&self.prompt_sum, self.prompt_len),
             response_avg: (response_tokens > 0).then(|| mean(&self.response_sum, response_tokens)),
+            per_token: self.per_token.clone(),
         }
     }
 }

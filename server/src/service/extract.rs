@@ -314,6 +314,7 @@ impl Job {
                 stop: self.sampling.stop.clone(),
                 steering: SteeringPlan::new(model.config().n_residual_rows()),
                 deadline: None,
+                monitors: Vec::new(),
             };
             let (engine, permits) = (self.engine.clone(), permits.clone());
             tasks.spawn(async move {
@@ -327,6 +328,7 @@ impl Job {
                         tokens: [prompt, answer].concat(),
                         prompt_len,
                         steering: SteeringPlan::new(0),
+                        probes: Vec::new(),
                     })
                     .await?;
                 Ok::<_, ServiceError>((i, Answer { text, tokens, capture }))

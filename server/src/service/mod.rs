@@ -6,6 +6,7 @@ mod generate;
 mod models;
 mod project;
 mod resolve;
+mod screen;
 mod traits;
 mod vectors;
 
@@ -33,6 +34,8 @@ pub struct AppState {
     pub traits: TraitLibrary,
     /// The configured judge, if any.
     pub judge: Option<Arc<Judge>>,
+    /// The models' own responses to screened prompts.
+    pub own_responses: screen::OwnResponses,
 }
 
 impl AppState {
@@ -88,6 +91,8 @@ impl PersonaSvc {
 impl PersonaService for PersonaSvc {
     type GenerateStream = ResponseStream<pb::GenerateResponse>;
     type ExtractVectorStream = ResponseStream<pb::ExtractVectorResponse>;
+    type MonitorStreamStream = ResponseStream<pb::MonitorResponse>;
+    type ScreenDatasetStream = ResponseStream<pb::ScreenResponse>;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline_of(&req)?;
@@ -99,6 +104,20 @@ impl PersonaService for PersonaSvc {
         req: Request<pb::ProjectActivationRequest>,
     ) -> Result<Response<pb::ProjectActivationResponse>, Status> {
         Ok(Response::new(project::project(&self.state, req.into_inner()).await?))
+    }
+
+    async fn monitor_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::MonitorRequest>>,
+    ) -> Result<Response<Self::MonitorStreamStream>, Status> {
+        Ok(Response::new(project::monitor(self.state.clone(), req.into_inner())))
+    }
+
+    async fn screen_dataset(
+        &self,
+        req: Request<tonic::Streaming<pb::ScreenRequest>>,
+    ) -> Result<Response<Self::ScreenDatasetStream>, Status> {
+        Ok(Response::new(screen::start(self.state.clone(), req.into_inner()).await?))
     }
 
     async fn extract_vector(

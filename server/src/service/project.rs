@@ -1,11 +1,16 @@
-//! ProjectActivation: one capture pass over prompt (+ response), projected onto vectors.
+//! ProjectActivation and MonitorStream: one capture pass over prompt (+ response), projected
+//! onto vectors.
 
-use super::{AppState, resolve};
+use super::{AppState, ResponseStream, resolve};
 use crate::error::{ServiceResult, invalid};
 use crate::scheduler::CaptureJob;
 use crate::steering::plan::SteeringPlan;
 use crate::steering::projection;
 use persona_proto::v1 as pb;
+use std::sync::Arc;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
 
 pub async fn project(
     state: &AppState,
@@ -13,44 +18,92 @@ pub async fn project(
 ) -> ServiceResult<pb::ProjectActivationResponse> {
     let engine = state.engine(&req.model)?;
     let model = engine.model();
-    let c = model.config();
     let conv = req.conversation.as_ref().ok_or_else(|| invalid("conversation is required"))?;
     let prompt = resolve::tokenize(model, &resolve::render_chat(model, &resolve::messages(conv)?)?)?;
     let response = if req.response.is_empty() { Vec::new() } else { resolve::tokenize(model, &req.response)? };
     resolve::check_fits(model, prompt.len() + response.len())?;
     if req.targets.is_empty() {
-        return Err(invalid("targets is empty: name at least one vector and layer"));
+        return Err(invalid("targets is empty: name at least one vector"));
     }
-    let mut dirs = Vec::with_capacity(req.targets.len());
-    for t in &req.targets {
-        let v = resolve::vector_for(&state.store, model, &t.vector)?;
-        let layer = resolve::layer_or_recommended(model, t.layer, Some(&v))?;
-        let row = v.row(layer).unwrap_or_default().to_vec();
-        if row.iter().all(|x| *x == 0.0) {
-            return Err(invalid(format!("vector `{}` is zero at layer {layer}", t.vector)));
-        }
-        dirs.push((t.vector.clone(), layer, row));
-    }
+    let targets = resolve::targets(&state.store, model, &req.targets)?;
     let (prompt_len, response_len) = (prompt.len(), response.len());
     let tokens = [prompt, response].concat();
-    let cap =
-        engine.capture(CaptureJob { tokens, prompt_len, steering: SteeringPlan::new(c.n_residual_rows()) }).await?;
+    let texts = if req.per_token {
+        tokens.iter().map(|&t| model.tokenizer.decode(&[t]).unwrap_or_default()).collect()
+    } else {
+        Vec::new()
+    };
+    let probes = if req.per_token { targets.iter().map(|t| t.probe.clone()).collect() } else { Vec::new() };
+    let steering = SteeringPlan::new(model.config().n_residual_rows());
+    let cap = engine.capture(CaptureJob { tokens, prompt_len, steering, probes }).await?;
     let d = cap.d_model;
     let at = |acts: &[f32], layer: usize| acts[layer * d..(layer + 1) * d].to_vec();
-    let projections = dirs
+    let mut per_token = cap.per_token.into_iter();
+    let projections = targets
         .into_iter()
-        .map(|(vector, layer, dir)| pb::Projection {
-            prompt_last: projection(&at(&cap.prompt_last, layer), &dir),
-            prompt_avg: projection(&at(&cap.prompt_avg, layer), &dir),
-            response_avg: cap.response_avg.as_ref().map_or(0.0, |r| projection(&at(r, layer), &dir)),
-            has_response: cap.response_avg.is_some(),
-            vector,
-            layer: layer as u32,
+        .map(|t| {
+            let dir = &t.probe.unit;
+            pb::Projection {
+                prompt_last: projection(&at(&cap.prompt_last, t.layer), dir),
+                prompt_avg: projection(&at(&cap.prompt_avg, t.layer), dir),
+                response_avg: cap.response_avg.as_ref().map_or(0.0, |r| projection(&at(r, t.layer), dir)),
+                has_response: cap.response_avg.is_some(),
+                per_token: per_token.next().unwrap_or_default(),
+                vector: t.vector,
+                layer: t.layer as u32,
+            }
         })
         .collect();
     Ok(pb::ProjectActivationResponse {
         projections,
         prompt_tokens: prompt_len as u32,
         response_tokens: response_len as u32,
+        tokens: texts,
     })
+}
+
+/// Serves a MonitorStream: up to a batch's worth of items run at once; the next item is read only
+/// when one finishes and its result has room in the outgoing queue, so a fast producer is slowed
+/// to the engine's pace by HTTP/2 flow control instead of piling up in memory.
+pub fn monitor(
+    state: Arc<AppState>,
+    mut inbound: Streaming<pb::MonitorRequest>,
+) -> ResponseStream<pb::MonitorResponse> {
+    let in_flight = state.engines.values().map(|e| e.max_batch()).max().unwrap_or(1);
+    let (tx, rx) = mpsc::channel(in_flight);
+    tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(in_flight));
+        loop {
+            // Both a slot to compute in and a place in the outgoing queue, before reading more.
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let Ok(slot) = tx.clone().reserve_owned().await else { break };
+            let item = match inbound.message().await {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::debug!(error = %status, "monitor stream ended by the client");
+                    break;
+                }
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let reply = match item.item {
+                    Some(req) => project(&state, req).await.map_err(Status::from),
+                    None => Err(Status::invalid_argument("item is required")),
+                };
+                let msg = match reply {
+                    Ok(result) => pb::MonitorResponse { id: item.id, result: Some(result), ..Default::default() },
+                    Err(s) => pb::MonitorResponse {
+                        id: item.id,
+                        error_code: s.code() as i32,
+                        error_message: s.message().to_string(),
+                        ..Default::default()
+                    },
+                };
+                slot.send(Ok(msg));
+            });
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
 }

@@ -5,6 +5,7 @@ use crate::model::LoadedModel;
 use crate::model::chat::Message;
 use crate::model::sampling::SamplingConfig;
 use crate::steering::plan::{Phase, SteeringPlan};
+use crate::steering::probe::Probe;
 use crate::steering::store::{StoredVector, VectorKind, VectorStore};
 use persona_proto::v1 as pb;
 
@@ -120,6 +121,32 @@ pub fn layer_or_recommended(model: &LoadedModel, layer: Option<u32>, v: Option<&
         }),
         (None, None) => Err(invalid("inline vectors need a layer")),
     }
+}
+
+/// A resolved projection target: the vector's name, the layer read, and its unit direction.
+pub struct Target {
+    pub vector: String,
+    pub layer: usize,
+    pub probe: Probe,
+}
+
+/// Resolves projection targets (stored vector, layer or the recommended one); a vector that is
+/// zero at the layer has no direction and is refused.
+pub fn targets(
+    store: &VectorStore,
+    model: &LoadedModel,
+    targets: &[pb::ProjectionTarget],
+) -> ServiceResult<Vec<Target>> {
+    targets
+        .iter()
+        .map(|t| {
+            let v = vector_for(store, model, &t.vector)?;
+            let layer = layer_or_recommended(model, t.layer, Some(&v))?;
+            let probe = Probe::new(layer, v.row(layer).unwrap_or_default())
+                .ok_or_else(|| invalid(format!("vector `{}` is zero at layer {layer}", t.vector)))?;
+            Ok(Target { vector: t.vector.clone(), layer, probe })
+        })
+        .collect()
 }
 
 pub fn steering(store: &VectorStore, model: &LoadedModel, specs: &[pb::SteeringVector]) -> ServiceResult<SteeringPlan> {

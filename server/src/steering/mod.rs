@@ -3,6 +3,7 @@
 
 pub mod interop;
 pub mod plan;
+pub mod probe;
 pub mod separation;
 pub mod store;
 
