@@ -58,6 +58,7 @@ async fn warm_up(engine: &EngineHandle) -> Result<()> {
         steering: SteeringPlan::new(0),
         deadline: None,
         monitors: Vec::new(),
+        capture: false,
     };
     let mut rx = engine.generate(job)?;
     while let Some(ev) = rx.recv().await {

@@ -142,3 +142,54 @@ fn kv_budget_and_deadlines_get_precise_statuses() {
         assert_eq!((s.cancelled, s.rejected), (1, 1), "the deadline counts as a cancellation: {s:?}");
     });
 }
+
+/// A generation that captures as it runs (extraction's single pass) summarises exactly the states a
+/// separate capture pass over the prompt and the tokens fed back would see.
+#[test]
+fn a_capturing_generation_matches_a_capture_pass_over_what_it_fed() {
+    use persona_server::scheduler::{CaptureJob, EngineConfig, EngineHandle, GenEvent, GenerateJob};
+    use persona_server::steering::plan::SteeringPlan;
+    let model = common::served_model();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let engine = EngineHandle::spawn(model.clone(), EngineConfig::default()).unwrap();
+        let text = model.template.render(&[persona_server::model::chat::Message::new("user", "Name three rivers.")]);
+        let prompt = model.tokenizer.encode(&text.unwrap()).unwrap();
+        let job = GenerateJob {
+            prompt: prompt.clone(),
+            max_tokens: 12,
+            sampling: Default::default(),
+            stop: Vec::new(),
+            steering: SteeringPlan::new(0),
+            deadline: None,
+            monitors: Vec::new(),
+            capture: true,
+        };
+        let mut rx = engine.generate(job).unwrap();
+        let (mut ids, mut summary) = (Vec::new(), None);
+        while let Some(ev) = rx.recv().await {
+            match ev.unwrap() {
+                GenEvent::Token { id, .. } => ids.push(id),
+                GenEvent::Done(s) => summary = Some(s),
+            }
+        }
+        let live = summary.unwrap().capture.expect("the summary carries the capture");
+        assert_eq!(ids.len(), 12);
+        // Stopped by max_tokens: the last token was sampled, never fed back.
+        let fed = &ids[..ids.len() - 1];
+        let job = CaptureJob {
+            tokens: [prompt.as_slice(), fed].concat(),
+            prompt_len: prompt.len(),
+            steering: SteeringPlan::new(0),
+            probes: Vec::new(),
+        };
+        let offline = engine.capture(job).await.unwrap();
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0f32, f32::max);
+            assert!(worst < 1e-3, "{what}: relative difference {worst}");
+        };
+        close(&live.prompt_last, &offline.prompt_last, "prompt_last");
+        close(&live.prompt_avg, &offline.prompt_avg, "prompt_avg");
+        close(live.response_avg.as_ref().unwrap(), offline.response_avg.as_ref().unwrap(), "response_avg");
+    });
+}

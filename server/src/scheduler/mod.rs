@@ -68,6 +68,9 @@ pub struct Summary {
     pub completion_tokens: usize,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+    /// Activation summaries of the tokens run through the model (prompt, and every generated token
+    /// fed back), when the job asked for them.
+    pub capture: Option<CaptureResult>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +96,9 @@ pub struct GenerateJob {
     pub deadline: Option<Instant>,
     /// Directions whose projections accompany every token.
     pub monitors: Vec<Probe>,
+    /// Summarise the hidden states of every layer over prompt and response as the generation runs
+    /// (see `Summary::capture`): extraction's one pass over prompt and answer.
+    pub capture: bool,
 }
 
 /// A forward pass over `tokens` (prompt then optional response) that reports per-layer
@@ -300,7 +306,14 @@ impl Engine {
             Command::Generate(job, tx) => {
                 let reserve = reserved_tokens(job.prompt.len(), job.max_tokens, cfg.context_length);
                 let cache = KvCache::with_limit(cfg, reserve);
-                Sequence::generate(job, tx, cache, reserve * self.bytes_per_token)
+                Sequence::generate(
+                    job,
+                    tx,
+                    cache,
+                    reserve * self.bytes_per_token,
+                    cfg.n_residual_rows(),
+                    cfg.hidden_size,
+                )
             }
             Command::Capture(job, tx) => {
                 let reserve = job.tokens.len();
@@ -449,6 +462,9 @@ impl Engine {
             seq.consume(take[i]);
             match &mut seq.work {
                 Work::Generate(g) => {
+                    if let Some(states) = &capture {
+                        g.accumulate(states, take[i])?;
+                    }
                     if wants_logits {
                         let row = logits.next().ok_or_else(|| candle_core::Error::msg("missing logits row"))?;
                         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);

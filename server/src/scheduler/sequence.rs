@@ -38,8 +38,11 @@ impl Sequence {
         tx: mpsc::UnboundedSender<Result<GenEvent, EngineError>>,
         cache: KvCache,
         kv_reserve: usize,
+        n_rows: usize,
+        d_model: usize,
     ) -> Self {
         let prompt_len = job.prompt.len();
+        let acc = job.capture.then(|| CaptureAccumulator::new(n_rows, d_model, prompt_len, Vec::new()));
         Self {
             kv_reserve,
             deadline: job.deadline,
@@ -63,6 +66,7 @@ impl Sequence {
                 done: false,
                 aborted: false,
                 monitors: job.monitors,
+                acc,
             }),
         }
     }
@@ -75,7 +79,7 @@ impl Sequence {
         d_model: usize,
         kv_reserve: usize,
     ) -> Self {
-        let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.tokens.len(), job.probes);
+        let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.probes);
         Self {
             kv_reserve,
             deadline: None,
@@ -103,12 +107,12 @@ impl Sequence {
         matches!(self.work, Work::Generate(_)) && take == self.pending.len()
     }
 
-    /// Hidden states are kept for captures, and for monitored generations whenever a token is
-    /// about to be sampled.
+    /// Hidden states are kept for captures and capturing generations, and for monitored
+    /// generations whenever a token is about to be sampled.
     pub fn wants_capture(&self, take: usize) -> bool {
         match &self.work {
             Work::Capture(_) => true,
-            Work::Generate(g) => !g.monitors.is_empty() && self.wants_logits(take),
+            Work::Generate(g) => g.acc.is_some() || (!g.monitors.is_empty() && self.wants_logits(take)),
         }
     }
 
@@ -191,9 +195,18 @@ pub(super) struct Generation {
     /// Ended because the client went away (a send failed).
     aborted: bool,
     monitors: Vec<Probe>,
+    acc: Option<CaptureAccumulator>,
 }
 
 impl Generation {
+    /// Adds a pass's hidden states to the activation summaries, when the job asked for them.
+    pub fn accumulate(&mut self, states: &[Tensor], take: usize) -> candle_core::Result<()> {
+        match &mut self.acc {
+            Some(acc) => acc.add(states, take),
+            None => Ok(()),
+        }
+    }
+
     /// The monitors' projections at the last of the `take` positions just computed: the one whose
     /// logits are about to be sampled.
     pub fn monitor_scores(&self, states: &[Tensor], take: usize) -> candle_core::Result<Vec<f32>> {
@@ -286,6 +299,7 @@ impl Generation {
             completion_tokens: self.generated.len(),
             prefill_ms: (first - started).as_secs_f64() * 1e3,
             decode_ms: (now - first).as_secs_f64() * 1e3,
+            capture: self.acc.as_ref().map(CaptureAccumulator::result),
         })));
         self.done = true;
         None
@@ -314,7 +328,6 @@ pub(crate) struct CaptureAccumulator {
     n_rows: usize,
     d: usize,
     prompt_len: usize,
-    total: usize,
     seen: usize,
     prompt_sum: Vec<f32>,
     response_sum: Vec<f32>,
@@ -324,14 +337,13 @@ pub(crate) struct CaptureAccumulator {
 }
 
 impl CaptureAccumulator {
-    pub fn new(n_rows: usize, d: usize, prompt_len: usize, total: usize, probes: Vec<Probe>) -> Self {
+    pub fn new(n_rows: usize, d: usize, prompt_len: usize, probes: Vec<Probe>) -> Self {
         let z = vec![0.0; n_rows * d];
-        let per_token = vec![Vec::with_capacity(total); probes.len()];
+        let per_token = vec![Vec::new(); probes.len()];
         Self {
             n_rows,
             d,
             prompt_len,
-            total,
             seen: 0,
             prompt_sum: z.clone(),
             response_sum: z.clone(),
@@ -361,7 +373,7 @@ impl CaptureAccumulator {
 
     pub fn result(&self) -> CaptureResult {
         let mean = |sum: &[f32], n: usize| sum.iter().map(|v| v / n.max(1) as f32).collect::<Vec<_>>();
-        let response_tokens = self.total - self.prompt_len;
+        let response_tokens = self.seen.saturating_sub(self.prompt_len);
         CaptureResult {
             n_rows: self.n_rows,
             d_model: self.d,

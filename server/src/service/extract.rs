@@ -7,7 +7,7 @@ use super::{AppState, ResponseStream, resolve, traits, vectors};
 use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::judge::{Judge, Verdict, coherence_prompt};
 use crate::model::chat::Message;
-use crate::scheduler::{CaptureJob, CaptureResult, EngineHandle, GenEvent, GenerateJob};
+use crate::scheduler::{CaptureResult, EngineHandle, GenEvent, GenerateJob, Summary};
 use crate::steering::plan::SteeringPlan;
 use crate::steering::separation::{layer_scores, recommend};
 use crate::steering::store::{StoredVector, VectorKind, VectorMeta, now_unix, validate_name};
@@ -194,18 +194,22 @@ async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Inst
     send(tx, pb::extract_vector_response::Event::Progress(p)).await
 }
 
-/// Runs one generation to the end and returns its tokens without end-of-turn markers.
-pub async fn complete(engine: &EngineHandle, job: GenerateJob) -> ServiceResult<Vec<u32>> {
+/// Runs one generation to the end and returns its tokens without end-of-turn markers, and its
+/// summary.
+pub async fn complete(engine: &EngineHandle, job: GenerateJob) -> ServiceResult<(Vec<u32>, Option<Summary>)> {
     let mut rx = engine.generate(job)?;
-    let mut ids = Vec::new();
+    let (mut ids, mut summary) = (Vec::new(), None);
     while let Some(ev) = rx.recv().await {
         match ev? {
             GenEvent::Token { id, .. } => ids.push(id),
-            GenEvent::Done(_) => break,
+            GenEvent::Done(s) => {
+                summary = Some(s);
+                break;
+            }
         }
     }
     ids.retain(|&id| !engine.model().tokenizer.is_eos(id));
-    Ok(ids)
+    Ok((ids, summary))
 }
 
 /// Whether rollouts of question `q` are held out for scoring layers: every fifth question, or the
@@ -293,8 +297,8 @@ impl Job {
         send(&tx, pb::extract_vector_response::Event::Result(result)).await
     }
 
-    /// Generates every rollout (at most a batch's worth at once, so other users keep queue room)
-    /// and captures the residual stream over prompt + answer.
+    /// Generates every rollout (at most a batch's worth at once, so other users keep queue room),
+    /// summarising the hidden states of every layer over prompt and answer in the same pass.
     async fn roll_out(&self, tx: &Tx) -> ServiceResult<Vec<Answer>> {
         let started = Instant::now();
         let model = self.engine.model().clone();
@@ -305,7 +309,7 @@ impl Job {
             let prompt = resolve::tokenize(&model, &resolve::render_chat(&model, &r.messages)?)?;
             resolve::check_fits(&model, prompt.len())?;
             let job = GenerateJob {
-                prompt: prompt.clone(),
+                prompt,
                 max_tokens: self.sampling.max_tokens,
                 sampling: crate::model::sampling::SamplingConfig {
                     seed: self.sampling.config.seed.map(|s| s.wrapping_add(i as u64)),
@@ -315,23 +319,18 @@ impl Job {
                 steering: SteeringPlan::new(model.config().n_residual_rows()),
                 deadline: None,
                 monitors: Vec::new(),
+                capture: true,
             };
             let (engine, permits) = (self.engine.clone(), permits.clone());
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
-                let answer = complete(&engine, job).await?;
+                let (answer, summary) = complete(&engine, job).await?;
+                let capture = summary
+                    .and_then(|s| s.capture)
+                    .ok_or_else(|| ServiceError::Internal("generation ended without its capture".into()))?;
                 let text =
                     engine.model().tokenizer.decode(&answer).map_err(|e| ServiceError::Internal(e.to_string()))?;
-                let (prompt_len, tokens) = (prompt.len(), answer.len());
-                let capture = engine
-                    .capture(CaptureJob {
-                        tokens: [prompt, answer].concat(),
-                        prompt_len,
-                        steering: SteeringPlan::new(0),
-                        probes: Vec::new(),
-                    })
-                    .await?;
-                Ok::<_, ServiceError>((i, Answer { text, tokens, capture }))
+                Ok::<_, ServiceError>((i, Answer { text, tokens: answer.len(), capture }))
             });
         }
         progress(tx, "rollouts", 0, total, started).await?;

@@ -33,6 +33,7 @@ pub fn generate(
         steering,
         deadline,
         monitors: targets.into_iter().map(|t| t.probe).collect(),
+        capture: false,
     })?;
     // Dropping this stream (client gone, deadline passed) drops the receiver, which the engine
     // notices at its next step and frees the sequence.

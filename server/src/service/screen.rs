@@ -223,8 +223,9 @@ impl Screen {
             steering: SteeringPlan::new(0),
             deadline: None,
             monitors: Vec::new(),
+            capture: false,
         };
-        Ok(Arc::new(complete(&self.engine, job).await?))
+        Ok(Arc::new(complete(&self.engine, job).await?.0))
     }
 
     async fn response_avg(&self, prompt: &[u32], response: &[u32]) -> ServiceResult<Vec<f32>> {
