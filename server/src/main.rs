@@ -1,4 +1,5 @@
-//! `persona-server`: config → telemetry → models → serve until SIGTERM.
+//! `persona-server`: config → telemetry → bind → load models while answering health → serve until
+//! SIGTERM.
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -47,12 +48,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Serve => rt.block_on(async {
-            let state = server::build_state(&settings).await?;
+            // Bind first: health answers (NOT_SERVING) while the models load.
             let listener = tokio::net::TcpListener::bind(&settings.listen)
                 .await
                 .with_context(|| format!("binding {}", settings.listen))?;
-            server::serve(state, listener, server::shutdown_signal(), Duration::from_secs(settings.shutdown_grace_secs))
-                .await
+            let grace = Duration::from_secs(settings.shutdown_grace_secs);
+            server::load_and_serve(&settings, listener, server::shutdown_signal(), grace).await
         }),
     }
 }

@@ -69,8 +69,10 @@ async fn warm_up(engine: &EngineHandle) -> Result<()> {
     Ok(())
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains in-flight calls for up to
-/// `grace`.
+type Persona = pb::persona_service_server::PersonaServiceServer<PersonaSvc>;
+
+/// Serves already loaded models on `listener` until `shutdown` resolves, then drains in-flight
+/// calls for up to `grace`.
 pub async fn serve(
     state: Arc<AppState>,
     listener: TcpListener,
@@ -78,20 +80,58 @@ pub async fn serve(
     grace: Duration,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<pb::persona_service_server::PersonaServiceServer<PersonaSvc>>().await;
+    reporter.set_serving::<Persona>().await;
+    serve_service(PersonaSvc::new(state), reporter, health, listener, shutdown, grace).await
+}
+
+/// Answers on `listener` at once and loads the configured models meanwhile: health reports the
+/// persona service NOT_SERVING (and its calls UNAVAILABLE) until they are ready, while the
+/// overall health (service "") says the process is alive. A model that fails to load ends the
+/// server with that error.
+pub async fn load_and_serve(
+    settings: &Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_not_serving::<Persona>().await;
+    let svc = PersonaSvc::loading();
+    let server = serve_service(svc.clone(), reporter.clone(), health, listener, shutdown, grace);
+    tokio::pin!(server);
+    let load = async {
+        let state = build_state(settings).await?;
+        svc.set_ready(state);
+        reporter.set_serving::<Persona>().await;
+        tracing::info!("models loaded; serving");
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::select! {
+        r = &mut server => return r,
+        r = load => r?,
+    }
+    server.await
+}
+
+async fn serve_service(
+    svc: PersonaSvc,
+    reporter: tonic_health::server::HealthReporter,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<()> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let svc = pb::persona_service_server::PersonaServiceServer::new(PersonaSvc::new(state))
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(64 * 1024 * 1024);
-    tracing::info!(addr = %listener.local_addr()?, "serving persona.v1.PersonaService");
+    let svc = Persona::new(svc).max_decoding_message_size(64 * 1024 * 1024).max_encoding_message_size(64 * 1024 * 1024);
+    tracing::info!(addr = %listener.local_addr()?, "listening");
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let notify = async move {
         shutdown.await;
         tracing::info!("shutdown requested; draining");
-        reporter.set_not_serving::<pb::persona_service_server::PersonaServiceServer<PersonaSvc>>().await;
+        reporter.set_not_serving::<Persona>().await;
         let _ = drain_tx.send(());
     };
     let server = tonic::transport::Server::builder()

@@ -76,14 +76,32 @@ fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
     })
 }
 
-#[derive(Clone)]
+/// The service; it answers UNAVAILABLE until its state (loaded models) is set.
+#[derive(Clone, Default)]
 pub struct PersonaSvc {
-    state: Arc<AppState>,
+    state: Arc<std::sync::OnceLock<Arc<AppState>>>,
 }
 
 impl PersonaSvc {
+    /// A service over loaded models.
     pub fn new(state: Arc<AppState>) -> Self {
-        Self { state }
+        let svc = Self::default();
+        svc.set_ready(state);
+        svc
+    }
+
+    /// A service that starts answering once [`Self::set_ready`] is called.
+    pub fn loading() -> Self {
+        Self::default()
+    }
+
+    /// Makes the service answer with `state`; later calls are ignored.
+    pub fn set_ready(&self, state: Arc<AppState>) {
+        let _ = self.state.set(state);
+    }
+
+    fn state(&self) -> Result<&Arc<AppState>, Status> {
+        self.state.get().ok_or_else(|| Status::unavailable("the server is still loading its models; retry shortly"))
     }
 }
 
@@ -96,93 +114,93 @@ impl PersonaService for PersonaSvc {
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline_of(&req)?;
-        Ok(Response::new(generate::generate(&self.state, req.into_inner(), deadline)?))
+        Ok(Response::new(generate::generate(self.state()?, req.into_inner(), deadline)?))
     }
 
     async fn project_activation(
         &self,
         req: Request<pb::ProjectActivationRequest>,
     ) -> Result<Response<pb::ProjectActivationResponse>, Status> {
-        Ok(Response::new(project::project(&self.state, req.into_inner()).await?))
+        Ok(Response::new(project::project(self.state()?, req.into_inner()).await?))
     }
 
     async fn monitor_stream(
         &self,
         req: Request<tonic::Streaming<pb::MonitorRequest>>,
     ) -> Result<Response<Self::MonitorStreamStream>, Status> {
-        Ok(Response::new(project::monitor(self.state.clone(), req.into_inner())))
+        Ok(Response::new(project::monitor(self.state()?.clone(), req.into_inner())))
     }
 
     async fn screen_dataset(
         &self,
         req: Request<tonic::Streaming<pb::ScreenRequest>>,
     ) -> Result<Response<Self::ScreenDatasetStream>, Status> {
-        Ok(Response::new(screen::start(self.state.clone(), req.into_inner()).await?))
+        Ok(Response::new(screen::start(self.state()?.clone(), req.into_inner()).await?))
     }
 
     async fn extract_vector(
         &self,
         req: Request<pb::ExtractVectorRequest>,
     ) -> Result<Response<Self::ExtractVectorStream>, Status> {
-        Ok(Response::new(extract::extract(self.state.clone(), req.into_inner())?))
+        Ok(Response::new(extract::extract(self.state()?.clone(), req.into_inner())?))
     }
 
     async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
-        Ok(Response::new(models::list(&self.state)))
+        Ok(Response::new(models::list(self.state()?)))
     }
 
     async fn list_vectors(
         &self,
         req: Request<pb::ListVectorsRequest>,
     ) -> Result<Response<pb::ListVectorsResponse>, Status> {
-        Ok(Response::new(vectors::list(&self.state, req.into_inner())))
+        Ok(Response::new(vectors::list(self.state()?, req.into_inner())))
     }
 
     async fn get_vector(&self, req: Request<pb::GetVectorRequest>) -> Result<Response<pb::GetVectorResponse>, Status> {
-        Ok(Response::new(vectors::get(&self.state, req.into_inner())?))
+        Ok(Response::new(vectors::get(self.state()?, req.into_inner())?))
     }
 
     async fn put_vector(&self, req: Request<pb::PutVectorRequest>) -> Result<Response<pb::PutVectorResponse>, Status> {
-        Ok(Response::new(vectors::put(&self.state, req.into_inner()).await?))
+        Ok(Response::new(vectors::put(self.state()?, req.into_inner()).await?))
     }
 
     async fn get_server_status(
         &self,
         _: Request<pb::GetServerStatusRequest>,
     ) -> Result<Response<pb::GetServerStatusResponse>, Status> {
-        Ok(Response::new(models::status(&self.state)))
+        Ok(Response::new(models::status(self.state()?)))
     }
 
     async fn delete_vector(
         &self,
         req: Request<pb::DeleteVectorRequest>,
     ) -> Result<Response<pb::DeleteVectorResponse>, Status> {
-        Ok(Response::new(vectors::delete(&self.state, req.into_inner()).await?))
+        Ok(Response::new(vectors::delete(self.state()?, req.into_inner()).await?))
     }
 
     async fn list_traits(&self, _: Request<pb::ListTraitsRequest>) -> Result<Response<pb::ListTraitsResponse>, Status> {
-        Ok(Response::new(traits::list(&self.state)))
+        Ok(Response::new(traits::list(self.state()?)))
     }
 
     async fn draft_trait(
         &self,
         req: Request<pb::DraftTraitRequest>,
     ) -> Result<Response<pb::DraftTraitResponse>, Status> {
-        Ok(Response::new(traits::draft(&self.state, req.into_inner()).await?))
+        Ok(Response::new(traits::draft(self.state()?, req.into_inner()).await?))
     }
 
     async fn import_vector(
         &self,
         req: Request<pb::ImportVectorRequest>,
     ) -> Result<Response<pb::ImportVectorResponse>, Status> {
-        Ok(Response::new(vectors::import(&self.state, req.into_inner()).await?))
+        Ok(Response::new(vectors::import(self.state()?, req.into_inner()).await?))
     }
 
     async fn export_vector(
         &self,
         req: Request<pb::ExportVectorRequest>,
     ) -> Result<Response<pb::ExportVectorResponse>, Status> {
-        Ok(Response::new(vectors::export(&self.state, req.into_inner())?))
+        Ok(Response::new(vectors::export(self.state()?, req.into_inner())?))
     }
 }
 
@@ -190,6 +208,16 @@ impl PersonaService for PersonaSvc {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn calls_are_unavailable_until_the_models_are_loaded() {
+        let svc = PersonaSvc::loading();
+        let e = svc.list_models(Request::new(pb::ListModelsRequest {})).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().contains("still loading"));
+        let e = svc.generate(Request::new(pb::GenerateRequest::default())).await.err().unwrap();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
 
     #[test]
     fn grpc_timeouts_parse_per_the_spec() {
