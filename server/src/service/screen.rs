@@ -99,7 +99,7 @@ fn run(screen: Arc<Screen>, mut inbound: Streaming<pb::ScreenRequest>) -> Respon
                 Ok(Some(pb::ScreenRequest { kind: Some(pb::screen_request::Kind::Sample(s)) })) => s,
                 Ok(Some(_)) => {
                     let _ =
-                        results_tx.send(failure(String::new(), &invalid("only the first message is a config"))).await;
+                        results_tx.send(failure(String::new(), invalid("only the first message is a config"))).await;
                     continue;
                 }
                 Ok(None) | Err(_) => break,
@@ -108,7 +108,7 @@ fn run(screen: Arc<Screen>, mut inbound: Streaming<pb::ScreenRequest>) -> Respon
             tokio::spawn(async move {
                 let _permit = permit;
                 let id = sample.id.clone();
-                let result = screen.sample(sample).await.unwrap_or_else(|e| failure(id, &e));
+                let result = screen.sample(sample).await.unwrap_or_else(|e| failure(id, e));
                 let _ = results_tx.send(result).await;
             });
         }
@@ -143,11 +143,9 @@ fn run(screen: Arc<Screen>, mut inbound: Streaming<pb::ScreenRequest>) -> Respon
     Box::pin(ReceiverStream::new(rx))
 }
 
-fn failure(id: String, e: &ServiceError) -> pb::ScreenResult {
-    let s = Status::from(match e {
-        ServiceError::InvalidArgument(m) => ServiceError::InvalidArgument(m.clone()),
-        other => ServiceError::Internal(other.to_string()),
-    });
+/// A sample's failure, with the status code the same error would get as a call's.
+fn failure(id: String, e: ServiceError) -> pb::ScreenResult {
+    let s = Status::from(e);
     pb::ScreenResult { id, error_code: s.code() as i32, error_message: s.message().to_string(), ..Default::default() }
 }
 
