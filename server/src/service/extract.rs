@@ -44,7 +44,8 @@ struct Spec {
 struct Rollout {
     positive: bool,
     question: usize,
-    messages: Vec<Message>,
+    /// The rendered and tokenized system prompt + question.
+    prompt: Vec<u32>,
 }
 
 struct Answer {
@@ -130,14 +131,18 @@ pub fn extract(
     };
     let thresholds = (threshold(req.trait_threshold, "trait")?, threshold(req.coherence_threshold, "coherence")?);
     let sampling = resolve::sampling(req.sampling.as_ref(), DEFAULT_ROLLOUT_TOKENS)?;
+    // Prompts are rendered and tokenized here, so a bad template or an over-long prompt fails the
+    // call before anything streams.
+    let model = engine.model();
     let mut rollouts = Vec::new();
     for (pos, neg) in &spec.pairs {
         for (qi, q) in spec.questions.iter().enumerate() {
-            for _ in 0..spec.samples {
-                for (positive, system) in [(true, pos), (false, neg)] {
-                    let messages = vec![Message::new("system", system.clone()), Message::new("user", q.clone())];
-                    resolve::render_chat(engine.model(), &messages)?;
-                    rollouts.push(Rollout { positive, question: qi, messages });
+            for (positive, system) in [(true, pos), (false, neg)] {
+                let messages = [Message::new("system", system.clone()), Message::new("user", q.clone())];
+                let prompt = resolve::tokenize(model, &resolve::render_chat(model, &messages)?)?;
+                resolve::check_fits(model, prompt.len())?;
+                for _ in 0..spec.samples {
+                    rollouts.push(Rollout { positive, question: qi, prompt: prompt.clone() });
                 }
             }
         }
@@ -306,10 +311,8 @@ impl Job {
         let permits = Arc::new(Semaphore::new(self.engine.max_batch()));
         let mut tasks = JoinSet::new();
         for (i, r) in self.rollouts.iter().enumerate() {
-            let prompt = resolve::tokenize(&model, &resolve::render_chat(&model, &r.messages)?)?;
-            resolve::check_fits(&model, prompt.len())?;
             let job = GenerateJob {
-                prompt,
+                prompt: r.prompt.clone(),
                 max_tokens: self.sampling.max_tokens,
                 sampling: crate::model::sampling::SamplingConfig {
                     seed: self.sampling.config.seed.map(|s| s.wrapping_add(i as u64)),
