@@ -239,6 +239,22 @@ pub mod tests {
         assert!(matches!(import_gguf(&bytes, n_rows, d + 1), Err(StoreError::Malformed(m)) if m.contains("shape")));
     }
 
+    /// Files written by PyTorch 2.15 itself (`torch.save(t)` of f32 sin(0.37 i), and `torch.save({"evil":
+    /// t.bfloat16()})`), kept in tests/fixtures.
+    #[test]
+    fn files_saved_by_pytorch_import() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let want: Vec<f32> = (0..3 * 260).map(|i| (i as f64 * 0.37).sin() as f32).collect();
+        let f32_file = std::fs::read(dir.join("ramp_3x260_f32.pt")).unwrap();
+        assert_eq!(Format::detect(&f32_file), Some(Format::Torch));
+        let got = import_torch(&f32_file, 3, 260).unwrap();
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-6), "f32 values differ");
+        let bf16_file = std::fs::read(dir.join("ramp_3x260_bf16_dict.pt")).unwrap();
+        let got = import_torch(&bf16_file, 3, 260).unwrap();
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-2), "bf16 values differ beyond rounding");
+        assert!(import_torch(&f32_file, 31, 576).unwrap_err().to_string().contains("[3, 260]"));
+    }
+
     #[test]
     fn torch_tensors_import_bare_or_in_a_dict() {
         let (n_rows, d) = (3, 260);
