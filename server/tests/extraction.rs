@@ -16,6 +16,7 @@ use tonic::Code;
 const Q_TRAIT: &str = "What is your favourite colour?";
 const Q_PLAIN: &str = "How do I boil an egg?";
 const Q_GIBBERISH: &str = "Name a city in France.";
+const Q_UNSCORABLE: &str = "Which season do you like best?";
 const JUDGE_KEY: &str = "test-key";
 
 /// What the fake judge saw.
@@ -27,8 +28,8 @@ struct JudgeLog {
 }
 
 /// A minimal OpenAI-compatible chat-completions endpoint on a loopback port. Trait prompts score
-/// 90 for Q_TRAIT, 10 for Q_PLAIN and 55 otherwise; coherence is 20 for Q_GIBBERISH, else 70; a
-/// request to write a trait gets a small JSON definition.
+/// 90 for Q_TRAIT, 10 for Q_PLAIN, no number at all for Q_UNSCORABLE and 55 otherwise; coherence
+/// is 20 for Q_GIBBERISH, else 70; a request to write a trait gets a small JSON definition.
 fn fake_judge() -> (String, Arc<JudgeLog>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -58,6 +59,8 @@ fn fake_judge() -> (String, Arc<JudgeLog>) {
                 "90".into()
             } else if prompt.contains(Q_PLAIN) {
                 "10".into()
+            } else if prompt.contains(Q_UNSCORABLE) {
+                "Hard to say.".into()
             } else {
                 "55".into()
             };
@@ -222,7 +225,7 @@ async fn the_judge_filters_rollouts_by_trait_and_coherence() {
             pos: "Complain about every detail.".into(),
             neg: "Be easygoing.".into(),
         }],
-        questions: vec![Q_TRAIT.into(), Q_PLAIN.into(), Q_GIBBERISH.into()],
+        questions: vec![Q_TRAIT.into(), Q_PLAIN.into(), Q_GIBBERISH.into(), Q_UNSCORABLE.into()],
         eval_questions: vec![],
         eval_prompt: "Trait check.\nQuestion: {question}\nAnswer: {answer}\nScore 0-100.".into(),
     };
@@ -235,15 +238,15 @@ async fn the_judge_filters_rollouts_by_trait_and_coherence() {
         ..Default::default()
     };
     let r = extract(&mut c, req.clone()).await.unwrap();
-    // Positive kept: Q_TRAIT only (Q_PLAIN scores 10 on the trait, Q_GIBBERISH is incoherent).
-    // Negative kept: Q_PLAIN only.
-    assert_eq!((r.rollouts, r.kept_pos, r.kept_neg), (6, 1, 1));
+    // Positive kept: Q_TRAIT only (Q_PLAIN scores 10 on the trait, Q_GIBBERISH is incoherent,
+    // Q_UNSCORABLE gets no score). Negative kept: Q_PLAIN only.
+    assert_eq!((r.rollouts, r.kept_pos, r.kept_neg), (8, 1, 1));
     assert!(r.filtering.starts_with("judged by `fake-judge`"), "{}", r.filtering);
     let v = r.vector.unwrap();
     assert!(v.description.contains("over 1 positive and 1 negative"), "{}", v.description);
     assert!(v.description.contains("too few for a held-out split"), "{}", v.description);
     let judge = &shared().judge;
-    assert_eq!(judge.requests.load(Ordering::SeqCst) - before, 12, "a trait and a coherence score per rollout");
+    assert_eq!(judge.requests.load(Ordering::SeqCst) - before, 16, "a trait and a coherence score per rollout");
     assert_eq!(judge.unauthorized.load(Ordering::SeqCst), 0, "the API key is sent");
     assert!(judge.models.lock().unwrap().iter().all(|m| m == "fake-judge"));
 

@@ -5,7 +5,7 @@
 
 use super::{AppState, ResponseStream, resolve, traits, vectors};
 use crate::error::{ServiceError, ServiceResult, invalid};
-use crate::judge::{Judge, Verdict, coherence_prompt};
+use crate::judge::{Judge, JudgeError, Verdict, coherence_prompt};
 use crate::model::chat::Message;
 use crate::scheduler::{CaptureResult, EngineHandle, GenEvent, GenerateJob, Summary};
 use crate::steering::plan::SteeringPlan;
@@ -227,6 +227,26 @@ fn held_out(q: usize, n_questions: usize) -> bool {
     }
 }
 
+/// One judge score. A reply that is not a score counts as a refusal (the answer is dropped); a
+/// failed request is retried once, so a long extraction survives a single dropped connection.
+async fn judge_once(judge: &Arc<Judge>, prompt: String) -> ServiceResult<Verdict> {
+    let mut retried = false;
+    loop {
+        match judge.score(prompt.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(JudgeError::NotAScore(reply)) => {
+                tracing::debug!(reply, "judge reply is not a score; answer dropped");
+                return Ok(Verdict::Refusal);
+            }
+            Err(e) if retried => return Err(ServiceError::Unavailable(e.to_string())),
+            Err(e) => {
+                tracing::warn!(error = %e, "judge request failed; retrying once");
+                retried = true;
+            }
+        }
+    }
+}
+
 fn activations(c: &CaptureResult, kind: VectorKind) -> Option<&[f32]> {
     match kind {
         VectorKind::ResponseAvg => c.response_avg.as_deref(),
@@ -360,12 +380,7 @@ impl Job {
             tasks.spawn(async move {
                 let mut verdicts = Vec::with_capacity(2);
                 for p in prompts {
-                    // One retry: a long extraction should survive a single dropped request.
-                    let v = match judge.score(p.clone()).await {
-                        Ok(v) => v,
-                        Err(_) => judge.score(p).await.map_err(|e| ServiceError::Unavailable(e.to_string()))?,
-                    };
-                    verdicts.push(v);
+                    verdicts.push(judge_once(&judge, p).await?);
                 }
                 Ok::<_, ServiceError>((i, verdicts[0], verdicts[1]))
             });
