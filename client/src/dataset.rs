@@ -3,12 +3,18 @@
 use crate::pb;
 use anyhow::{Context, Result, bail};
 
-/// One JSONL line as a sample. Accepted shapes:
-/// `{"prompt": "user text", "response": "..."}` (optionally with "system"),
-/// `{"messages": [...], "response": "..."}`, or a chat transcript `{"messages": [..., {"role":
-/// "assistant", "content": "..."}]}` whose last assistant message is the response. "id" is
-/// optional (default: the line number).
-pub fn sample_from_json(line: &str, line_no: usize) -> Result<pb::ScreenSample> {
+/// One JSONL line of a conversation file: its id, the messages before the response, and the
+/// response when there is one.
+pub struct Record {
+    pub id: String,
+    pub messages: Vec<pb::ChatMessage>,
+    pub response: Option<String>,
+}
+
+/// Reads one JSONL line. Accepted shapes: `{"prompt": "user text"}` (optionally with "system"),
+/// `{"messages": [...]}`, either with a "response", or a chat transcript whose last assistant
+/// message is the response. "id" is optional (default: the line number).
+pub fn record_from_json(line: &str, line_no: usize) -> Result<Record> {
     let v: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
     let id = match &v["id"] {
         serde_json::Value::Null => line_no.to_string(),
@@ -35,14 +41,21 @@ pub fn sample_from_json(line: &str, line_no: usize) -> Result<pb::ScreenSample> 
         }
     };
     let response = match text("response") {
-        Some(r) => r,
-        None if messages.last().is_some_and(|m| m.role == "assistant") => messages.pop().expect("checked").content,
-        None => bail!("needs \"response\" or a final assistant message"),
+        Some(r) => Some(r),
+        None if messages.last().is_some_and(|m| m.role == "assistant") => messages.pop().map(|m| m.content),
+        None => None,
     };
     if messages.is_empty() {
         bail!("no prompt messages before the response");
     }
-    Ok(pb::ScreenSample { id, prompt: Some(pb::Conversation { messages }), response })
+    Ok(Record { id, messages, response })
+}
+
+/// One JSONL line as a screening sample: a record that has a response.
+pub fn sample_from_json(line: &str, line_no: usize) -> Result<pb::ScreenSample> {
+    let r = record_from_json(line, line_no)?;
+    let response = r.response.context("needs \"response\" or a final assistant message")?;
+    Ok(pb::ScreenSample { id: r.id, prompt: Some(pb::Conversation { messages: r.messages }), response })
 }
 
 /// A CSV field, quoted when it needs to be.
@@ -133,6 +146,9 @@ mod tests {
         for bad in [r#"{"response": "x"}"#, r#"{"prompt": "q"}"#, "nope", r#"{"messages": [], "response": "r"}"#] {
             assert!(sample_from_json(bad, 1).is_err(), "{bad}");
         }
+        // Without a response a line is still a conversation to monitor.
+        let r = record_from_json(r#"{"prompt": "q"}"#, 4).unwrap();
+        assert_eq!((r.id.as_str(), r.messages.len(), r.response), ("4", 1, None));
     }
 
     #[test]

@@ -2,14 +2,15 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use persona_client::dataset::{csv_field, histogram_svg, sample_from_json};
+use persona_client::dataset::{csv_field, histogram_svg, record_from_json, sample_from_json};
 use persona_client::{Client, pb};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct MonitorArgs {
-    /// JSONL conversations: {"id"?, "messages": [...] or "prompt"/"system", "response"?}; - = stdin.
+    /// JSONL conversations: {"id"?, "messages": [...] or "prompt"/"system", "response"?}, or chat
+    /// transcripts ending with the assistant's answer; - = stdin.
     file: PathBuf,
     /// Vector to score against, NAME[:LAYER]; repeatable.
     #[arg(long = "vector", value_name = "NAME[:LAYER]", required = true)]
@@ -62,18 +63,13 @@ pub async fn monitor(c: &mut Client, a: MonitorArgs) -> Result<()> {
     let lines = read_lines(&a.file)?;
     let mut items = Vec::with_capacity(lines.len());
     for (i, line) in lines.iter().enumerate() {
-        // A conversation with an optional response has the same shapes as a screening sample.
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("line {}", i + 1))?;
-        let has_response = v.get("response").is_some()
-            || v["messages"].as_array().and_then(|m| m.last()).is_some_and(|m| m["role"] == "assistant");
-        let with_response = if has_response { line.clone() } else { add_empty_response(&v) };
-        let s = sample_from_json(&with_response, i + 1).with_context(|| format!("line {}", i + 1))?;
+        let r = record_from_json(line, i + 1).with_context(|| format!("line {}", i + 1))?;
         items.push(pb::MonitorRequest {
-            id: s.id,
+            id: r.id,
             item: Some(pb::ProjectActivationRequest {
                 model: a.model.clone(),
-                conversation: s.prompt,
-                response: s.response,
+                conversation: Some(pb::Conversation { messages: r.messages }),
+                response: r.response.unwrap_or_default(),
                 targets: targets.clone(),
                 per_token: false,
             }),
@@ -95,12 +91,6 @@ pub async fn monitor(c: &mut Client, a: MonitorArgs) -> Result<()> {
         writeln!(out, "{json}")?;
     }
     Ok(())
-}
-
-fn add_empty_response(v: &serde_json::Value) -> String {
-    let mut v = v.clone();
-    v["response"] = serde_json::Value::String(String::new());
-    v.to_string()
 }
 
 pub async fn screen(c: &mut Client, a: ScreenArgs) -> Result<()> {

@@ -5,6 +5,7 @@ mod common;
 
 use common::{Running, settings, start};
 use persona_client::{Client, chat, generate_text, message, pb};
+use persona_server::steering::separation::auroc;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
 use tonic::Code;
@@ -52,24 +53,6 @@ fn conversation(messages: Vec<pb::ChatMessage>) -> Option<pb::Conversation> {
 
 fn evil() -> Vec<pb::ProjectionTarget> {
     vec![pb::ProjectionTarget { vector: "evil".into(), layer: None }]
-}
-
-fn auroc(pos: &[f32], neg: &[f32]) -> f32 {
-    let wins: f32 = pos
-        .iter()
-        .flat_map(|p| {
-            neg.iter().map(move |n| {
-                if p > n {
-                    1.0
-                } else if p == n {
-                    0.5
-                } else {
-                    0.0
-                }
-            })
-        })
-        .sum();
-    wins / (pos.len() * neg.len()) as f32
 }
 
 /// Answers generated under the evil instructions against the helpful ones (10 held-out questions,

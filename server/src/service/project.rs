@@ -5,7 +5,6 @@ use super::{AppState, ResponseStream, resolve};
 use crate::error::{ServiceResult, invalid};
 use crate::scheduler::CaptureJob;
 use crate::steering::plan::SteeringPlan;
-use crate::steering::projection;
 use persona_proto::v1 as pb;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc};
@@ -36,22 +35,17 @@ pub async fn project(
     let probes = if req.per_token { targets.iter().map(|t| t.probe.clone()).collect() } else { Vec::new() };
     let steering = SteeringPlan::new(model.config().n_residual_rows());
     let cap = engine.capture(CaptureJob { tokens, prompt_len, steering, probes }).await?;
-    let d = cap.d_model;
-    let at = |acts: &[f32], layer: usize| acts[layer * d..(layer + 1) * d].to_vec();
     let mut per_token = cap.per_token.into_iter();
     let projections = targets
         .into_iter()
-        .map(|t| {
-            let dir = &t.probe.unit;
-            pb::Projection {
-                prompt_last: projection(&at(&cap.prompt_last, t.layer), dir),
-                prompt_avg: projection(&at(&cap.prompt_avg, t.layer), dir),
-                response_avg: cap.response_avg.as_ref().map_or(0.0, |r| projection(&at(r, t.layer), dir)),
-                has_response: cap.response_avg.is_some(),
-                per_token: per_token.next().unwrap_or_default(),
-                vector: t.vector,
-                layer: t.layer as u32,
-            }
+        .map(|t| pb::Projection {
+            prompt_last: t.probe.score_at_layer(&cap.prompt_last),
+            prompt_avg: t.probe.score_at_layer(&cap.prompt_avg),
+            response_avg: cap.response_avg.as_ref().map_or(0.0, |r| t.probe.score_at_layer(r)),
+            has_response: cap.response_avg.is_some(),
+            per_token: per_token.next().unwrap_or_default(),
+            vector: t.vector,
+            layer: t.layer as u32,
         })
         .collect();
     Ok(pb::ProjectActivationResponse {

@@ -115,7 +115,7 @@ pub fn layer_or_recommended(model: &LoadedModel, layer: Option<u32>, v: Option<&
         (Some(l), _) => check_layer(model, l),
         (None, Some(v)) => v.meta.recommended_layer.ok_or_else(|| {
             invalid(format!(
-                "vector `{}` has no recommended layer (it was not extracted here): give a layer",
+                "vector `{}` has no recommended layer (imported, or extracted from too few rollouts to score layers): give a layer",
                 v.meta.name
             ))
         }),

@@ -7,7 +7,6 @@ use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::model::sampling::SamplingConfig;
 use crate::scheduler::{CaptureJob, EngineHandle, GenerateJob};
 use crate::steering::plan::SteeringPlan;
-use crate::steering::projection;
 use persona_proto::v1 as pb;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -165,13 +164,12 @@ impl Screen {
         }
         let sample_acts = self.response_avg(&prompt, &response).await?;
         let own_acts = self.response_avg(&prompt, &own).await?;
-        let d = model.config().hidden_size;
         let scores = self
             .targets
             .iter()
             .map(|t| {
-                let row = |a: &[f32]| projection(&a[t.layer * d..(t.layer + 1) * d], &t.probe.unit);
-                let (sample_projection, own_projection) = (row(&sample_acts), row(&own_acts));
+                let (sample_projection, own_projection) =
+                    (t.probe.score_at_layer(&sample_acts), t.probe.score_at_layer(&own_acts));
                 pb::ScreenScore {
                     vector: t.vector.clone(),
                     layer: t.layer as u32,

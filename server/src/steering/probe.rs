@@ -16,6 +16,17 @@ impl Probe {
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         (norm > 0.0 && norm.is_finite()).then(|| Self { layer, unit: v.iter().map(|x| x / norm).collect() })
     }
+
+    /// The projection `a·v/‖v‖` of one hidden state (`d_model` values).
+    pub fn score(&self, a: &[f32]) -> f32 {
+        a.iter().zip(&self.unit).map(|(x, u)| x * u).sum()
+    }
+
+    /// The projection of this probe's layer in per-layer activations (`[n_rows * d_model]`, row-major).
+    pub fn score_at_layer(&self, acts: &[f32]) -> f32 {
+        let d = self.unit.len();
+        self.score(&acts[self.layer * d..(self.layer + 1) * d])
+    }
 }
 
 /// For each probe, its projection at every position of `positions` (`first..first + len`) of
@@ -29,10 +40,7 @@ pub fn probe_scores(states: &[Tensor], probes: &[Probe], first: usize, len: usiz
             e.insert(s.narrow(0, first, len)?.to_dtype(candle_core::DType::F32)?.to_vec2()?);
         }
     }
-    Ok(probes
-        .iter()
-        .map(|p| rows[&p.layer].iter().map(|a| a.iter().zip(&p.unit).map(|(x, u)| x * u).sum()).collect())
-        .collect())
+    Ok(probes.iter().map(|p| rows[&p.layer].iter().map(|a| p.score(a)).collect()).collect())
 }
 
 #[cfg(test)]
@@ -49,6 +57,8 @@ mod tests {
         assert_eq!(s[0], [2.0, 4.0]);
         assert!((s[1][0] - 1.4).abs() < 1e-6 && s[1][1] == 0.0, "{:?}", s[1]);
         assert!(Probe::new(0, &[0.0, 0.0]).is_none());
+        // Per-layer activations [3 rows x 2]: layer 1 is the middle pair.
+        assert!((probes[1].score_at_layer(&[9.0, 9.0, 3.0, 4.0, 9.0, 9.0]) - 5.0).abs() < 1e-6);
         assert!(probe_scores(&[], &probes, 0, 1).is_err());
     }
 }

@@ -45,9 +45,9 @@ pub fn auroc(pos: &[f32], neg: &[f32]) -> f32 {
 pub fn layer_scores(direction: &[f32], pos: &[&[f32]], neg: &[&[f32]], n_rows: usize, d: usize) -> Vec<LayerScore> {
     (0..n_rows)
         .map(|layer| {
-            let row = |a: &[f32]| a[layer * d..(layer + 1) * d].to_vec();
-            let dir = row(direction);
-            let proj = |set: &[&[f32]]| set.iter().map(|a| projection(&row(a), &dir)).collect::<Vec<f32>>();
+            let span = layer * d..(layer + 1) * d;
+            let dir = &direction[span.clone()];
+            let proj = |set: &[&[f32]]| set.iter().map(|a| projection(&a[span.clone()], dir)).collect::<Vec<f32>>();
             let (p, n) = (proj(pos), proj(neg));
             LayerScore { layer, cohens_d: cohens_d(&p, &n), auroc: auroc(&p, &n) }
         })
