@@ -1,5 +1,6 @@
 //! Engine-free forward-pass benchmark on the embedded model: prefill and decode tok/s for one
-//! sequence and packed batches, steered and unsteered. `cargo bench -p persona-server --bench forward`.
+//! sequence and packed batches, steered and unsteered. `cargo bench -p persona-server --bench forward`
+//! (`BENCH_BATCHES=1,4,16`, `BENCH_DECODE_STEPS=64` after a 128-token prompt).
 
 use persona_server::model::LoadedModel;
 use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput};
@@ -33,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     let mut steer: Vec<Option<Vec<f32>>> = vec![None; c.n_residual_rows()];
     steer[c.n_layers / 2] = Some(vec![0.01; c.hidden_size]);
     let runs = 5;
-    let decode_steps = 64;
+    let decode_steps: usize = std::env::var("BENCH_DECODE_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
     let batches: Vec<usize> = std::env::var("BENCH_BATCHES")
         .map(|s| s.split(',').filter_map(|b| b.trim().parse().ok()).collect())
         .unwrap_or_else(|_| vec![1, 4, 16]);

@@ -110,7 +110,7 @@ pub fn attend(h: &Heads, qkv: &[f32], rows: &[RowSpan<'_>], n_tokens: usize) -> 
     let items = rows.len() * h.n_kv_heads;
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         let ptr = &ptr;
-        let (mut scores, mut acc) = (Vec::new(), vec![0f32; h.head_dim]);
+        let (mut scores, mut acc) = (Vec::new(), Vec::new());
         for item in range {
             let (row, kv_head) = (&rows[item / h.n_kv_heads], item % h.n_kv_heads);
             #[cfg(target_arch = "x86_64")]
@@ -134,14 +134,17 @@ unsafe fn attend_avx2(
     row: &RowSpan<'_>,
     kv_head: usize,
     scores: &mut Vec<f32>,
-    acc: &mut [f32],
+    acc: &mut Vec<f32>,
     out: *mut f32,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe { attend_one(h, qkv, row, kv_head, scores, acc, out) }
 }
 
-/// Attention of the query heads sharing `kv_head`, for every new token of `row`.
+/// Attention of the query heads sharing `kv_head`, for every new token of `row`. Each cached
+/// key and value is read once for the whole group of query heads (their scores and outputs
+/// sit side by side in `scores` and `acc`), so a long cache streams through the core once per
+/// kv head instead of once per query head.
 ///
 /// # Safety
 /// `out` points to `[n_tokens, n_heads * head_dim]` floats, and no other thread writes the
@@ -153,7 +156,7 @@ unsafe fn attend_one(
     row: &RowSpan<'_>,
     kv_head: usize,
     scores: &mut Vec<f32>,
-    acc: &mut [f32],
+    acc: &mut Vec<f32>,
     out: *mut f32,
 ) {
     let hd = h.head_dim;
@@ -164,33 +167,42 @@ unsafe fn attend_one(
     for j in 0..row.t {
         let visible = row.start + j + 1;
         let token = row.off + j;
-        for g in 0..group {
-            let head = kv_head * group + g;
-            let q = &qkv[token * h.qkv_width() + head * hd..][..hd];
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for s in 0..visible {
-                let v = dot(q, &keys[s * hd..(s + 1) * hd]) * scale;
-                max = max.max(v);
-                scores.push(v);
+        // The group's query heads are adjacent in the packed row.
+        let qs = &qkv[token * h.qkv_width() + kv_head * group * hd..][..group * hd];
+        scores.clear();
+        scores.resize(group * visible, 0.0);
+        for (s, key) in keys[..visible * hd].chunks_exact(hd).enumerate() {
+            for (g, q) in qs.chunks_exact(hd).enumerate() {
+                scores[g * visible + s] = dot(q, key) * scale;
             }
+        }
+        for head_scores in scores.chunks_exact_mut(visible) {
+            let max = head_scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let mut sum = 0f32;
-            for v in scores.iter_mut() {
+            for v in head_scores.iter_mut() {
                 *v = (*v - max).exp();
                 sum += *v;
             }
             let inv = 1.0 / sum;
-            acc.fill(0.0);
-            for (s, p) in scores.iter().enumerate() {
-                let p = p * inv;
-                for (a, v) in acc.iter_mut().zip(&values[s * hd..(s + 1) * hd]) {
+            for v in head_scores.iter_mut() {
+                *v *= inv;
+            }
+        }
+        acc.clear();
+        acc.resize(group * hd, 0.0);
+        for (s, value) in values[..visible * hd].chunks_exact(hd).enumerate() {
+            for (g, head_acc) in acc.chunks_exact_mut(hd).enumerate() {
+                let p = scores[g * visible + s];
+                for (a, v) in head_acc.iter_mut().zip(value) {
                     *a += p * v;
                 }
             }
-            // SAFETY: (token, head) is written by this task only; in bounds per the contract.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(token * h.q_width() + head * hd), hd) };
-            dst.copy_from_slice(acc);
         }
+        // SAFETY: (token, heads of this group) is written by this task only; in bounds per the
+        // contract.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(out.add(token * h.q_width() + kv_head * group * hd), group * hd) };
+        dst.copy_from_slice(acc);
     }
 }
 

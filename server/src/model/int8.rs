@@ -15,8 +15,11 @@ pub const BLOCK: usize = 32;
 /// Activation rows handled per pass over a weight row (bounds the accumulators and keeps the
 /// activation tile in cache).
 const ROW_TILE: usize = 64;
-/// Weight rows (output columns) per register tile.
+/// Weight rows (output columns) per register tile of the AVX2 kernels (16 vector registers).
 const COLS: usize = 2;
+/// Weight rows per task tile: the VNNI kernels, with 32 vector registers, take all four at once;
+/// the AVX2 ones two pairs.
+const TILE: usize = 4;
 
 /// True when this CPU can run the kernels.
 pub fn supported() -> bool {
@@ -33,16 +36,22 @@ pub fn supported() -> bool {
 /// True when the CPU also has AVX-512 VNNI (one-instruction u8·i8 dot products) and
 /// `PERSONA_NO_VNNI` is unset. Decided once per process: it is asked for every weight tile, and
 /// reading the environment each time cost a tenth of the decode time.
-#[cfg(target_arch = "x86_64")]
 fn vnni_supported() -> bool {
-    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *VNNI.get_or_init(|| {
-        supported()
-            && std::env::var_os("PERSONA_NO_VNNI").is_none()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-    })
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(|| {
+            supported()
+                && std::env::var_os("PERSONA_NO_VNNI").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 enum Blocks {
@@ -51,6 +60,9 @@ enum Blocks {
     /// Two 4-bit values per byte (low nibble = element i, high = element i + 16 of a block),
     /// one scale and one offset per block.
     Int4 { qs: Vec<u8>, d: Vec<f32>, m: Vec<f32> },
+    /// Int8 blocks as VNNI wants them: `q + 128` unsigned, with the offset `-128·d` per block
+    /// taken out like the 4-bit one, so no sign juggling is needed per product.
+    Uint8 { q: Vec<u8>, d: Vec<f32>, m: Vec<f32> },
 }
 
 /// A `[n, k]` weight matrix in block-quantized form.
@@ -98,8 +110,12 @@ fn quantize_blocks_body(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
 }
 
 impl QLinear {
-    /// Quantizes a dense `[n, k]` weight to int8 blocks.
+    /// Quantizes a dense `[n, k]` weight to int8 blocks (stored unsigned where VNNI runs).
     pub fn from_dense(w: &Tensor) -> Result<Self> {
+        Self::from_dense_as(w, vnni_supported())
+    }
+
+    fn from_dense_as(w: &Tensor, unsigned: bool) -> Result<Self> {
         let (n, k) = w.dims2()?;
         check_k(k)?;
         let data: Vec<f32> = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
@@ -107,7 +123,13 @@ impl QLinear {
         let mut d = vec![0f32; n * k / BLOCK];
         let mut s = vec![0f32; n * k / BLOCK];
         quantize_blocks(&data, &mut q, &mut d, &mut s);
-        Ok(Self { n, k, blocks: Blocks::Int8 { q, d } })
+        let blocks = if unsigned {
+            let m = d.iter().map(|d| -128.0 * d).collect();
+            Blocks::Uint8 { q: q.into_iter().map(|v| (v as i16 + 128) as u8).collect(), d, m }
+        } else {
+            Blocks::Int8 { q, d }
+        };
+        Ok(Self { n, k, blocks })
     }
 
     /// Copies Q4_0/Q4_1 blocks losslessly; `None` for other formats.
@@ -157,7 +179,8 @@ impl QLinear {
                     q.extend(q2);
                     d.extend(d2);
                 }
-                (Blocks::Int4 { qs, d, m }, Blocks::Int4 { qs: q2, d: d2, m: m2 }) => {
+                (Blocks::Int4 { qs, d, m }, Blocks::Int4 { qs: q2, d: d2, m: m2 })
+                | (Blocks::Uint8 { q: qs, d, m }, Blocks::Uint8 { q: q2, d: d2, m: m2 }) => {
                     qs.extend(q2);
                     d.extend(d2);
                     m.extend(m2);
@@ -181,14 +204,17 @@ impl QLinear {
     fn matmul(&self, a: &Activations, m: usize, out: &mut [f32]) {
         let n = self.n;
         let out_ptr = SendPtr(out.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(COLS), |tiles| {
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(TILE), |tiles| {
             let out_ptr = &out_ptr;
-            let mut acc = [[0f32; COLS]; ROW_TILE];
+            let mut acc = [[0f32; TILE]; ROW_TILE];
             for i0 in (0..m).step_by(ROW_TILE) {
                 let rows = ROW_TILE.min(m - i0);
                 for tile in tiles.clone() {
-                    let j0 = tile * COLS;
-                    let cols = COLS.min(n - j0);
+                    let j0 = tile * TILE;
+                    let cols = TILE.min(n - j0);
+                    if tile + 2 < tiles.end {
+                        self.prefetch(j0 + 2 * TILE, TILE.min(n - j0 - 2 * TILE));
+                    }
                     self.dot_tile(j0, cols, a, i0, rows, &mut acc[..rows]);
                     for (r, vals) in acc[..rows].iter().enumerate() {
                         for (c, v) in vals[..cols].iter().enumerate() {
@@ -201,37 +227,109 @@ impl QLinear {
         });
     }
 
+    /// Asks the CPU to start loading weight rows `j0..j0 + cols` into cache. Weights stream from
+    /// memory once per pass; without the hint, the first row group of each tile waits on a
+    /// handful of serial cache misses, which cost as much as the tile's arithmetic at 16 rows.
+    fn prefetch(&self, j0: usize, cols: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            fn lines<T>(v: &[T], from: usize, to: usize) {
+                let bytes = std::mem::size_of_val(&v[from..to]);
+                let base = v[from..].as_ptr() as *const i8;
+                for off in (0..bytes).step_by(64) {
+                    // SAFETY: prefetching is a hint and never faults; the address is in bounds.
+                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.add(off)) };
+                }
+            }
+            let nb = self.k / BLOCK;
+            let (b0, b1) = (j0 * nb, (j0 + cols) * nb);
+            match &self.blocks {
+                Blocks::Int8 { q, d } => {
+                    lines(q, j0 * self.k, (j0 + cols) * self.k);
+                    lines(d, b0, b1);
+                }
+                Blocks::Uint8 { q, d, m } => {
+                    lines(q, j0 * self.k, (j0 + cols) * self.k);
+                    lines(d, b0, b1);
+                    lines(m, b0, b1);
+                }
+                Blocks::Int4 { qs, d, m } => {
+                    lines(qs, b0 * 16, b1 * 16);
+                    lines(d, b0, b1);
+                    lines(m, b0, b1);
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (j0, cols);
+    }
+
     /// Dot products of activation rows `i0..i0 + rows` with weight rows `j0..j0 + cols`
-    /// (`cols` ≤ [`COLS`]) into `out[row][col]`.
-    fn dot_tile(&self, j0: usize, cols: usize, a: &Activations, i0: usize, rows: usize, out: &mut [[f32; COLS]]) {
+    /// (`cols` ≤ [`TILE`]) into `out[row][col]`. Every output goes through the same sequence of
+    /// operations whichever kernel or tile position computes it, so a row's result does not
+    /// depend on the rows batched with it.
+    fn dot_tile(&self, j0: usize, cols: usize, a: &Activations, i0: usize, rows: usize, out: &mut [[f32; TILE]]) {
         let nb = self.k / BLOCK;
         let act = ActRows { q: &a.q[i0 * self.k..], d: &a.d[i0 * nb..], s: &a.s[i0 * nb..], rows, nb };
         #[cfg(target_arch = "x86_64")]
-        if supported() && cols == COLS {
+        if supported() {
             let vnni = vnni_supported();
-            // SAFETY: the features each kernel needs were detected; the views are
-            // bounds-checked by the kernels.
-            match &self.blocks {
-                Blocks::Int8 { q, d } if vnni => unsafe { avx2::tile_int8_vnni(self.int8_cols(q, d, j0), &act, out) },
-                Blocks::Int8 { q, d } => unsafe { avx2::tile_int8(self.int8_cols(q, d, j0), &act, out) },
-                Blocks::Int4 { qs, d, m } if vnni => unsafe {
-                    avx2::tile_int4_vnni(self.int4_cols(qs, d, m, j0), &act, out)
-                },
-                Blocks::Int4 { qs, d, m } => unsafe { avx2::tile_int4(self.int4_cols(qs, d, m, j0), &act, out) },
+            if vnni && cols == TILE {
+                // SAFETY: VNNI detected; the kernels bounds-check their views.
+                match &self.blocks {
+                    Blocks::Int4 { qs, d, m } => {
+                        unsafe { avx2::tile_vnni_wide::<true>(self.offset_cols(qs, 16, d, m, j0), &act, out) };
+                        return;
+                    }
+                    Blocks::Uint8 { q, d, m } => {
+                        unsafe { avx2::tile_vnni_wide::<false>(self.offset_cols(q, BLOCK, d, m, j0), &act, out) };
+                        return;
+                    }
+                    // Signed blocks (built for a CPU without VNNI): the AVX2 pairs below.
+                    Blocks::Int8 { .. } => {}
+                }
             }
+            let mut c0 = 0;
+            // SAFETY (all three calls): the features each kernel needs were detected; the views
+            // are bounds-checked by the kernels.
+            while c0 + COLS <= cols {
+                let j = j0 + c0;
+                match &self.blocks {
+                    Blocks::Int8 { q, d } => unsafe { avx2::tile_int8(self.int8_cols(q, d, j), &act, out, c0) },
+                    Blocks::Int4 { qs, d, m } if vnni => unsafe {
+                        avx2::tile_int4_vnni(self.offset_cols(qs, 16, d, m, j), &act, out, c0)
+                    },
+                    Blocks::Int4 { qs, d, m } => unsafe {
+                        avx2::tile_int4(self.offset_cols(qs, 16, d, m, j), &act, out, c0)
+                    },
+                    // A tile narrower than TILE: only at the end of an odd-sized weight.
+                    Blocks::Uint8 { .. } => break,
+                }
+                c0 += COLS;
+            }
+            self.dot_scalar(j0, c0..cols, &act, out);
             return;
         }
-        for c in 0..cols {
+        self.dot_scalar(j0, 0..cols, &act, out);
+    }
+
+    /// The portable fallback, also used for a tile's odd last column.
+    fn dot_scalar(&self, j0: usize, cols: std::ops::Range<usize>, act: &ActRows<'_>, out: &mut [[f32; TILE]]) {
+        for c in cols {
             let j = j0 + c;
-            for (r, o) in out.iter_mut().enumerate().take(rows) {
+            for (r, o) in out.iter_mut().enumerate().take(act.rows) {
                 o[c] = match &self.blocks {
                     Blocks::Int8 { q, d } => {
                         let [(w, wd)] = self.int8_cols::<1>(q, d, j);
-                        scalar_int8(w, wd, &act, r)
+                        scalar_int8(w, wd, act, r)
                     }
                     Blocks::Int4 { qs, d, m } => {
-                        let [(w, wd, wm)] = self.int4_cols::<1>(qs, d, m, j);
-                        scalar_int4(w, wd, wm, &act, r)
+                        let [(w, wd, wm)] = self.offset_cols::<1>(qs, 16, d, m, j);
+                        scalar_int4(w, wd, wm, act, r)
+                    }
+                    Blocks::Uint8 { q, d, m } => {
+                        let [(w, wd, wm)] = self.offset_cols::<1>(q, BLOCK, d, m, j);
+                        scalar_uint8(w, wd, wm, act, r)
                     }
                 };
             }
@@ -246,10 +344,13 @@ impl QLinear {
         })
     }
 
+    /// Views of weight rows `j0..j0 + C` for the offset formats (4-bit or unsigned 8-bit
+    /// blocks of `block_bytes` each, with per-block scales and offsets).
     #[allow(clippy::type_complexity)]
-    fn int4_cols<'a, const C: usize>(
+    fn offset_cols<'a, const C: usize>(
         &self,
-        qs: &'a [u8],
+        q: &'a [u8],
+        block_bytes: usize,
         d: &'a [f32],
         m: &'a [f32],
         j0: usize,
@@ -257,7 +358,7 @@ impl QLinear {
         let nb = self.k / BLOCK;
         std::array::from_fn(|c| {
             let j = j0 + c;
-            (&qs[j * nb * 16..(j + 1) * nb * 16], &d[j * nb..(j + 1) * nb], &m[j * nb..(j + 1) * nb])
+            (&q[j * nb * block_bytes..(j + 1) * nb * block_bytes], &d[j * nb..(j + 1) * nb], &m[j * nb..(j + 1) * nb])
         })
     }
 }
@@ -301,6 +402,16 @@ fn scalar_int8(w: &[i8], wd: &[f32], a: &ActRows<'_>, r: usize) -> f32 {
         .sum()
 }
 
+fn scalar_uint8(w: &[u8], wd: &[f32], wm: &[f32], a: &ActRows<'_>, r: usize) -> f32 {
+    let k = a.nb * BLOCK;
+    (0..a.nb)
+        .map(|b| {
+            let dot: i32 = (0..BLOCK).map(|t| w[b * BLOCK + t] as i32 * a.q[r * k + b * BLOCK + t] as i32).sum();
+            dot as f32 * wd[b] * a.d[r * a.nb + b] + wm[b] * a.s[r * a.nb + b]
+        })
+        .sum()
+}
+
 fn scalar_int4(w: &[u8], wd: &[f32], wm: &[f32], a: &ActRows<'_>, r: usize) -> f32 {
     let k = a.nb * BLOCK;
     (0..a.nb)
@@ -323,7 +434,7 @@ mod avx2 {
     //! Register-blocked tiles: each weight block is unpacked once per group of four
     //! activation rows, and each activation block is loaded once for [`COLS`] weight rows.
 
-    use super::{ActRows, BLOCK, COLS};
+    use super::{ActRows, BLOCK, COLS, TILE};
     use std::arch::x86_64::*;
 
     const ROWS: usize = 4;
@@ -383,24 +494,16 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_int8(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+    pub unsafe fn tile_int8(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; TILE]], c0: usize) {
         // SAFETY: features enabled above.
-        unsafe { tile_int8_body::<false>(w, a, out) }
+        unsafe { tile_int8_body(w, a, out, c0) }
     }
 
     /// # Safety
-    /// AVX2, FMA, AVX-512VL and AVX-512 VNNI must be available.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn tile_int8_vnni(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
-        // SAFETY: features enabled above.
-        unsafe { tile_int8_body::<true>(w, a, out) }
-    }
-
-    /// # Safety
-    /// Only called from the wrappers above, whose target features cover every intrinsic here.
+    /// Only called from the wrapper above, whose target features cover every intrinsic here.
     #[inline(always)]
     #[allow(unsafe_op_in_unsafe_fn)]
-    unsafe fn tile_int8_body<const VNNI: bool>(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+    unsafe fn tile_int8_body(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; TILE]], c0: usize) {
         check(a, out.len(), &w.map(|(q, _)| q.len()), BLOCK);
         assert!(w.iter().all(|(_, d)| d.len() >= a.nb));
         let k = a.nb * BLOCK;
@@ -425,14 +528,14 @@ mod avx2 {
                     let av = unsafe { _mm256_loadu_si256(a.q.as_ptr().add(row * k + b * BLOCK) as *const __m256i) };
                     let ad = _mm256_set1_ps(a.d[row * a.nb + b]);
                     for c in 0..COLS {
-                        let dot = udot::<VNNI>(w_abs[c], _mm256_sign_epi8(av, wv[c]));
+                        let dot = udot::<false>(w_abs[c], _mm256_sign_epi8(av, wv[c]));
                         acc[c] = _mm256_fmadd_ps(dot, _mm256_mul_ps(wd[c], ad), acc[c]);
                     }
                 }
             }
             for t in 0..take {
                 for c in 0..COLS {
-                    out[r + t][c] = hsum(acc[t][c]);
+                    out[r + t][c0 + c] = hsum(acc[t][c]);
                 }
             }
             r += take;
@@ -442,17 +545,22 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_int4(w: [(&[u8], &[f32], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+    pub unsafe fn tile_int4(w: [(&[u8], &[f32], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; TILE]], c0: usize) {
         // SAFETY: features enabled above.
-        unsafe { tile_int4_body::<false>(w, a, out) }
+        unsafe { tile_int4_body::<false>(w, a, out, c0) }
     }
 
     /// # Safety
     /// AVX2, FMA, AVX-512VL and AVX-512 VNNI must be available.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
-    pub unsafe fn tile_int4_vnni(w: [(&[u8], &[f32], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; COLS]]) {
+    pub unsafe fn tile_int4_vnni(
+        w: [(&[u8], &[f32], &[f32]); COLS],
+        a: &ActRows<'_>,
+        out: &mut [[f32; TILE]],
+        c0: usize,
+    ) {
         // SAFETY: features enabled above.
-        unsafe { tile_int4_body::<true>(w, a, out) }
+        unsafe { tile_int4_body::<true>(w, a, out, c0) }
     }
 
     /// # Safety
@@ -462,7 +570,8 @@ mod avx2 {
     unsafe fn tile_int4_body<const VNNI: bool>(
         w: [(&[u8], &[f32], &[f32]); COLS],
         a: &ActRows<'_>,
-        out: &mut [[f32; COLS]],
+        out: &mut [[f32; TILE]],
+        c0: usize,
     ) {
         check(a, out.len(), &w.map(|(q, _, _)| q.len()), 16);
         assert!(w.iter().all(|(_, d, m)| d.len() >= a.nb && m.len() >= a.nb));
@@ -498,10 +607,138 @@ mod avx2 {
                 let sums = &a.s[row * a.nb..(row + 1) * a.nb];
                 for c in 0..COLS {
                     // The 4-bit offset term: Σ_b m_b · (d_a · Σq_a)_b.
-                    out[r + t][c] = hsum(acc[t][c]) + dot_f32(w[c].2, sums);
+                    out[r + t][c0 + c] = hsum(acc[t][c]) + dot_f32(w[c].2, sums);
                 }
             }
             r += take;
+        }
+    }
+
+    /// Four weight rows against every activation row, four rows at a time, two blocks per
+    /// 512-bit step: 16 accumulators, four weight block pairs and their scales fit in the 32
+    /// registers AVX-512 brings, and one VNNI instruction does 64 products. Weights are 4-bit
+    /// (`FOUR`) or unsigned 8-bit blocks, both with an offset per block. A row's result depends
+    /// only on its own values, not on the rows beside it.
+    ///
+    /// # Safety
+    /// AVX2, FMA, AVX-512F/VL and AVX-512 VNNI must be available.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn tile_vnni_wide<const FOUR: bool>(
+        w: [(&[u8], &[f32], &[f32]); TILE],
+        a: &ActRows<'_>,
+        out: &mut [[f32; TILE]],
+    ) {
+        check(a, out.len(), &w.map(|(q, _, _)| q.len()), if FOUR { 16 } else { BLOCK });
+        assert!(w.iter().all(|(_, d, m)| d.len() >= a.nb && m.len() >= a.nb));
+        let mut r = 0;
+        while r + ROWS <= a.rows {
+            // SAFETY: rows r..r + ROWS are in bounds (checked above); features enabled above.
+            unsafe { wide_rows::<FOUR, ROWS>(&w, a, r, out) };
+            r += ROWS;
+        }
+        // SAFETY: as above, for the remaining rows.
+        unsafe {
+            match a.rows - r {
+                1 => wide_rows::<FOUR, 1>(&w, a, r, out),
+                2 => wide_rows::<FOUR, 2>(&w, a, r, out),
+                3 => wide_rows::<FOUR, 3>(&w, a, r, out),
+                _ => {}
+            }
+        }
+    }
+
+    /// Two adjacent floats at `p` as `[p[0]; 8] ++ [p[1]; 8]`: the scales of a block pair.
+    #[inline(always)]
+    unsafe fn pair_scales(p: *const f32) -> __m512 {
+        // SAFETY: the caller guarantees two floats at p and AVX-512F.
+        unsafe {
+            let two = _mm_castpd_ps(_mm_load_sd(p as *const f64));
+            _mm512_permutexvar_ps(
+                _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                _mm512_castps128_ps512(two),
+            )
+        }
+    }
+
+    /// Rows `r..r + R` of [`tile_vnni_wide`].
+    ///
+    /// # Safety
+    /// The caller checked the bounds of every view for rows `r..r + R` and enabled AVX-512
+    /// VNNI.
+    #[inline(always)]
+    #[allow(unsafe_op_in_unsafe_fn)]
+    unsafe fn wide_rows<const FOUR: bool, const R: usize>(
+        w: &[(&[u8], &[f32], &[f32]); TILE],
+        a: &ActRows<'_>,
+        r: usize,
+        out: &mut [[f32; TILE]],
+    ) {
+        let nb = a.nb;
+        let k = nb * BLOCK;
+        let low = _mm512_set1_epi8(0x0F);
+        // A pair of 16-byte packed blocks [P0, P1] is spread to [P0, P0, P1, P1] and the copies
+        // in the odd 128-bit lanes shifted down a nibble: after masking, the lanes hold block
+        // b's elements 0..16 and 16..32, then block b + 1's — the activations' own order.
+        let spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
+        let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+        let wq = w.map(|(q, _, _)| q.as_ptr());
+        let wd = w.map(|(_, d, _)| d.as_ptr());
+        let aq = a.q.as_ptr().add(r * k);
+        let ad = a.d.as_ptr().add(r * nb);
+        let mut acc = [[_mm512_setzero_ps(); TILE]; R];
+        let mut b = 0;
+        while b + 2 <= nb {
+            let mut wv = [_mm512_setzero_si512(); TILE];
+            let mut ws = [_mm512_setzero_ps(); TILE];
+            for c in 0..TILE {
+                wv[c] = if FOUR {
+                    let packed = _mm512_castsi256_si512(_mm256_loadu_si256(wq[c].add(b * 16) as *const __m256i));
+                    let spread = _mm512_permutexvar_epi64(spread, packed);
+                    _mm512_and_si512(_mm512_srlv_epi64(spread, shift), low)
+                } else {
+                    _mm512_loadu_si512(wq[c].add(b * BLOCK) as *const __m512i)
+                };
+                ws[c] = pair_scales(wd[c].add(b));
+            }
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_loadu_si512(aq.add(t * k + b * BLOCK) as *const __m512i);
+                let adv = pair_scales(ad.add(t * nb + b));
+                for c in 0..TILE {
+                    let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[c], av));
+                    acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws[c], adv), acc[c]);
+                }
+            }
+            b += 2;
+        }
+        let mut sums = [[0f32; TILE]; R];
+        for (t, acc) in acc.iter().enumerate() {
+            for c in 0..TILE {
+                sums[t][c] = _mm512_reduce_add_ps(acc[c]);
+            }
+        }
+        if b < nb {
+            // An odd last block, 256 bits wide.
+            let low = _mm256_set1_epi8(0x0F);
+            let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+            for c in 0..TILE {
+                let wv = if FOUR {
+                    let packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(wq[c].add(b * 16) as *const __m128i));
+                    _mm256_and_si256(_mm256_srlv_epi32(packed, shift), low)
+                } else {
+                    _mm256_loadu_si256(wq[c].add(b * BLOCK) as *const __m256i)
+                };
+                for (t, sums) in sums.iter_mut().enumerate() {
+                    let av = _mm256_loadu_si256(aq.add(t * k + b * BLOCK) as *const __m256i);
+                    sums[c] += hsum(udot::<true>(wv, av)) * (*wd[c].add(b) * *ad.add(t * nb + b));
+                }
+            }
+        }
+        for (t, sums) in sums.iter().enumerate() {
+            let offsets = &a.s[(r + t) * nb..(r + t + 1) * nb];
+            for c in 0..TILE {
+                // The offset term, as in the other kernels.
+                out[r + t][c] = sums[c] + dot_f32(w[c].2, offsets);
+            }
         }
     }
 }
@@ -601,37 +838,67 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn vnni_and_avx2_kernels_agree_exactly() -> Result<()> {
+    fn vnni_and_avx2_kernels_agree() -> Result<()> {
         if !vnni_supported() {
             return Ok(()); // nothing to compare on this CPU
         }
-        let w = Tensor::randn(0f32, 1.0, (2, 128), &Device::Cpu)?;
-        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (5, 128), &Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let (m, nb) = (5, 4);
-        let mut act = Activations { q: vec![0; m * 128], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
+        // Seven rows: one full group of four for the wide kernel and a tail of three; five blocks:
+        // two pairs and an odd one.
+        let (m, k, nb) = (7, 160, 5);
+        let w = Tensor::randn(0f32, 1.0, (TILE, k), &Device::Cpu)?;
+        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
         quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
         let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
-        let int8 = QLinear::from_dense(&w)?;
+        let int8 = QLinear::from_dense_as(&w, false)?;
+        let uint8 = QLinear::from_dense_as(&w, true)?;
         let int4 = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts");
-        let (Blocks::Int8 { q, d }, Blocks::Int4 { qs, d: d4, m: m4 }) = (&int8.blocks, &int4.blocks) else {
+        let (Blocks::Int8 { q, d }, Blocks::Uint8 { q: qu, d: du, m: mu }, Blocks::Int4 { qs, d: d4, m: m4 }) =
+            (&int8.blocks, &uint8.blocks, &int4.blocks)
+        else {
             unreachable!()
         };
-        let run = |vnni: bool, four: bool| {
-            let mut out = vec![[0f32; COLS]; m];
-            // SAFETY: VNNI (and so AVX2) support checked above.
+        let pairs = |f: &dyn Fn(usize, &mut [[f32; TILE]])| {
+            let mut out = vec![[0f32; TILE]; m];
+            for c0 in (0..TILE).step_by(COLS) {
+                f(c0, &mut out);
+            }
+            out
+        };
+        let close = |got: &[[f32; TILE]], want: &[[f32; TILE]]| {
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+            }
+        };
+        // SAFETY (every kernel call below): VNNI, and so AVX2, support was checked above.
+        let int4_avx2 =
+            pairs(&|c0, out| unsafe { avx2::tile_int4(int4.offset_cols(qs, 16, d4, m4, c0), &rows, out, c0) });
+        let int4_vnni =
+            pairs(&|c0, out| unsafe { avx2::tile_int4_vnni(int4.offset_cols(qs, 16, d4, m4, c0), &rows, out, c0) });
+        // Integer dot products are exact either way and the float steps are the same.
+        assert_eq!(int4_vnni, int4_avx2);
+        let wide = |four: bool, rows: &ActRows<'_>| {
+            let mut out = vec![[0f32; TILE]; rows.rows];
             unsafe {
-                match (vnni, four) {
-                    (true, false) => avx2::tile_int8_vnni(int8.int8_cols(q, d, 0), &rows, &mut out),
-                    (false, false) => avx2::tile_int8(int8.int8_cols(q, d, 0), &rows, &mut out),
-                    (true, true) => avx2::tile_int4_vnni(int4.int4_cols(qs, d4, m4, 0), &rows, &mut out),
-                    (false, true) => avx2::tile_int4(int4.int4_cols(qs, d4, m4, 0), &rows, &mut out),
+                if four {
+                    avx2::tile_vnni_wide::<true>(int4.offset_cols(qs, 16, d4, m4, 0), rows, &mut out);
+                } else {
+                    avx2::tile_vnni_wide::<false>(uint8.offset_cols(qu, BLOCK, du, mu, 0), rows, &mut out);
                 }
             }
             out
         };
-        // Integer dot products are exact either way, so the floats match bit for bit.
-        assert_eq!(run(true, false), run(false, false));
-        assert_eq!(run(true, true), run(false, true));
+        // The wide kernel sums two blocks per step in other lanes (and the unsigned int8 form
+        // takes its offset out separately): equal up to float rounding.
+        let (wide4, wide8) = (wide(true, &rows), wide(false, &rows));
+        close(&wide4, &int4_avx2);
+        close(&wide8, &pairs(&|c0, out| unsafe { avx2::tile_int8(int8.int8_cols(q, d, c0), &rows, out, c0) }));
+        // Each row gets the same value alone as in the group.
+        for r in 0..m {
+            let one = ActRows { q: &act.q[r * k..], d: &act.d[r * nb..], s: &act.s[r * nb..], rows: 1, nb };
+            assert_eq!(wide(true, &one)[0], wide4[r], "int4 row {r}");
+            assert_eq!(wide(false, &one)[0], wide8[r], "int8 row {r}");
+        }
         Ok(())
     }
 
@@ -645,9 +912,12 @@ mod tests {
         let (m, k, nb) = (6, 96, 3);
         let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
         quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
-        let int8 = QLinear::from_dense(&w)?;
+        // Both int8 layouts run on every machine: the unsigned one falls back to scalar code
+        // where VNNI is missing.
+        let int8 = QLinear::from_dense_as(&w, false)?;
+        let uint8 = QLinear::from_dense_as(&w, true)?;
         let int4 = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts");
-        for lin in [&int8, &int4] {
+        for lin in [&int8, &uint8, &int4] {
             let mut simd = vec![0f32; m * 7];
             lin.matmul(&act, m, &mut simd);
             let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
@@ -659,8 +929,12 @@ mod tests {
                             scalar_int8(w, wd, &rows, r)
                         }
                         Blocks::Int4 { qs, d, m } => {
-                            let [(w, wd, wm)] = lin.int4_cols::<1>(qs, d, m, j);
+                            let [(w, wd, wm)] = lin.offset_cols::<1>(qs, 16, d, m, j);
                             scalar_int4(w, wd, wm, &rows, r)
+                        }
+                        Blocks::Uint8 { q, d, m } => {
+                            let [(w, wd, wm)] = lin.offset_cols::<1>(q, BLOCK, d, m, j);
+                            scalar_uint8(w, wd, wm, &rows, r)
                         }
                     };
                     let got = simd[r * 7 + j];
