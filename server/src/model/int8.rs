@@ -84,12 +84,45 @@ pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
     quantize_blocks_body(x, q, d, s);
 }
 
-/// The same loop compiled for AVX2, where `round` becomes an inline vector instruction instead
-/// of a libm call per value.
+/// [`quantize_blocks_body`] in AVX2: a block of 32 values is four registers, its maximum a
+/// short reduction, and the rounded values are packed to bytes in registers. Rounding is to
+/// nearest even (the scalar loop rounds ties away from zero).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-    quantize_blocks_body(x, q, d, s);
+    use std::arch::x86_64::*;
+    let nb = x.len() / BLOCK;
+    assert!(q.len() >= nb * BLOCK && d.len() >= nb && s.len() >= nb);
+    let sign = _mm256_set1_ps(-0.0);
+    // packs interleave the 128-bit halves; this puts the 4-byte groups back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..nb {
+        // SAFETY: block b of x and q is in bounds (nb blocks, asserted above).
+        unsafe {
+            let p = x.as_ptr().add(b * BLOCK);
+            let v =
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+            let scale = amax / 127.0;
+            let inv = _mm256_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
+            let i = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+            let sum = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let sum = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b00_00_00_01)));
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            _mm256_storeu_si256(
+                q.as_mut_ptr().add(b * BLOCK) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(bytes, order),
+            );
+            d[b] = scale;
+            s[b] = scale * sum as f32;
+        }
+    }
 }
 
 #[inline(always)]
@@ -378,10 +411,38 @@ struct Activations {
     s: Vec<f32>,
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint columns of the output through this pointer.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
+impl Activations {
+    /// Quantizes rows of `k` values from `x`, split over the worker pool when there are
+    /// several rows (on the calling thread alone, the other cores would wait for it).
+    fn quantize(&mut self, x: &[f32], k: usize) {
+        let (m, nb) = (x.len() / k, k / BLOCK);
+        if m < 4 {
+            quantize_blocks(x, &mut self.q, &mut self.d, &mut self.s);
+            return;
+        }
+        let (q, d, s) = (SendPtr(self.q.as_mut_ptr()), SendPtr(self.d.as_mut_ptr()), SendPtr(self.s.as_mut_ptr()));
+        assert!(self.q.len() >= m * k && self.d.len() >= m * nb && self.s.len() >= m * nb);
+        candle_core::utils::barrier_pool().execute_chunked(m, |rows| {
+            let (q, d, s) = (&q, &d, &s);
+            let n = rows.len();
+            // SAFETY: each task gets its own rows of the three buffers, in bounds per the
+            // assertion above.
+            let (q, d, s) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(q.0.add(rows.start * k), n * k),
+                    std::slice::from_raw_parts_mut(d.0.add(rows.start * nb), n * nb),
+                    std::slice::from_raw_parts_mut(s.0.add(rows.start * nb), n * nb),
+                )
+            };
+            quantize_blocks(&x[rows.start * k..rows.end * k], q, d, s);
+        });
+    }
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: tasks write disjoint parts of the buffer behind this pointer.
+unsafe impl<T> Sync for SendPtr<T> {}
+unsafe impl<T> Send for SendPtr<T> {}
 
 /// A tile of quantized activation rows: values, per-block scales and scale·sums.
 struct ActRows<'a> {
@@ -764,7 +825,7 @@ impl CustomOp1 for QLinear {
         let m = x.len() / k;
         let nb = k / BLOCK;
         let mut act = Activations { q: vec![0i8; m * k], d: vec![0f32; m * nb], s: vec![0f32; m * nb] };
-        quantize_blocks(x, &mut act.q, &mut act.d, &mut act.s);
+        act.quantize(x, k);
         let mut out = vec![0f32; m * self.n];
         self.matmul(&act, m, &mut out);
         let mut shape = dims.to_vec();
@@ -782,6 +843,29 @@ mod tests {
         let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
         Ok(err / scale)
+    }
+
+    #[test]
+    fn simd_quantization_matches_the_scalar_loop() -> Result<()> {
+        // Random values (no exact rounding ties), a block of zeros, and one with a lone value.
+        let mut x: Vec<f32> = Tensor::randn(0f32, 3.0, (10 * BLOCK,), &Device::Cpu)?.to_vec1()?;
+        x.extend([0.0; BLOCK]);
+        x.extend((0..BLOCK).map(|i| if i == 7 { -2.5 } else { 0.0 }));
+        let nb = x.len() / BLOCK;
+        let run = |simd: bool| {
+            let (mut q, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+            if simd {
+                quantize_blocks(&x, &mut q, &mut d, &mut s);
+            } else {
+                quantize_blocks_body(&x, &mut q, &mut d, &mut s);
+            }
+            (q, d, s)
+        };
+        let (simd, scalar) = (run(true), run(false));
+        assert_eq!(simd, scalar);
+        assert_eq!(simd.0[11 * BLOCK + 7], -127);
+        assert!(simd.0[10 * BLOCK..11 * BLOCK].iter().all(|&v| v == 0) && simd.1[10] == 0.0);
+        Ok(())
     }
 
     #[test]

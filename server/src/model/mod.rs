@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod attention;
 pub mod chat;
+pub mod elementwise;
 pub mod int8;
 pub mod sampling;
 pub mod source;

@@ -11,6 +11,7 @@
 //! steering (add a vector after block L) and capture (keep the hidden state after every block).
 
 use super::super::attention::{self, Heads, HostKv, RowSpan};
+use super::super::elementwise::SiluMul;
 use super::super::int8::QLinear;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -217,6 +218,14 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Projections::Fused { sizes, .. } = &self.gate_up
+            && xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+        {
+            // The block kernels return f32 for f32 input: one fused pass on the host.
+            let gu = self.gate_up.forward_joint(xs)?;
+            return self.down.forward(&SiluMul { inter: sizes[0] }.forward(&gu.contiguous()?)?);
+        }
         let gu = self.gate_up.forward(xs)?;
         let gate = candle_nn::ops::silu(&gu[0])?;
         self.down.forward(&(gate * &gu[1])?)
