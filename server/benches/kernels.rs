@@ -26,10 +26,12 @@ fn main() -> anyhow::Result<()> {
             let layers = (0..if name == "head" { 1 } else { 30 })
                 .map(|_| {
                     let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
-                    Ok(match dtype {
+                    let lin = match dtype {
                         Some(d) => QLinear::from_q4(&QTensor::quantize(&w, d)?)?.expect("q4 converts"),
                         None => QLinear::from_dense(&w)?,
-                    })
+                    };
+                    // The layout the model uses on this CPU.
+                    Ok(lin.for_this_cpu())
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             for m in [1usize, 4, 16, 64] {

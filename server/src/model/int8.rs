@@ -20,6 +20,11 @@ const COLS: usize = 2;
 /// Weight rows per task tile: the VNNI kernels, with 32 vector registers, take all four at once;
 /// the AVX2 ones two pairs.
 const TILE: usize = 4;
+/// Weight rows per tile of the column-interleaved VNNI layout ([`Blocks::Packed16`]): one
+/// 512-bit register holds 16 weight rows' partial sums.
+const GROUP: usize = 16;
+/// Width of the per-tile output buffers (the widest tile).
+const OUT_W: usize = GROUP;
 
 /// True when this CPU can run the kernels.
 pub fn supported() -> bool {
@@ -63,6 +68,12 @@ enum Blocks {
     /// Int8 blocks as VNNI wants them: `q + 128` unsigned, with the offset `-128·d` per block
     /// taken out like the 4-bit one, so no sign juggling is needed per product.
     Uint8 { q: Vec<u8>, d: Vec<f32>, m: Vec<f32> },
+    /// Groups of [`GROUP`] weight rows interleaved for VNNI, so that one instruction adds four
+    /// products to each of 16 rows' sums and a block's scales apply once per 16 rows: for group
+    /// g and block b, eight 64-byte vectors, vector j holding values 4j..4j+4 of the block for
+    /// each of the 16 rows (`four`: two such vectors share 64 bytes, one per nibble), then the
+    /// group's 16 scales and 16 offsets per block in `d` and `m`.
+    Packed16 { four: bool, q: Vec<u8>, d: Vec<f32>, m: Vec<f32> },
 }
 
 /// A `[n, k]` weight matrix in block-quantized form.
@@ -218,7 +229,7 @@ impl QLinear {
                     d.extend(d2);
                     m.extend(m2);
                 }
-                _ => candle_core::bail!("cannot concatenate int8 and 4-bit weights"),
+                _ => candle_core::bail!("cannot concatenate weights of different block formats"),
             }
         }
         first.n = n;
@@ -226,7 +237,31 @@ impl QLinear {
     }
 
     pub fn is_int4(&self) -> bool {
-        matches!(self.blocks, Blocks::Int4 { .. })
+        matches!(self.blocks, Blocks::Int4 { .. } | Blocks::Packed16 { four: true, .. })
+    }
+
+    /// The layout the fastest kernel on this CPU wants: with VNNI, weights whose row count is a
+    /// multiple of [`GROUP`] are interleaved in groups of 16 rows (done once, at load).
+    pub fn for_this_cpu(self) -> Self {
+        if !vnni_supported() || !self.n.is_multiple_of(GROUP) {
+            return self;
+        }
+        let (n, k) = (self.n, self.k);
+        match self.blocks {
+            Blocks::Int4 { qs, d, m } => {
+                let value = |j: usize, i: usize| {
+                    let (b, t) = (i / BLOCK, i % BLOCK);
+                    let byte = qs[(j * k / BLOCK + b) * 16 + t % 16];
+                    if t < 16 { byte & 0x0F } else { byte >> 4 }
+                };
+                Self { n, k, blocks: pack16(n, k, true, value, &d, &m) }
+            }
+            Blocks::Uint8 { q, d, m } => {
+                let value = |j: usize, i: usize| q[j * k + i];
+                Self { n, k, blocks: pack16(n, k, false, value, &d, &m) }
+            }
+            blocks => Self { n, k, blocks },
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -237,16 +272,17 @@ impl QLinear {
     fn matmul(&self, a: &Activations, m: usize, out: &mut [f32]) {
         let n = self.n;
         let out_ptr = SendPtr(out.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(TILE), |tiles| {
+        let width = if matches!(self.blocks, Blocks::Packed16 { .. }) { GROUP } else { TILE };
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(width), |tiles| {
             let out_ptr = &out_ptr;
-            let mut acc = [[0f32; TILE]; ROW_TILE];
+            let mut acc = [[0f32; OUT_W]; ROW_TILE];
             for i0 in (0..m).step_by(ROW_TILE) {
                 let rows = ROW_TILE.min(m - i0);
                 for tile in tiles.clone() {
-                    let j0 = tile * TILE;
-                    let cols = TILE.min(n - j0);
+                    let j0 = tile * width;
+                    let cols = width.min(n - j0);
                     if tile + 2 < tiles.end {
-                        self.prefetch(j0 + 2 * TILE, TILE.min(n - j0 - 2 * TILE));
+                        self.prefetch(j0 + 2 * width, width.min(n - j0 - 2 * width));
                     }
                     self.dot_tile(j0, cols, a, i0, rows, &mut acc[..rows]);
                     for (r, vals) in acc[..rows].iter().enumerate() {
@@ -291,6 +327,13 @@ impl QLinear {
                     lines(d, b0, b1);
                     lines(m, b0, b1);
                 }
+                // Groups are whole (n is a multiple of GROUP), so row ranges map to byte ranges.
+                Blocks::Packed16 { four, q, d, m } => {
+                    let per_row = if *four { self.k / 2 } else { self.k };
+                    lines(q, j0 * per_row, (j0 + cols) * per_row);
+                    lines(d, b0, b1);
+                    lines(m, b0, b1);
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -301,9 +344,31 @@ impl QLinear {
     /// (`cols` ≤ [`TILE`]) into `out[row][col]`. Every output goes through the same sequence of
     /// operations whichever kernel or tile position computes it, so a row's result does not
     /// depend on the rows batched with it.
-    fn dot_tile(&self, j0: usize, cols: usize, a: &Activations, i0: usize, rows: usize, out: &mut [[f32; TILE]]) {
+    fn dot_tile(&self, j0: usize, cols: usize, a: &Activations, i0: usize, rows: usize, out: &mut [[f32; OUT_W]]) {
         let nb = self.k / BLOCK;
         let act = ActRows { q: &a.q[i0 * self.k..], d: &a.d[i0 * nb..], s: &a.s[i0 * nb..], rows, nb };
+        if let Blocks::Packed16 { four, q, d, m } = &self.blocks {
+            // Only built where VNNI runs, and only for whole groups.
+            let g = j0 / GROUP;
+            let per_group = if *four { nb * 256 } else { nb * 512 };
+            let w = (
+                &q[g * per_group..][..per_group],
+                &d[g * nb * GROUP..][..nb * GROUP],
+                &m[g * nb * GROUP..][..nb * GROUP],
+            );
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: Packed16 exists only where VNNI was detected; the kernel checks its views.
+            unsafe {
+                if *four {
+                    avx2::tile_packed16::<true>(w, &act, out)
+                } else {
+                    avx2::tile_packed16::<false>(w, &act, out)
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (cols, w);
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if supported() {
             let vnni = vnni_supported();
@@ -319,7 +384,7 @@ impl QLinear {
                         return;
                     }
                     // Signed blocks (built for a CPU without VNNI): the AVX2 pairs below.
-                    Blocks::Int8 { .. } => {}
+                    Blocks::Int8 { .. } | Blocks::Packed16 { .. } => {}
                 }
             }
             let mut c0 = 0;
@@ -336,7 +401,7 @@ impl QLinear {
                         avx2::tile_int4(self.offset_cols(qs, 16, d, m, j), &act, out, c0)
                     },
                     // A tile narrower than TILE: only at the end of an odd-sized weight.
-                    Blocks::Uint8 { .. } => break,
+                    Blocks::Uint8 { .. } | Blocks::Packed16 { .. } => break,
                 }
                 c0 += COLS;
             }
@@ -347,7 +412,7 @@ impl QLinear {
     }
 
     /// The portable fallback, also used for a tile's odd last column.
-    fn dot_scalar(&self, j0: usize, cols: std::ops::Range<usize>, act: &ActRows<'_>, out: &mut [[f32; TILE]]) {
+    fn dot_scalar(&self, j0: usize, cols: std::ops::Range<usize>, act: &ActRows<'_>, out: &mut [[f32; OUT_W]]) {
         for c in cols {
             let j = j0 + c;
             for (r, o) in out.iter_mut().enumerate().take(act.rows) {
@@ -364,6 +429,7 @@ impl QLinear {
                         let [(w, wd, wm)] = self.offset_cols::<1>(q, BLOCK, d, m, j);
                         scalar_uint8(w, wd, wm, act, r)
                     }
+                    Blocks::Packed16 { .. } => unreachable!("packed groups never reach the scalar path"),
                 };
             }
         }
@@ -394,6 +460,33 @@ impl QLinear {
             (&q[j * nb * block_bytes..(j + 1) * nb * block_bytes], &d[j * nb..(j + 1) * nb], &m[j * nb..(j + 1) * nb])
         })
     }
+}
+
+/// Builds [`Blocks::Packed16`] from `value(row, index)` (each an unsigned 4- or 8-bit value)
+/// and per-block scales and offsets in row order.
+fn pack16(n: usize, k: usize, four: bool, value: impl Fn(usize, usize) -> u8, d: &[f32], m: &[f32]) -> Blocks {
+    let nb = k / BLOCK;
+    let mut q = Vec::with_capacity(if four { n * k / 2 } else { n * k });
+    let (mut gd, mut gm) = (Vec::with_capacity(n * nb), Vec::with_capacity(n * nb));
+    for g in 0..n / GROUP {
+        for b in 0..nb {
+            // Vector v: for each of the 16 rows, values 4v..4v+4 of block b.
+            let vector =
+                |v: usize| (0..GROUP).flat_map(move |r| (0..4).map(move |t| (g * GROUP + r, b * BLOCK + 4 * v + t)));
+            if four {
+                for v in (0..8).step_by(2) {
+                    q.extend(vector(v).zip(vector(v + 1)).map(|((j, i), (j2, i2))| value(j, i) | (value(j2, i2) << 4)));
+                }
+            } else {
+                for v in 0..8 {
+                    q.extend(vector(v).map(|(j, i)| value(j, i)));
+                }
+            }
+            gd.extend((0..GROUP).map(|r| d[(g * GROUP + r) * nb + b]));
+            gm.extend((0..GROUP).map(|r| m[(g * GROUP + r) * nb + b]));
+        }
+    }
+    Blocks::Packed16 { four, q, d: gd, m: gm }
 }
 
 fn check_k(k: usize) -> Result<()> {
@@ -495,7 +588,7 @@ mod avx2 {
     //! Register-blocked tiles: each weight block is unpacked once per group of four
     //! activation rows, and each activation block is loaded once for [`COLS`] weight rows.
 
-    use super::{ActRows, BLOCK, COLS, TILE};
+    use super::{ActRows, BLOCK, COLS, GROUP, OUT_W, TILE};
     use std::arch::x86_64::*;
 
     const ROWS: usize = 4;
@@ -555,7 +648,7 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_int8(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; TILE]], c0: usize) {
+    pub unsafe fn tile_int8(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; OUT_W]], c0: usize) {
         // SAFETY: features enabled above.
         unsafe { tile_int8_body(w, a, out, c0) }
     }
@@ -564,7 +657,7 @@ mod avx2 {
     /// Only called from the wrapper above, whose target features cover every intrinsic here.
     #[inline(always)]
     #[allow(unsafe_op_in_unsafe_fn)]
-    unsafe fn tile_int8_body(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; TILE]], c0: usize) {
+    unsafe fn tile_int8_body(w: [(&[i8], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; OUT_W]], c0: usize) {
         check(a, out.len(), &w.map(|(q, _)| q.len()), BLOCK);
         assert!(w.iter().all(|(_, d)| d.len() >= a.nb));
         let k = a.nb * BLOCK;
@@ -606,7 +699,7 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA must be available.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_int4(w: [(&[u8], &[f32], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; TILE]], c0: usize) {
+    pub unsafe fn tile_int4(w: [(&[u8], &[f32], &[f32]); COLS], a: &ActRows<'_>, out: &mut [[f32; OUT_W]], c0: usize) {
         // SAFETY: features enabled above.
         unsafe { tile_int4_body::<false>(w, a, out, c0) }
     }
@@ -617,7 +710,7 @@ mod avx2 {
     pub unsafe fn tile_int4_vnni(
         w: [(&[u8], &[f32], &[f32]); COLS],
         a: &ActRows<'_>,
-        out: &mut [[f32; TILE]],
+        out: &mut [[f32; OUT_W]],
         c0: usize,
     ) {
         // SAFETY: features enabled above.
@@ -631,7 +724,7 @@ mod avx2 {
     unsafe fn tile_int4_body<const VNNI: bool>(
         w: [(&[u8], &[f32], &[f32]); COLS],
         a: &ActRows<'_>,
-        out: &mut [[f32; TILE]],
+        out: &mut [[f32; OUT_W]],
         c0: usize,
     ) {
         check(a, out.len(), &w.map(|(q, _, _)| q.len()), 16);
@@ -687,7 +780,7 @@ mod avx2 {
     pub unsafe fn tile_vnni_wide<const FOUR: bool>(
         w: [(&[u8], &[f32], &[f32]); TILE],
         a: &ActRows<'_>,
-        out: &mut [[f32; TILE]],
+        out: &mut [[f32; OUT_W]],
     ) {
         check(a, out.len(), &w.map(|(q, _, _)| q.len()), if FOUR { 16 } else { BLOCK });
         assert!(w.iter().all(|(_, d, m)| d.len() >= a.nb && m.len() >= a.nb));
@@ -732,7 +825,7 @@ mod avx2 {
         w: &[(&[u8], &[f32], &[f32]); TILE],
         a: &ActRows<'_>,
         r: usize,
-        out: &mut [[f32; TILE]],
+        out: &mut [[f32; OUT_W]],
     ) {
         let nb = a.nb;
         let k = nb * BLOCK;
@@ -800,6 +893,94 @@ mod avx2 {
                 // The offset term, as in the other kernels.
                 out[r + t][c] = sums[c] + dot_f32(w[c].2, offsets);
             }
+        }
+    }
+
+    /// [`super::Blocks::Packed16`] weights (one group of 16 rows: its bytes, scales and
+    /// offsets) against every activation row, four at a time. Per row and block: eight VNNI
+    /// instructions, each adding four products to all 16 rows' sums, then one conversion and
+    /// two FMAs apply the 16 rows' scales and offsets at once.
+    ///
+    /// # Safety
+    /// AVX-512F/VL and AVX-512 VNNI must be available.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn tile_packed16<const FOUR: bool>(
+        w: (&[u8], &[f32], &[f32]),
+        a: &ActRows<'_>,
+        out: &mut [[f32; OUT_W]],
+    ) {
+        let nb = a.nb;
+        let k = nb * BLOCK;
+        assert!(a.q.len() >= a.rows * k && a.d.len() >= a.rows * nb && a.s.len() >= a.rows * nb);
+        assert!(out.len() >= a.rows);
+        assert!(w.0.len() >= nb * if FOUR { 256 } else { 512 } && w.1.len() >= nb * GROUP && w.2.len() >= nb * GROUP);
+        let mut r = 0;
+        while r + ROWS <= a.rows {
+            // SAFETY: bounds checked above; features enabled above.
+            unsafe { packed16_rows::<FOUR, ROWS>(w, a, r, out) };
+            r += ROWS;
+        }
+        // SAFETY: as above, for the remaining rows.
+        unsafe {
+            match a.rows - r {
+                1 => packed16_rows::<FOUR, 1>(w, a, r, out),
+                2 => packed16_rows::<FOUR, 2>(w, a, r, out),
+                3 => packed16_rows::<FOUR, 3>(w, a, r, out),
+                _ => {}
+            }
+        }
+    }
+
+    /// Rows `r..r + R` of [`tile_packed16`].
+    ///
+    /// # Safety
+    /// The caller checked every view's bounds for these rows and enabled AVX-512 VNNI.
+    #[inline(always)]
+    #[allow(unsafe_op_in_unsafe_fn)]
+    unsafe fn packed16_rows<const FOUR: bool, const R: usize>(
+        w: (&[u8], &[f32], &[f32]),
+        a: &ActRows<'_>,
+        r: usize,
+        out: &mut [[f32; OUT_W]],
+    ) {
+        let nb = a.nb;
+        let k = nb * BLOCK;
+        let low = _mm512_set1_epi8(0x0F);
+        let block_bytes = if FOUR { 256 } else { 512 };
+        let (wq, wd, wm) = (w.0.as_ptr(), w.1.as_ptr(), w.2.as_ptr());
+        let aq = a.q.as_ptr().add(r * k);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            let base = wq.add(b * block_bytes);
+            let mut wv = [_mm512_setzero_si512(); 8];
+            for v in 0..8 {
+                wv[v] = if FOUR {
+                    let packed = _mm512_loadu_si512(base.add(v / 2 * 64) as *const __m512i);
+                    if v % 2 == 0 {
+                        _mm512_and_si512(packed, low)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16(packed, 4), low)
+                    }
+                } else {
+                    _mm512_loadu_si512(base.add(v * 64) as *const __m512i)
+                };
+            }
+            let (scales, offsets) = (_mm512_loadu_ps(wd.add(b * GROUP)), _mm512_loadu_ps(wm.add(b * GROUP)));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let row = aq.add(t * k + b * BLOCK);
+                let mut dot = _mm512_setzero_si512();
+                for (v, wv) in wv.iter().enumerate() {
+                    let four_values = (row.add(4 * v) as *const i32).read_unaligned();
+                    dot = _mm512_dpbusd_epi32(dot, *wv, _mm512_set1_epi32(four_values));
+                }
+                let ad = _mm512_set1_ps(*a.d.get_unchecked((r + t) * nb + b));
+                let sums = _mm512_set1_ps(*a.s.get_unchecked((r + t) * nb + b));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, ad), *acc);
+                *acc = _mm512_fmadd_ps(offsets, sums, *acc);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out[r + t].as_mut_ptr(), *acc);
         }
     }
 }
@@ -942,14 +1123,14 @@ mod tests {
         else {
             unreachable!()
         };
-        let pairs = |f: &dyn Fn(usize, &mut [[f32; TILE]])| {
-            let mut out = vec![[0f32; TILE]; m];
+        let pairs = |f: &dyn Fn(usize, &mut [[f32; OUT_W]])| {
+            let mut out = vec![[0f32; OUT_W]; m];
             for c0 in (0..TILE).step_by(COLS) {
                 f(c0, &mut out);
             }
             out
         };
-        let close = |got: &[[f32; TILE]], want: &[[f32; TILE]]| {
+        let close = |got: &[[f32; OUT_W]], want: &[[f32; OUT_W]]| {
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                 assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
             }
@@ -962,7 +1143,7 @@ mod tests {
         // Integer dot products are exact either way and the float steps are the same.
         assert_eq!(int4_vnni, int4_avx2);
         let wide = |four: bool, rows: &ActRows<'_>| {
-            let mut out = vec![[0f32; TILE]; rows.rows];
+            let mut out = vec![[0f32; OUT_W]; rows.rows];
             unsafe {
                 if four {
                     avx2::tile_vnni_wide::<true>(int4.offset_cols(qs, 16, d4, m4, 0), rows, &mut out);
@@ -983,6 +1164,38 @@ mod tests {
             assert_eq!(wide(true, &one)[0], wide4[r], "int4 row {r}");
             assert_eq!(wide(false, &one)[0], wide8[r], "int8 row {r}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn interleaved_groups_match_the_row_layout() -> Result<()> {
+        if !vnni_supported() {
+            return Ok(()); // the interleaved layout is only built where VNNI runs
+        }
+        // Two groups of 16 rows, five blocks (an odd count), seven activation rows (a group of
+        // four and a tail of three).
+        let (n, k, m) = (2 * GROUP, 160, 7);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+        let int4 = || QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap().unwrap();
+        for (rows, packed) in
+            [(int4(), int4().for_this_cpu()), (QLinear::from_dense(&w)?, QLinear::from_dense(&w)?.for_this_cpu())]
+        {
+            assert!(matches!(packed.blocks, Blocks::Packed16 { .. }));
+            assert_eq!(rows.is_int4(), packed.is_int4());
+            let (want, got) = (rows.forward(&x)?, packed.forward(&x)?);
+            let err = rel_err(&got, &want)?;
+            assert!(err < 1e-5, "relative error {err}");
+            // Each row alone gets exactly what it gets in the batch.
+            let all: Vec<Vec<f32>> = got.to_vec2()?;
+            for (i, row) in all.iter().enumerate() {
+                let one: Vec<Vec<f32>> = packed.forward(&x.narrow(0, i, 1)?.contiguous()?)?.to_vec2()?;
+                assert_eq!(&one[0], row, "row {i}");
+            }
+        }
+        // A row count that is not a multiple of the group keeps the row layout.
+        let odd = QLinear::from_dense(&Tensor::randn(0f32, 1.0, (GROUP + 4, 64), &Device::Cpu)?)?.for_this_cpu();
+        assert!(!matches!(odd.blocks, Blocks::Packed16 { .. }));
         Ok(())
     }
 
@@ -1020,6 +1233,7 @@ mod tests {
                             let [(w, wd, wm)] = lin.offset_cols::<1>(q, BLOCK, d, m, j);
                             scalar_uint8(w, wd, wm, &rows, r)
                         }
+                        Blocks::Packed16 { .. } => unreachable!("built by for_this_cpu only"),
                     };
                     let got = simd[r * 7 + j];
                     assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "({r}, {j}): {got} vs {want}");

@@ -102,7 +102,7 @@ impl Linear {
             } else {
                 QLinear::concat(parts)?
             };
-            Weight::Blocks(fused)
+            Weight::Blocks(fused.for_this_cpu())
         } else {
             match names {
                 [one] => Weight::Quantized(src.matmul(&format!("{one}.weight"))?),
