@@ -953,8 +953,8 @@ mod avx2 {
         for b in 0..nb {
             let base = wq.add(b * block_bytes);
             let mut wv = [_mm512_setzero_si512(); 8];
-            for v in 0..8 {
-                wv[v] = if FOUR {
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = if FOUR {
                     let packed = _mm512_loadu_si512(base.add(v / 2 * 64) as *const __m512i);
                     if v % 2 == 0 {
                         _mm512_and_si512(packed, low)
