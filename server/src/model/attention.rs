@@ -99,14 +99,11 @@ pub fn append(kv: &mut HostKv, h: &Heads, qkv: &[f32], span_off: usize, t: usize
     kv.append(h, &qkv[span_off * w..(span_off + t) * w], t, len, cap);
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of (token, head) slices of the output.
-unsafe impl Sync for SendPtr {}
-
 /// Causal attention for all rows: returns `[n_tokens, n_heads * head_dim]`.
 pub fn attend(h: &Heads, qkv: &[f32], rows: &[RowSpan<'_>], n_tokens: usize) -> Vec<f32> {
     let mut out = vec![0f32; n_tokens * h.q_width()];
-    let ptr = SendPtr(out.as_mut_ptr());
+    // Every task writes a disjoint set of (token, head) slices of the output.
+    let ptr = super::int8::SendPtr(out.as_mut_ptr());
     let items = rows.len() * h.n_kv_heads;
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         let ptr = &ptr;

@@ -5,6 +5,7 @@
 //! took a few percent of every step while the matmul workers spun idle; here it is one pass,
 //! eight values per instruction, split over the same worker pool as the matmuls.
 
+use super::int8::SendPtr;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `silu(g) · u` for a `[t, 2·inter]` tensor holding gate and up side by side: `[t, inter]`.
@@ -38,7 +39,7 @@ impl CustomOp1 for SiluMul {
         let inter = self.inter;
         let mut out = vec![0f32; t * inter];
         let ptr = SendPtr(out.as_mut_ptr());
-        let rows = |range: std::ops::Range<usize>, ptr: &SendPtr| {
+        let rows = |range: std::ops::Range<usize>, ptr: &SendPtr<f32>| {
             for r in range {
                 let (g, u) = x[r * width..(r + 1) * width].split_at(inter);
                 // SAFETY: row r of the output belongs to this task alone; in bounds.
@@ -54,10 +55,6 @@ impl CustomOp1 for SiluMul {
         Ok((CpuStorage::F32(out), Shape::from((t, inter))))
     }
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint rows through this pointer.
-unsafe impl Sync for SendPtr {}
 
 /// `o = silu(g) · u = g / (1 + e^-g) · u`.
 pub fn silu_mul(g: &[f32], u: &[f32], o: &mut [f32]) {

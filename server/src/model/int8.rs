@@ -532,7 +532,9 @@ impl Activations {
     }
 }
 
-struct SendPtr<T>(*mut T);
+/// A raw pointer shared with the worker pool's tasks, each of which writes its own disjoint
+/// part of the buffer behind it (every user states which part in its SAFETY comment).
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: tasks write disjoint parts of the buffer behind this pointer.
 unsafe impl<T> Sync for SendPtr<T> {}
 unsafe impl<T> Send for SendPtr<T> {}
