@@ -240,10 +240,12 @@ impl QLinear {
         matches!(self.blocks, Blocks::Int4 { .. } | Blocks::Packed16 { four: true, .. })
     }
 
-    /// The layout the fastest kernel on this CPU wants: with VNNI, weights whose row count is a
-    /// multiple of [`GROUP`] are interleaved in groups of 16 rows (done once, at load).
+    /// The layout the fastest kernel on this CPU wants: weights whose row count is a multiple of
+    /// [`GROUP`] are interleaved in groups of 16 rows (done once, at load) — with VNNI all of
+    /// them, with AVX2 alone the 4-bit ones (8-bit products would overflow its 16-bit sums).
     pub fn for_this_cpu(self) -> Self {
-        if !vnni_supported() || !self.n.is_multiple_of(GROUP) {
+        let four = matches!(self.blocks, Blocks::Int4 { .. });
+        if !self.n.is_multiple_of(GROUP) || !(vnni_supported() || (four && supported())) {
             return self;
         }
         let (n, k) = (self.n, self.k);
@@ -348,7 +350,7 @@ impl QLinear {
         let nb = self.k / BLOCK;
         let act = ActRows { q: &a.q[i0 * self.k..], d: &a.d[i0 * nb..], s: &a.s[i0 * nb..], rows, nb };
         if let Blocks::Packed16 { four, q, d, m } = &self.blocks {
-            // Only built where VNNI runs, and only for whole groups.
+            // Only built for whole groups, where VNNI runs or (4-bit) where AVX2 does.
             let g = j0 / GROUP;
             let per_group = if *four { nb * 256 } else { nb * 512 };
             let w = (
@@ -357,12 +359,13 @@ impl QLinear {
                 &m[g * nb * GROUP..][..nb * GROUP],
             );
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: Packed16 exists only where VNNI was detected; the kernel checks its views.
+            // SAFETY: Packed16 exists only where the features of the kernel chosen here were
+            // detected (see for_this_cpu); the kernels check their views.
             unsafe {
-                if *four {
-                    avx2::tile_packed16::<true>(w, &act, out)
-                } else {
-                    avx2::tile_packed16::<false>(w, &act, out)
+                match (*four, vnni_supported()) {
+                    (true, true) => avx2::tile_packed16::<true>(w, &act, out),
+                    (false, _) => avx2::tile_packed16::<false>(w, &act, out),
+                    (true, false) => avx2::tile_packed16_avx2(w, &act, out),
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -985,6 +988,89 @@ mod avx2 {
             _mm512_storeu_ps(out[r + t].as_mut_ptr(), *acc);
         }
     }
+
+    /// [`tile_packed16`] for 4-bit groups on CPUs with AVX2 but no VNNI: each 64-byte vector is
+    /// taken as two halves of eight weight rows, and the four-product sums come from
+    /// `maddubs` + `madd` (4-bit weights times int8 activations cannot overflow their 16-bit
+    /// pair sums).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_packed16_avx2(w: (&[u8], &[f32], &[f32]), a: &ActRows<'_>, out: &mut [[f32; OUT_W]]) {
+        let nb = a.nb;
+        let k = nb * BLOCK;
+        assert!(a.q.len() >= a.rows * k && a.d.len() >= a.rows * nb && a.s.len() >= a.rows * nb);
+        assert!(out.len() >= a.rows);
+        assert!(w.0.len() >= nb * 256 && w.1.len() >= nb * GROUP && w.2.len() >= nb * GROUP);
+        for half in 0..2 {
+            let mut r = 0;
+            while r + ROWS <= a.rows {
+                // SAFETY: bounds checked above; features enabled above.
+                unsafe { packed16_half_rows::<ROWS>(w, a, r, half, out) };
+                r += ROWS;
+            }
+            // SAFETY: as above, for the remaining rows.
+            unsafe {
+                match a.rows - r {
+                    1 => packed16_half_rows::<1>(w, a, r, half, out),
+                    2 => packed16_half_rows::<2>(w, a, r, half, out),
+                    3 => packed16_half_rows::<3>(w, a, r, half, out),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Rows `r..r + R` and weight rows `8·half..8·half + 8` of [`tile_packed16_avx2`].
+    ///
+    /// # Safety
+    /// The caller checked every view's bounds for these rows and enabled AVX2 and FMA.
+    #[inline(always)]
+    #[allow(unsafe_op_in_unsafe_fn)]
+    unsafe fn packed16_half_rows<const R: usize>(
+        w: (&[u8], &[f32], &[f32]),
+        a: &ActRows<'_>,
+        r: usize,
+        half: usize,
+        out: &mut [[f32; OUT_W]],
+    ) {
+        let nb = a.nb;
+        let k = nb * BLOCK;
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let (wq, wd, wm) = (w.0.as_ptr().add(32 * half), w.1.as_ptr().add(8 * half), w.2.as_ptr().add(8 * half));
+        let aq = a.q.as_ptr().add(r * k);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let base = wq.add(b * 256);
+            let mut wv = [_mm256_setzero_si256(); 8];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                let packed = _mm256_loadu_si256(base.add(v / 2 * 64) as *const __m256i);
+                *wv = if v % 2 == 0 {
+                    _mm256_and_si256(packed, low)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(packed, 4), low)
+                };
+            }
+            let (scales, offsets) = (_mm256_loadu_ps(wd.add(b * GROUP)), _mm256_loadu_ps(wm.add(b * GROUP)));
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let row = aq.add(t * k + b * BLOCK);
+                let mut dot = _mm256_setzero_si256();
+                for (v, wv) in wv.iter().enumerate() {
+                    let four_values = _mm256_set1_epi32((row.add(4 * v) as *const i32).read_unaligned());
+                    dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(*wv, four_values), ones));
+                }
+                let ad = _mm256_set1_ps(*a.d.get_unchecked((r + t) * nb + b));
+                let sums = _mm256_set1_ps(*a.s.get_unchecked((r + t) * nb + b));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scales, ad), *acc);
+                *acc = _mm256_fmadd_ps(offsets, sums, *acc);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out[r + t].as_mut_ptr().add(8 * half), *acc);
+        }
+    }
 }
 
 impl CustomOp1 for QLinear {
@@ -1169,10 +1255,36 @@ mod tests {
         Ok(())
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_vnni_interleaved_kernels_agree() -> Result<()> {
+        if !vnni_supported() {
+            return Ok(()); // the VNNI side cannot run here
+        }
+        let (n, k, m) = (GROUP, 160, 7);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let nb = k / BLOCK;
+        let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
+        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
+        let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
+        let packed = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts").for_this_cpu();
+        let Blocks::Packed16 { four: true, q, d, m: offs } = &packed.blocks else { unreachable!() };
+        let (mut vnni, mut avx2) = (vec![[0f32; OUT_W]; m], vec![[0f32; OUT_W]; m]);
+        // SAFETY: VNNI (and so AVX2) support checked above.
+        unsafe {
+            avx2::tile_packed16::<true>((q, d, offs), &rows, &mut vnni);
+            avx2::tile_packed16_avx2((q, d, offs), &rows, &mut avx2);
+        }
+        // Same integer sums and the same float steps in the same order per output.
+        assert_eq!(vnni, avx2);
+        Ok(())
+    }
+
     #[test]
     fn interleaved_groups_match_the_row_layout() -> Result<()> {
-        if !vnni_supported() {
-            return Ok(()); // the interleaved layout is only built where VNNI runs
+        if !supported() {
+            return Ok(()); // the interleaved layout is only built where AVX2 runs
         }
         // Two groups of 16 rows, five blocks (an odd count), seven activation rows (a group of
         // four and a tail of three).
@@ -1180,9 +1292,11 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
         let int4 = || QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap().unwrap();
-        for (rows, packed) in
-            [(int4(), int4().for_this_cpu()), (QLinear::from_dense(&w)?, QLinear::from_dense(&w)?.for_this_cpu())]
-        {
+        let mut cases = vec![(int4(), int4().for_this_cpu())];
+        if vnni_supported() {
+            cases.push((QLinear::from_dense(&w)?, QLinear::from_dense(&w)?.for_this_cpu()));
+        }
+        for (rows, packed) in cases {
             assert!(matches!(packed.blocks, Blocks::Packed16 { .. }));
             assert_eq!(rows.is_int4(), packed.is_int4());
             let (want, got) = (rows.forward(&x)?, packed.forward(&x)?);
