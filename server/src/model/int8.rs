@@ -1108,6 +1108,15 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// `m` rows of `k` standard-normal values, quantized.
+    fn random_activations(m: usize, k: usize) -> Result<Activations> {
+        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let nb = k / BLOCK;
+        let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
+        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
+        Ok(act)
+    }
+
     fn rel_err(got: &Tensor, want: &Tensor) -> Result<f32> {
         let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -1199,9 +1208,7 @@ mod tests {
         // two pairs and an odd one.
         let (m, k, nb) = (7, 160, 5);
         let w = Tensor::randn(0f32, 1.0, (TILE, k), &Device::Cpu)?;
-        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
-        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
+        let act = random_activations(m, k)?;
         let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
         let int8 = QLinear::from_dense_as(&w, false)?;
         let uint8 = QLinear::from_dense_as(&w, true)?;
@@ -1263,10 +1270,8 @@ mod tests {
         }
         let (n, k, m) = (GROUP, 160, 7);
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-        let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?.flatten_all()?.to_vec1()?;
         let nb = k / BLOCK;
-        let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
-        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
+        let act = random_activations(m, k)?;
         let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
         let packed = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts").for_this_cpu();
         let Blocks::Packed16 { four: true, q, d, m: offs } = &packed.blocks else { unreachable!() };
