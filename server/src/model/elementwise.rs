@@ -5,7 +5,7 @@
 //! took a few percent of every step while the matmul workers spun idle; here it is one pass,
 //! eight values per instruction, split over the same worker pool as the matmuls.
 
-use super::int8::SendPtr;
+use super::int8::{SendPtr, contiguous_f32};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `silu(g) · u` for a `[t, 2·inter]` tensor holding gate and up side by side: `[t, inter]`.
@@ -25,17 +25,11 @@ impl CustomOp1 for SiluMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("silu-mul expects f32 values");
-        };
         let (t, width) = layout.shape().dims2()?;
         if width != 2 * self.inter {
             candle_core::bail!("silu-mul: {width} columns, expected 2 x {}", self.inter);
         }
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("silu-mul expects contiguous values");
-        };
-        let x = &data[a..b];
+        let x = contiguous_f32(storage, layout, "silu-mul")?;
         let inter = self.inter;
         let mut out = vec![0f32; t * inter];
         let ptr = SendPtr(out.as_mut_ptr());

@@ -535,6 +535,17 @@ impl Activations {
     }
 }
 
+/// The f32 values a host custom op reads: its input must be f32 and contiguous.
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} expects f32 values");
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op} expects contiguous values"),
+    }
+}
+
 /// A raw pointer shared with the worker pool's tasks, each of which writes its own disjoint
 /// part of the buffer behind it (every user states which part in its SAFETY comment).
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
@@ -1079,18 +1090,12 @@ impl CustomOp1 for QLinear {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("block-quantized linear expects f32 activations");
-        };
         let dims = layout.shape().dims();
         let k = *dims.last().unwrap_or(&0);
         if k != self.k {
             candle_core::bail!("block-quantized linear: input has {k} features, weight expects {}", self.k);
         }
-        let x = match layout.contiguous_offsets() {
-            Some((a, b)) => &data[a..b],
-            None => candle_core::bail!("block-quantized linear expects contiguous activations"),
-        };
+        let x = contiguous_f32(storage, layout, "block-quantized linear")?;
         let m = x.len() / k;
         let nb = k / BLOCK;
         let mut act = Activations { q: vec![0i8; m * k], d: vec![0f32; m * nb], s: vec![0f32; m * nb] };
