@@ -46,7 +46,7 @@ fn main() -> anyhow::Result<()> {
                 let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&c)).collect();
                 let t = Instant::now();
                 for cache in caches.iter_mut() {
-                    let rows = vec![RowInput { tokens: prompt, cache, steering: s, capture: false, logits: true }];
+                    let rows = vec![RowInput { tokens: prompt, cache, steering: s, capture: false, logits: 1 }];
                     m.model.forward(ForwardContext { rows })?;
                 }
                 pre.push((batch * prompt.len()) as f64 / t.elapsed().as_secs_f64());
@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
                 for _ in 0..decode_steps {
                     let rows = caches
                         .iter_mut()
-                        .map(|cache| RowInput { tokens: &tok, cache, steering: s, capture: false, logits: true })
+                        .map(|cache| RowInput { tokens: &tok, cache, steering: s, capture: false, logits: 1 })
                         .collect();
                     m.model.forward(ForwardContext { rows })?;
                 }

@@ -59,6 +59,7 @@ async fn warm_up(engine: &EngineHandle) -> Result<()> {
         deadline: None,
         monitors: Vec::new(),
         capture: false,
+        logprobs: None,
     };
     let mut rx = engine.generate(job)?;
     while let Some(ev) = rx.recv().await {

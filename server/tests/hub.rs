@@ -134,7 +134,7 @@ fn spec(source: ModelSource, cache: Option<&Path>, requantize: Requantize) -> Lo
 fn logits(m: &LoadedModel, text: &str) -> Vec<f32> {
     let tokens = m.tokenizer.encode(text).unwrap();
     let mut cache = KvCache::new(m.config());
-    let rows = vec![RowInput { tokens: &tokens, cache: &mut cache, steering: None, capture: false, logits: true }];
+    let rows = vec![RowInput { tokens: &tokens, cache: &mut cache, steering: None, capture: false, logits: 1 }];
     m.model.forward(ForwardContext { rows }).unwrap().logits.unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 

@@ -19,7 +19,7 @@ fn reference_model(path: &std::path::Path) -> candle_transformers::models::quant
 }
 
 fn ours_step(m: &persona_server::model::LoadedModel, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
-    let rows = vec![RowInput { tokens, cache, steering: None, capture: false, logits: true }];
+    let rows = vec![RowInput { tokens, cache, steering: None, capture: false, logits: 1 }];
     m.model.forward(ForwardContext { rows }).unwrap().logits.unwrap().squeeze(0).unwrap().to_vec1().unwrap()
 }
 
@@ -178,7 +178,7 @@ fn greedy(
                     cache,
                     steering: None,
                     capture: false,
-                    logits: true,
+                    logits: 1,
                 })
                 .collect();
             let logits: Vec<Vec<f32>> =
@@ -258,7 +258,7 @@ fn steering_changes_logits_only_where_applied() {
                     cache: &mut cache,
                     steering: steer,
                     capture: true,
-                    logits: true,
+                    logits: 1,
                 }],
             })
             .unwrap();

@@ -164,6 +164,7 @@ fn a_capturing_generation_matches_a_capture_pass_over_what_it_fed() {
             deadline: None,
             monitors: Vec::new(),
             capture: true,
+            logprobs: None,
         };
         let mut rx = engine.generate(job).unwrap();
         let (mut ids, mut summary) = (Vec::new(), None);
@@ -182,6 +183,7 @@ fn a_capturing_generation_matches_a_capture_pass_over_what_it_fed() {
             prompt_len: prompt.len(),
             steering: SteeringPlan::new(0),
             probes: Vec::new(),
+            logprobs: None,
         };
         let offline = engine.capture(job).await.unwrap();
         let close = |a: &[f32], b: &[f32], what: &str| {

@@ -75,6 +75,38 @@ impl Sampler {
     }
 }
 
+/// A token's log-probability under one logits row, and the row's most likely tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// `(token, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of `logits` read at `token`, plus the `top` most likely tokens (ties: lower id
+/// first). The normaliser is summed in f64, so long vocabularies lose no precision.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> Logprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |l: f32| (l as f64 - lse) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let k = top.min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, by_logit);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(by_logit);
+        best = idx.into_iter().map(|i| (i, lp(logits[i as usize]))).collect();
+    }
+    let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
+    Logprobs { token, logprob, top: best }
+}
+
 pub fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in xs.iter().enumerate() {
@@ -111,6 +143,21 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(s.sample(&logits), 0);
         }
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_top_tokens_first() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let lp = logprobs(&logits, 2, 3);
+        assert!((lp.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 2], "ties broken by the lower id");
+        let total: f64 = logits.iter().map(|&l| (logprobs(&logits, 0, 0).logprob as f64 + (l - 1.0) as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "probabilities sum to one: {total}");
+        assert!(logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(logprobs(&logits, 0, 10).top.len(), 4);
+        assert_eq!(logprobs(&logits, 9, 0).logprob, f32::NEG_INFINITY);
     }
 
     #[test]

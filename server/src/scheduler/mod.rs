@@ -6,7 +6,7 @@ mod sequence;
 
 use crate::model::LoadedModel;
 use crate::model::arch::llama::{ForwardContext, KvCache, RowInput};
-use crate::model::sampling::SamplingConfig;
+use crate::model::sampling::{Logprobs, SamplingConfig};
 use crate::steering::plan::SteeringPlan;
 use crate::steering::probe::Probe;
 use candle_core::Tensor;
@@ -82,6 +82,9 @@ pub enum GenEvent {
         id: u32,
         /// One per monitor probe: the projection at the position that predicted this token.
         scores: Vec<f32>,
+        /// With `GenerateJob::logprobs`: the token's log-probability under the model's own
+        /// distribution (before temperature, top-k and top-p) and the position's top tokens.
+        logprob: Option<Logprobs>,
     },
     Done(Summary),
 }
@@ -99,6 +102,8 @@ pub struct GenerateJob {
     /// Summarise the hidden states of every layer over prompt and response as the generation runs
     /// (see `Summary::capture`): extraction's one pass over prompt and answer.
     pub capture: bool,
+    /// Report each token's log-probability with this many top alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// A forward pass over `tokens` (prompt then optional response) that reports per-layer
@@ -109,6 +114,9 @@ pub struct CaptureJob {
     pub steering: SteeringPlan,
     /// Directions to project every token's hidden state onto (see `CaptureResult::per_token`).
     pub probes: Vec<Probe>,
+    /// Score the response tokens (teacher-forced log-probabilities) with this many top
+    /// alternatives per position.
+    pub logprobs: Option<usize>,
 }
 
 /// Per residual layer (`n_rows x d_model`, row-major) activation summaries of one capture.
@@ -122,6 +130,8 @@ pub struct CaptureResult {
     pub response_avg: Option<Vec<f32>>,
     /// Per probe of the job, the projection at every token (prompt then response).
     pub per_token: Vec<Vec<f32>>,
+    /// With `CaptureJob::logprobs`: one per response token, given everything before it.
+    pub logprobs: Vec<Logprobs>,
 }
 
 /// Events of one generation; dropping it cancels the generation.
@@ -455,6 +465,7 @@ impl Engine {
         let mut logits = logits.into_iter();
         let mut captures = captures.into_iter();
         let tok = &self.model.tokenizer;
+        let missing = || candle_core::Error::msg("missing logits row");
         for &i in selected {
             let seq = &mut self.running[i];
             let wants_logits = seq.wants_logits(take[i]);
@@ -465,8 +476,8 @@ impl Engine {
                     if let Some(states) = &capture {
                         g.accumulate(states, take[i])?;
                     }
-                    if wants_logits {
-                        let row = logits.next().ok_or_else(|| candle_core::Error::msg("missing logits row"))?;
+                    if wants_logits > 0 {
+                        let row = logits.next().ok_or_else(missing)?;
                         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                         let scores = match &capture {
                             Some(states) => g.monitor_scores(states, take[i])?,
@@ -481,6 +492,9 @@ impl Engine {
                 Work::Capture(c) => {
                     if let Some(states) = capture {
                         c.accumulate(&states, take[i])?;
+                    }
+                    for _ in 0..wants_logits {
+                        c.score(&logits.next().ok_or_else(missing)?);
                     }
                     if seq.pending.is_empty() {
                         c.finish();

@@ -2,7 +2,7 @@
 
 use super::{CaptureJob, CaptureResult, EngineError, FinishReason, GenEvent, GenerateJob, Summary};
 use crate::model::arch::llama::{KvCache, RowInput};
-use crate::model::sampling::Sampler;
+use crate::model::sampling::{Logprobs, Sampler, logprobs};
 use crate::model::tokenizer::{IncrementalDecoder, TextTokenizer};
 use crate::steering::plan::SteeringPlan;
 use crate::steering::probe::{Probe, probe_scores};
@@ -67,6 +67,7 @@ impl Sequence {
                 aborted: false,
                 monitors: job.monitors,
                 acc,
+                logprobs: job.logprobs,
             }),
         }
     }
@@ -80,6 +81,7 @@ impl Sequence {
         kv_reserve: usize,
     ) -> Self {
         let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.probes);
+        let scoring = job.logprobs.map(|top| Scoring { targets: job.tokens[job.prompt_len..].to_vec(), top, out: Vec::new() });
         Self {
             kv_reserve,
             deadline: None,
@@ -88,7 +90,7 @@ impl Sequence {
             consumed: 0,
             prompt_len: job.prompt_len,
             steering: job.steering,
-            work: Work::Capture(Capture { tx: Some(tx), acc }),
+            work: Work::Capture(Capture { tx: Some(tx), acc, scoring }),
         }
     }
 
@@ -102,9 +104,21 @@ impl Sequence {
         if self.in_response() { self.pending.len() } else { self.pending.len().min(self.prompt_len - self.consumed) }
     }
 
-    /// A generation needs logits once its pending tokens are all consumed.
-    pub fn wants_logits(&self, take: usize) -> bool {
-        matches!(self.work, Work::Generate(_)) && take == self.pending.len()
+    /// How many of the next `take` tokens need logits (their last ones): a generation needs the
+    /// last position once its pending tokens are all consumed; a scoring capture needs the last
+    /// prompt position and every response position (the final one's logits go unused).
+    pub fn wants_logits(&self, take: usize) -> usize {
+        match &self.work {
+            Work::Generate(_) => usize::from(take == self.pending.len()),
+            Work::Capture(Capture { scoring: Some(s), .. }) if !s.targets.is_empty() => {
+                if self.in_response() {
+                    take
+                } else {
+                    usize::from(self.consumed + take == self.prompt_len)
+                }
+            }
+            Work::Capture(_) => 0,
+        }
     }
 
     /// Hidden states are kept for captures and capturing generations, and for monitored
@@ -112,7 +126,7 @@ impl Sequence {
     pub fn wants_capture(&self, take: usize) -> bool {
         match &self.work {
             Work::Capture(_) => true,
-            Work::Generate(g) => g.acc.is_some() || (!g.monitors.is_empty() && self.wants_logits(take)),
+            Work::Generate(g) => g.acc.is_some() || (!g.monitors.is_empty() && self.wants_logits(take) > 0),
         }
     }
 
@@ -196,6 +210,8 @@ pub(super) struct Generation {
     aborted: bool,
     monitors: Vec<Probe>,
     acc: Option<CaptureAccumulator>,
+    /// Report log-probabilities with this many top alternatives.
+    logprobs: Option<usize>,
 }
 
 impl Generation {
@@ -224,10 +240,12 @@ impl Generation {
         context: usize,
     ) -> Option<u32> {
         let id = self.sampler.sample(logits);
+        let logprob = self.logprobs.map(|top| logprobs(logits, id, top));
         self.first_token.get_or_insert_with(Instant::now);
         self.generated.push(id);
+        let token = Emitted { id, scores, logprob };
         if tok.is_eos(id) {
-            return self.finish(FinishReason::Stop, id, scores, tok);
+            return self.finish(FinishReason::Stop, token, tok);
         }
         match self.decoder.push(tok, id) {
             Ok(delta) => self.text.push_str(&delta),
@@ -239,18 +257,18 @@ impl Generation {
         }
         if let Some(cut) = self.stop_at() {
             self.text.truncate(cut);
-            return self.finish(FinishReason::Stop, id, scores, tok);
+            return self.finish(FinishReason::Stop, token, tok);
         }
         if self.generated.len() >= self.max_tokens {
-            return self.finish(FinishReason::Length, id, scores, tok);
+            return self.finish(FinishReason::Length, token, tok);
         }
         if cached + 1 > context {
-            return self.finish(FinishReason::Context, id, scores, tok);
+            return self.finish(FinishReason::Context, token, tok);
         }
         let safe = self.text.len() - self.held_back();
         let text = self.text[self.sent..safe].to_string();
         self.sent = safe;
-        if self.tx.send(Ok(GenEvent::Token { text, id, scores })).is_err() {
+        if self.tx.send(Ok(token.event(text))).is_err() {
             self.done = true;
             self.aborted = true;
             return None;
@@ -278,7 +296,7 @@ impl Generation {
             .unwrap_or(0)
     }
 
-    fn finish(&mut self, reason: FinishReason, id: u32, scores: Vec<f32>, tok: &TextTokenizer) -> Option<u32> {
+    fn finish(&mut self, reason: FinishReason, token: Emitted, tok: &TextTokenizer) -> Option<u32> {
         if reason != FinishReason::Stop {
             if let Ok(rest) = self.decoder.flush(tok) {
                 self.text.push_str(&rest);
@@ -289,7 +307,7 @@ impl Generation {
         }
         let text = self.text.get(self.sent..).unwrap_or_default().to_string();
         self.sent = self.text.len();
-        let _ = self.tx.send(Ok(GenEvent::Token { text, id, scores }));
+        let _ = self.tx.send(Ok(token.event(text)));
         let now = Instant::now();
         let started = self.started.unwrap_or(now);
         let first = self.first_token.unwrap_or(now);
@@ -306,9 +324,31 @@ impl Generation {
     }
 }
 
+/// A sampled token on its way to the client.
+struct Emitted {
+    id: u32,
+    scores: Vec<f32>,
+    logprob: Option<Logprobs>,
+}
+
+impl Emitted {
+    fn event(self, text: String) -> GenEvent {
+        GenEvent::Token { text, id: self.id, scores: self.scores, logprob: self.logprob }
+    }
+}
+
 pub(super) struct Capture {
     tx: Option<oneshot::Sender<Result<CaptureResult, EngineError>>>,
     acc: CaptureAccumulator,
+    scoring: Option<Scoring>,
+}
+
+/// Teacher-forced scoring of a capture's response tokens: each logits row, in position order,
+/// predicts the next target.
+struct Scoring {
+    targets: Vec<u32>,
+    top: usize,
+    out: Vec<Logprobs>,
 }
 
 impl Capture {
@@ -316,9 +356,21 @@ impl Capture {
         self.acc.add(states, take)
     }
 
+    /// Reads the next logits row against the next response token; rows past the last target
+    /// (the final position predicts beyond the text) are ignored.
+    pub fn score(&mut self, logits: &[f32]) {
+        if let Some(s) = &mut self.scoring
+            && let Some(&target) = s.targets.get(s.out.len())
+        {
+            s.out.push(logprobs(logits, target, s.top));
+        }
+    }
+
     pub fn finish(&mut self) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Ok(self.acc.result()));
+            let mut result = self.acc.result();
+            result.logprobs = self.scoring.take().map(|s| s.out).unwrap_or_default();
+            let _ = tx.send(Ok(result));
         }
     }
 }
@@ -381,6 +433,7 @@ impl CaptureAccumulator {
             prompt_avg: mean(&self.prompt_sum, self.prompt_len),
             response_avg: (response_tokens > 0).then(|| mean(&self.response_sum, response_tokens)),
             per_token: self.per_token.clone(),
+            logprobs: Vec::new(),
         }
     }
 }

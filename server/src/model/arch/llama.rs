@@ -328,8 +328,9 @@ pub struct RowInput<'a> {
     pub steering: Option<&'a [Option<Vec<f32>>]>,
     /// Keep this row's hidden states at every residual layer.
     pub capture: bool,
-    /// Compute logits for the row's last token.
-    pub logits: bool,
+    /// Compute logits for the row's last `logits` tokens (0: none; 1: the next-token logits of a
+    /// generation; more: the per-position logits a scoring pass reads).
+    pub logits: usize,
 }
 
 /// Everything one forward pass needs; rows are processed in order.
@@ -339,7 +340,8 @@ pub struct ForwardContext<'a> {
 
 /// Results of a packed forward pass.
 pub struct ForwardOutput {
-    /// `[n_rows_with_logits, vocab]`, in row order of the rows that asked for logits.
+    /// `[sum of the rows' logits counts, vocab]`: each row's last tokens in position order, rows
+    /// in order.
     pub logits: Option<Tensor>,
     /// For each row that asked for capture (in row order): `n_layers + 1` tensors of
     /// shape `[n_tokens_of_row, d_model]`.
@@ -598,8 +600,7 @@ impl Llama {
         let last: Vec<u32> = rows
             .iter()
             .zip(&packed.spans)
-            .filter(|(r, _)| r.logits)
-            .map(|(_, &(off, t, _))| (off + t - 1) as u32)
+            .flat_map(|(r, &(off, t, _))| (off + t - r.logits.min(t)..off + t).map(|p| p as u32))
             .collect();
         let logits = if last.is_empty() {
             None
