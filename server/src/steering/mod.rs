@@ -1,6 +1,8 @@
 //! Persona vectors: the on-disk store, per-request steering plans, layer recommendation and
 //! other programs' file formats.
 
+pub mod calibration;
+pub mod evaluation;
 pub mod interop;
 pub mod plan;
 pub mod probe;

@@ -7,6 +7,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use super::calibration::LayerCalibration;
+use super::evaluation::SteeringRecommendation;
+
 const TENSOR: &str = "vector";
 const EXT: &str = "safetensors";
 const MAX_NAME: usize = 128;
@@ -62,6 +65,17 @@ pub struct VectorMeta {
     pub recommended_layer: Option<usize>,
     /// Separation per residual layer (empty when the vector was not extracted here).
     pub layer_scores: Vec<LayerScore>,
+    /// Where the helpful and trait rollouts project, per layer (empty: raw scores only).
+    pub calibration: Vec<LayerCalibration>,
+    /// The steering layer and coefficient chosen by an evaluation.
+    pub steering: Option<SteeringRecommendation>,
+}
+
+impl VectorMeta {
+    /// The calibration of one layer, when the vector has one there.
+    pub fn calibration_at(&self, layer: usize) -> Option<&LayerCalibration> {
+        self.calibration.iter().find(|c| c.layer == layer)
+    }
 }
 
 /// How well projections at one layer separate positive from negative rollouts.
@@ -241,6 +255,11 @@ pub fn encode(v: &StoredVector) -> Result<Vec<u8>, StoreError> {
         (!m.layer_scores.is_empty())
             .then(|| ("layer_scores", serde_json::to_string(&m.layer_scores).unwrap_or_default())),
     )
+    .chain(
+        (!m.calibration.is_empty())
+            .then(|| ("calibration", serde_json::to_string(&m.calibration).unwrap_or_default())),
+    )
+    .chain(m.steering.as_ref().map(|s| ("steering", serde_json::to_string(s).unwrap_or_default())))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let bytes: Vec<u8> = v.values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -281,6 +300,8 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<StoredVector, StoreError> {
         d_model: *d_model,
         recommended_layer: get("recommended_layer").parse().ok().filter(|l| l < n_rows),
         layer_scores: serde_json::from_str(&get("layer_scores")).unwrap_or_default(),
+        calibration: serde_json::from_str(&get("calibration")).unwrap_or_default(),
+        steering: serde_json::from_str::<SteeringRecommendation>(&get("steering")).ok().filter(|s| s.layer < *n_rows),
     };
     check_values(&meta, &values).map_err(|e| bad(e.to_string()))?;
     Ok(StoredVector { meta, values })
@@ -307,6 +328,27 @@ mod tests {
                 d_model: 4,
                 recommended_layer: Some(2),
                 layer_scores: vec![LayerScore { layer: 2, cohens_d: 1.5, auroc: 0.875 }],
+                calibration: vec![LayerCalibration {
+                    layer: 2,
+                    response: crate::steering::calibration::Scale::from_samples(&[4.0, 6.0], &[1.0]).unwrap(),
+                    prompt_last: crate::steering::calibration::Scale::from_samples(&[3.0], &[-1.0]).unwrap(),
+                }],
+                steering: Some(SteeringRecommendation {
+                    layer: 1,
+                    coefficient: 2.5,
+                    trait_score: 61.0,
+                    unsteered_trait_score: 3.0,
+                    coherence: 88.0,
+                    unsteered_coherence: 99.0,
+                    scorer: "offline".into(),
+                    evaluated_unix: 1_700_000_100,
+                    layers: vec![crate::steering::evaluation::LayerRecommendation {
+                        layer: 1,
+                        coefficient: 2.5,
+                        trait_score: 61.0,
+                        coherence: 88.0,
+                    }],
+                }),
             },
             values: (0..12).map(|i| i as f32 * fill).collect(),
         }
