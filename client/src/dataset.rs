@@ -122,7 +122,7 @@ pub fn histogram_svg(values: &[f32], bins: usize, title: &str) -> String {
     svg
 }
 
-fn xml_escape(s: &str) -> String {
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 

@@ -8,6 +8,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod charts;
 pub mod dataset;
 
 use pb::persona_service_client::PersonaServiceClient;
@@ -47,14 +48,41 @@ pub fn chat_request(user: &str, system: Option<&str>) -> pb::GenerateRequest {
     pb::GenerateRequest { prompt: Some(chat(user, system)), ..Default::default() }
 }
 
-/// Steering by a stored vector at one layer; `None` uses the vector's recommended layer.
+/// Steering by a stored vector at one layer; `None` uses the vector's steering recommendation
+/// (from an evaluation), else its monitoring layer.
 pub fn steer_by_name(name: &str, layer: Option<u32>, coefficient: f32) -> pb::SteeringVector {
+    pb::SteeringVector { coefficient: Some(coefficient), ..steer_recommended(name, layer) }
+}
+
+/// Steering by a stored vector with the coefficient its evaluation recommended (at `layer`, or at
+/// the recommended layer).
+pub fn steer_recommended(name: &str, layer: Option<u32>) -> pb::SteeringVector {
     pb::SteeringVector {
         source: Some(pb::steering_vector::Source::Name(name.to_string())),
         layer,
-        coefficient,
+        coefficient: None,
         positions: pb::Positions::All as i32,
     }
+}
+
+/// A steering spec from `NAME[:LAYER[:COEF[:all|prompt|response]]]`; an empty or missing LAYER
+/// or COEF (`auto` too) leaves it to the server: the vector's steering recommendation.
+pub fn parse_steer(s: &str) -> anyhow::Result<pb::SteeringVector> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.is_empty() || parts.len() > 4 || parts[0].is_empty() {
+        anyhow::bail!("--steer expects NAME[:LAYER[:COEF[:all|prompt|response]]], got `{s}`");
+    }
+    let given = |i: usize| parts.get(i).copied().filter(|p| !p.is_empty() && *p != "auto");
+    let layer = given(1).map(|l| l.parse()).transpose().map_err(|e| anyhow::anyhow!("layer in `{s}`: {e}"))?;
+    let coefficient =
+        given(2).map(|c| c.parse()).transpose().map_err(|e| anyhow::anyhow!("coefficient in `{s}`: {e}"))?;
+    let positions = match parts.get(3).copied().unwrap_or("all") {
+        "all" | "" => pb::Positions::All,
+        "prompt" => pb::Positions::Prompt,
+        "response" => pb::Positions::Response,
+        other => anyhow::bail!("unknown positions `{other}` (all, prompt or response)"),
+    };
+    Ok(pb::SteeringVector { coefficient, positions: positions as i32, ..steer_recommended(parts[0], layer) })
 }
 
 /// A projection target from `NAME` (the vector's recommended layer) or `NAME:LAYER`.
@@ -73,7 +101,7 @@ pub fn steer_inline(values: Vec<f32>, layer: u32, coefficient: f32) -> pb::Steer
     pb::SteeringVector {
         source: Some(pb::steering_vector::Source::Inline(pb::InlineVector { values })),
         layer: Some(layer),
-        coefficient,
+        coefficient: Some(coefficient),
         positions: pb::Positions::All as i32,
     }
 }
@@ -190,6 +218,20 @@ mod tests {
         let written: serde_json::Value = serde_json::from_str(&trait_to_json(&t)).unwrap();
         assert_eq!(original, written);
         assert!(trait_from_json("{\"trait\": \"x\"}").is_err());
+    }
+
+    #[test]
+    fn steering_specs_leave_missing_parts_to_the_recommendation() {
+        let v = parse_steer("evil").unwrap();
+        assert_eq!((v.layer, v.coefficient), (None, None));
+        let v = parse_steer("evil::1.5").unwrap();
+        assert_eq!((v.layer, v.coefficient), (None, Some(1.5)));
+        let v = parse_steer("evil:12:-2:response").unwrap();
+        assert_eq!((v.layer, v.coefficient, v.positions), (Some(12), Some(-2.0), pb::Positions::Response as i32));
+        assert_eq!(parse_steer("evil:auto").unwrap().layer, None);
+        for bad in ["", ":3:1", "evil:x:1", "evil:3:y", "evil:3:1:sideways", "a:1:2:all:5"] {
+            assert!(parse_steer(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use persona_client::{Client, connect, generate_text, pb};
 use std::io::Write;
 use std::path::PathBuf;
 
+mod evaluate;
 mod streams;
 
 #[derive(Parser)]
@@ -45,6 +46,13 @@ enum Cmd {
     Models,
     /// Measure single-stream prefill and decode speed, steered and unsteered.
     Bench(BenchArgs),
+    /// Sweep a vector over layers x coefficients on held-out questions: trait and coherence per
+    /// cell, the recommended steering point (stored with the vector), SVG charts.
+    Eval(evaluate::EvalArgs),
+    /// Answers to one question at -2c, -c, 0, +c, +2c with their trait and coherence scores.
+    Spectrum(evaluate::SpectrumArgs),
+    /// Per-token log-probabilities of a response after a prompt, and its perplexity.
+    Score(evaluate::ScoreArgs),
 }
 
 #[derive(Args)]
@@ -63,15 +71,22 @@ struct GenerateArgs {
     /// Watch a vector: NAME[:LAYER]; repeatable. Scores are summarised on stderr at the end.
     #[arg(long = "monitor", value_name = "NAME[:LAYER]")]
     monitors: Vec<String>,
-    /// Report monitors whose score reaches this value.
-    #[arg(long)]
+    /// Report monitors whose raw score reaches this value.
+    #[arg(long, conflicts_with = "alert_calibrated")]
     alert: Option<f32>,
+    /// Report monitors whose calibrated score (0 = helpful, 100 = the trait) reaches this value.
+    #[arg(long)]
+    alert_calibrated: Option<f32>,
+    /// Print each token's log-probability (and this many alternatives, 0-20) to stderr.
+    #[arg(long)]
+    logprobs: Option<u32>,
     /// Print every token's monitor scores to stderr (tab-separated).
     #[arg(long)]
     scores: bool,
-    /// Steering vector NAME:LAYER:COEF[:all|prompt|response]; repeatable (summed). An empty
-    /// LAYER or `auto` (NAME::COEF) uses the vector's recommended layer.
-    #[arg(long = "steer", value_name = "NAME:LAYER:COEF")]
+    /// Steering vector NAME[:LAYER[:COEF[:all|prompt|response]]]; repeatable (summed). A missing
+    /// or empty LAYER / COEF uses the vector's steering recommendation (`persona eval`); without
+    /// one, the layer falls back to its monitoring layer and the coefficient is required.
+    #[arg(long = "steer", value_name = "NAME[:LAYER[:COEF]]")]
     steer: Vec<String>,
 }
 
@@ -330,29 +345,10 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) => bench(&mut c, a).await,
+        Cmd::Eval(a) => evaluate::eval(&mut c, a).await,
+        Cmd::Spectrum(a) => evaluate::spectrum(&mut c, a).await,
+        Cmd::Score(a) => evaluate::score(&mut c, a).await,
     }
-}
-
-fn parse_steer(s: &str) -> Result<pb::SteeringVector> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let (name, layer, coef, pos) = match parts.as_slice() {
-        [n, l, c] => (n, l, c, "all"),
-        [n, l, c, p] => (n, l, c, *p),
-        _ => bail!("--steer expects NAME:LAYER:COEF[:all|prompt|response], got `{s}`"),
-    };
-    let positions = match pos {
-        "all" => pb::Positions::All,
-        "prompt" => pb::Positions::Prompt,
-        "response" => pb::Positions::Response,
-        other => bail!("unknown positions `{other}` (all, prompt or response)"),
-    };
-    let layer = match *layer {
-        "" | "auto" => None,
-        l => Some(l.parse().context("layer")?),
-    };
-    let mut v = persona_client::steer_by_name(name, layer, coef.parse().context("coefficient")?);
-    v.positions = positions as i32;
-    Ok(v)
 }
 
 async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
@@ -365,9 +361,12 @@ async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
         model: a.model.clone(),
         prompt: Some(prompt),
         sampling: Some(a.sampling.to_pb()),
-        steering: a.steer.iter().map(|s| parse_steer(s)).collect::<Result<_>>()?,
+        steering: a.steer.iter().map(|s| persona_client::parse_steer(s)).collect::<Result<_>>()?,
         monitors: a.monitors.iter().map(|m| persona_client::parse_target(m)).collect::<Result<_>>()?,
         alert_threshold: a.alert,
+        alert_threshold_calibrated: a.alert_calibrated,
+        logprobs: a.logprobs.is_some(),
+        top_logprobs: a.logprobs.unwrap_or(0),
     };
     let mut stream = c.generate(req).await?.into_inner();
     let mut out = std::io::stdout();
@@ -375,8 +374,20 @@ async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
         out.write_all(msg.delta.as_bytes())?;
         out.flush()?;
         if a.scores && !msg.scores.is_empty() {
-            let scores: Vec<String> = msg.scores.iter().map(|s| format!("{s:.3}")).collect();
+            let scores: Vec<String> = msg
+                .scores
+                .iter()
+                .zip(msg.calibrated_scores.iter().map(Some).chain(std::iter::repeat(None)))
+                .map(|(s, c)| match c.filter(|c| c.is_finite()) {
+                    Some(c) => format!("{s:.3} ({c:.0})"),
+                    None => format!("{s:.3}"),
+                })
+                .collect();
             eprintln!("\t{:?}\t{}", msg.delta, scores.join("\t"));
+        }
+        if let Some(lp) = &msg.logprob {
+            let top: Vec<String> = lp.top_logprobs.iter().map(|t| format!("{:?} {:.2}", t.token, t.logprob)).collect();
+            eprintln!("\t{:?}\tlogprob {:.3}\t{}", lp.token, lp.logprob, top.join(", "));
         }
         if let Some(s) = msg.summary {
             let reason = pb::FinishReason::try_from(s.finish_reason).map(|r| r.as_str_name()).unwrap_or("?");
@@ -384,10 +395,22 @@ async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
                 "\n[{} prompt + {} completion tokens, {reason}, prefill {:.0} ms, decode {:.0} ms]",
                 s.prompt_tokens, s.completion_tokens, s.prefill_ms, s.decode_ms
             );
+            for st in &s.steering {
+                let name = if st.vector.is_empty() { "inline" } else { &st.vector };
+                eprintln!(
+                    "[steered by {name} at layer {} ({}) with coefficient {} ({})]",
+                    st.layer, st.layer_source, st.coefficient, st.coefficient_source
+                );
+            }
             for m in s.monitors {
                 let alert = if m.alert { format!("  ALERT at token {}", m.first_alert_token) } else { String::new() };
+                let calibrated = if m.calibrated {
+                    format!(" | calibrated 0-100: prompt {:.0}, mean {:.0}, max {:.0}", m.prompt_last_calibrated, m.mean_calibrated, m.max_calibrated)
+                } else {
+                    " | raw only (uncalibrated vector)".to_string()
+                };
                 eprintln!(
-                    "[monitor {}@{}: prompt {:.3}, mean {:.3}, max {:.3}{alert}]",
+                    "[monitor {}@{}: prompt {:.3}, mean {:.3}, max {:.3}{calibrated}{alert}]",
                     m.vector, m.layer, m.prompt_last, m.mean, m.max
                 );
             }
@@ -455,6 +478,26 @@ async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_calibration(v: &pb::VectorInfo) {
+    match &v.steering {
+        Some(s) => println!(
+            "steering recommendation: layer {}, coefficient {} (trait {:.1} vs {:.1} unsteered, coherence {:.1} vs {:.1}; {})",
+            s.layer, s.coefficient, s.trait_score, s.unsteered_trait_score, s.coherence, s.unsteered_coherence, s.scorer
+        ),
+        None => println!("steering recommendation: none (run `persona eval --vector {}`)", v.name),
+    }
+    if v.calibration.is_empty() {
+        println!("calibration: none (raw projections only)");
+        return;
+    }
+    println!("layer\tresponse helpful (0)\tresponse trait (100)\tprompt_last helpful (0)\tprompt_last trait (100)");
+    let side = |s: &Option<pb::SideStats>| s.as_ref().map_or("-".into(), |s| format!("{:.2} ± {:.2} (n={})", s.mean, s.std, s.n));
+    for c in &v.calibration {
+        let (r, p) = (c.response.clone().unwrap_or_default(), c.prompt_last.clone().unwrap_or_default());
+        println!("{}\t{}\t{}\t{}\t{}", c.layer, side(&r.neg), side(&r.pos), side(&p.neg), side(&p.pos));
+    }
 }
 
 fn print_layer_scores(v: &pb::VectorInfo) {
@@ -545,10 +588,17 @@ async fn project(c: &mut Client, a: ProjectArgs) -> Result<()> {
         })
         .await?
         .into_inner();
-    println!("vector\tlayer\tprompt_last\tprompt_avg\tresponse_avg");
+    println!("vector\tlayer\tprompt_last\tprompt_avg\tresponse_avg\t(calibrated 0-100: helpful rollouts 0, trait rollouts 100)");
     for p in &r.projections {
         let resp = if p.has_response { format!("{:.4}", p.response_avg) } else { "-".into() };
-        println!("{}\t{}\t{:.4}\t{:.4}\t{resp}", p.vector, p.layer, p.prompt_last, p.prompt_avg);
+        let cal = if !p.calibrated {
+            p.uncalibrated_reason.clone()
+        } else if p.has_response {
+            format!("{:.0}\t{:.0}\t{:.0}", p.prompt_last_calibrated, p.prompt_avg_calibrated, p.response_avg_calibrated)
+        } else {
+            format!("{:.0}\t{:.0}\t-", p.prompt_last_calibrated, p.prompt_avg_calibrated)
+        };
+        println!("{}\t{}\t{:.4}\t{:.4}\t{resp}\t{cal}", p.vector, p.layer, p.prompt_last, p.prompt_avg);
     }
     if a.per_token {
         let names: Vec<String> = r.projections.iter().map(|p| format!("{}@{}", p.vector, p.layer)).collect();
@@ -573,6 +623,7 @@ async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
             let r = c.get_vector(pb::GetVectorRequest { name, include_values: out.is_some() }).await?.into_inner();
             let info = r.info.context("server sent no vector info")?;
             print_vector(&info);
+            print_calibration(&info);
             if let Some(path) = out {
                 let rows: Vec<&[f32]> = r.values.chunks(info.d_model.max(1) as usize).collect();
                 let json = serde_json::json!({ "name": info.name, "model": info.model, "trait": info.trait_name, "values": rows });

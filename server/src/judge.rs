@@ -38,6 +38,119 @@ pub enum Verdict {
     Refusal,
 }
 
+/// Probability mass the integer tokens 0-100 must carry at the reply's first position for a
+/// log-probability score (below it, the reply text is parsed instead).
+pub const MIN_SCORE_MASS: f64 = 0.25;
+/// Alternatives asked for at each position (the most the OpenAI API gives).
+const TOP_LOGPROBS: u32 = 20;
+
+/// What came of asking the judge once (a failed request already retried once).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Score { value: f32, from_logprobs: bool },
+    Refusal,
+    NotAScore(String),
+    Failed(String),
+}
+
+/// A judge reply: its text and, when the endpoint returned them, the first position's top
+/// alternatives as `(token, logprob)`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reply {
+    pub text: String,
+    pub first_top: Vec<(String, f64)>,
+}
+
+/// The probability-weighted mean over the integer tokens 0-100 among the first position's top
+/// alternatives; `None` when they carry less than [`MIN_SCORE_MASS`] in total.
+pub fn logprob_score(first_top: &[(String, f64)]) -> Option<f32> {
+    let (mut mass, mut weighted) = (0f64, 0f64);
+    for (token, lp) in first_top {
+        if let Ok(n) = token.trim().parse::<u32>()
+            && n <= 100
+            && lp.is_finite()
+        {
+            let p = lp.exp();
+            mass += p;
+            weighted += p * n as f64;
+        }
+    }
+    (mass >= MIN_SCORE_MASS).then(|| (weighted / mass) as f32)
+}
+
+/// Reads a reply: the log-probability score when there is one, else the text.
+pub fn read_reply(reply: &Reply) -> Outcome {
+    if let Some(value) = logprob_score(&reply.first_top) {
+        return Outcome::Score { value, from_logprobs: true };
+    }
+    match parse_verdict(&reply.text) {
+        Ok(Verdict::Score(value)) => Outcome::Score { value, from_logprobs: false },
+        Ok(Verdict::Refusal) => Outcome::Refusal,
+        Err(_) => Outcome::NotAScore(reply.text.trim().chars().take(80).collect()),
+    }
+}
+
+/// Counts of what the judge did with a set of answers, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tally {
+    pub kept: u32,
+    pub trait_mismatch: u32,
+    pub incoherent: u32,
+    pub refusal: u32,
+    pub not_a_score: u32,
+    pub request_failed: u32,
+    pub from_logprobs: u32,
+    pub from_text: u32,
+}
+
+impl Tally {
+    /// Counts how one reply was read; returns its score, if it has one.
+    pub fn read(&mut self, o: &Outcome) -> Option<f32> {
+        match o {
+            Outcome::Score { value, from_logprobs } => {
+                if *from_logprobs {
+                    self.from_logprobs += 1;
+                } else {
+                    self.from_text += 1;
+                }
+                Some(*value)
+            }
+            _ => None,
+        }
+    }
+
+    /// Counts an answer dropped because of `o` (a reply without a score).
+    pub fn drop_for(&mut self, o: &Outcome) {
+        match o {
+            Outcome::Refusal => self.refusal += 1,
+            Outcome::NotAScore(_) => self.not_a_score += 1,
+            Outcome::Failed(_) => self.request_failed += 1,
+            Outcome::Score { .. } => {}
+        }
+    }
+
+    pub fn dropped(&self) -> u32 {
+        self.trait_mismatch + self.incoherent + self.refusal + self.not_a_score + self.request_failed
+    }
+
+    /// "12 kept; dropped: 3 trait below threshold, 5 refusals, ..." (reasons with a count only).
+    pub fn describe(&self) -> String {
+        let reasons: Vec<String> = [
+            (self.trait_mismatch, "trait score on the wrong side of the threshold"),
+            (self.incoherent, "incoherent"),
+            (self.refusal, "refusal"),
+            (self.not_a_score, "reply not a score"),
+            (self.request_failed, "request failed"),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, why)| format!("{n} {why}"))
+        .collect();
+        let dropped = if reasons.is_empty() { "none dropped".to_string() } else { format!("dropped: {}", reasons.join(", ")) };
+        format!("{} kept; {dropped}", self.kept)
+    }
+}
+
 pub struct Judge {
     agent: ureq::Agent,
     endpoint: String,
@@ -80,21 +193,29 @@ impl Judge {
 
     /// One user message in, the assistant's text out (greedy).
     pub async fn chat(self: &Arc<Self>, prompt: String, max_tokens: u32) -> Result<String, JudgeError> {
+        Ok(self.ask(prompt, max_tokens, false).await?.text)
+    }
+
+    async fn ask(self: &Arc<Self>, prompt: String, max_tokens: u32, logprobs: bool) -> Result<Reply, JudgeError> {
         let _permit = self.permits.acquire().await.expect("judge semaphore is never closed");
         let (this, url) = (self.clone(), self.endpoint.clone());
-        tokio::task::spawn_blocking(move || this.chat_blocking(&prompt, max_tokens))
+        tokio::task::spawn_blocking(move || this.chat_blocking(&prompt, max_tokens, logprobs))
             .await
             .unwrap_or_else(|e| Err(JudgeError::Http { url, reason: e.to_string() }))
     }
 
-    fn chat_blocking(&self, prompt: &str, max_tokens: u32) -> Result<String, JudgeError> {
+    fn chat_blocking(&self, prompt: &str, max_tokens: u32, logprobs: bool) -> Result<Reply, JudgeError> {
         let http = |reason: String| JudgeError::Http { url: self.endpoint.clone(), reason };
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "model": self.model,
             "messages": [{"role": "user", "content": prompt}],
             "temperature": 0,
             "max_tokens": max_tokens,
         });
+        if logprobs {
+            body["logprobs"] = true.into();
+            body["top_logprobs"] = TOP_LOGPROBS.into();
+        }
         let mut req = self.agent.post(&self.endpoint).set("Content-Type", "application/json");
         if let Some(k) = &self.key {
             req = req.set("Authorization", &format!("Bearer {k}"));
@@ -108,15 +229,38 @@ impl Judge {
             Err(e) => return Err(http(e.to_string())),
         };
         let v: serde_json::Value = resp.into_json().map_err(|e| http(format!("reply is not JSON: {e}")))?;
-        v["choices"][0]["message"]["content"]
+        let choice = &v["choices"][0];
+        let text = choice["message"]["content"]
             .as_str()
             .map(str::to_string)
-            .ok_or_else(|| http("reply has no choices[0].message.content".into()))
+            .ok_or_else(|| http("reply has no choices[0].message.content".into()))?;
+        // OpenAI's shape: logprobs.content[0].top_logprobs = [{token, logprob}, ...].
+        let first_top = choice["logprobs"]["content"][0]["top_logprobs"]
+            .as_array()
+            .map(|top| {
+                top.iter()
+                    .filter_map(|t| Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Reply { text, first_top })
     }
 
-    /// Scores one judge prompt.
-    pub async fn score(self: &Arc<Self>, prompt: String) -> Result<Verdict, JudgeError> {
-        parse_verdict(&self.chat(prompt, 8).await?)
+    /// Scores one judge prompt as the persona-vectors code does: the first position's top
+    /// log-probabilities over the integers 0-100, or the reply's text when the endpoint gives no
+    /// usable log-probabilities. A failed request is retried once.
+    pub async fn rate(self: &Arc<Self>, prompt: String) -> Outcome {
+        let mut retried = false;
+        loop {
+            match self.ask(prompt.clone(), 4, true).await {
+                Ok(reply) => return read_reply(&reply),
+                Err(e) if retried => return Outcome::Failed(e.to_string()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "judge request failed; retrying once");
+                    retried = true;
+                }
+            }
+        }
     }
 }
 
@@ -155,6 +299,33 @@ mod tests {
         assert_eq!(parse_verdict("refusal").unwrap(), Verdict::Refusal);
         assert!(matches!(parse_verdict("140"), Err(JudgeError::NotAScore(_))));
         assert!(matches!(parse_verdict("high"), Err(JudgeError::NotAScore(_))));
+    }
+
+    #[test]
+    fn logprob_scores_weight_the_integer_tokens() {
+        let top = |pairs: &[(&str, f64)]| pairs.iter().map(|(t, p)| (t.to_string(), p.ln())).collect::<Vec<_>>();
+        // 0.5 on "80", 0.3 on " 90", 0.1 on "REF", 0.1 on "150" (out of range): (40 + 27) / 0.8.
+        let s = logprob_score(&top(&[("80", 0.5), (" 90", 0.3), ("REF", 0.1), ("150", 0.1)])).unwrap();
+        assert!((s - 83.75).abs() < 1e-4, "{s}");
+        assert_eq!(logprob_score(&top(&[("80", 0.2), ("Sure", 0.8)])), None, "too little mass on integers");
+        let reply = Reply { text: "REFUSAL".into(), first_top: top(&[("RE", 0.9), ("5", 0.05)]) };
+        assert_eq!(read_reply(&reply), Outcome::Refusal, "falls back to the text");
+        let reply = Reply { text: "42".into(), first_top: Vec::new() };
+        assert_eq!(read_reply(&reply), Outcome::Score { value: 42.0, from_logprobs: false });
+        let reply = Reply { text: "no idea".into(), first_top: Vec::new() };
+        assert!(matches!(read_reply(&reply), Outcome::NotAScore(_)));
+    }
+
+    #[test]
+    fn tallies_say_why_answers_were_dropped() {
+        let mut t = Tally::default();
+        assert_eq!(t.read(&Outcome::Score { value: 7.0, from_logprobs: true }), Some(7.0));
+        assert_eq!(t.read(&Outcome::Refusal), None);
+        t.drop_for(&Outcome::Refusal);
+        t.drop_for(&Outcome::Failed("timeout".into()));
+        t.kept = 3;
+        assert_eq!((t.from_logprobs, t.dropped()), (1, 2));
+        assert_eq!(t.describe(), "3 kept; dropped: 1 refusal, 1 request failed");
     }
 
     #[test]

@@ -5,9 +5,10 @@
 
 use super::{AppState, ResponseStream, resolve, traits, vectors};
 use crate::error::{ServiceError, ServiceResult, invalid};
-use crate::judge::{Judge, JudgeError, Verdict, coherence_prompt};
+use crate::judge::{Judge, Outcome, Tally, coherence_prompt};
 use crate::model::chat::Message;
-use crate::scheduler::{CaptureResult, EngineHandle, GenEvent, GenerateJob, Summary};
+use crate::scheduler::{CaptureJob, CaptureResult, EngineHandle, GenEvent, GenerateJob, Summary};
+use crate::steering::calibration::calibrate;
 use crate::steering::plan::SteeringPlan;
 use crate::steering::separation::{layer_scores, recommend};
 use crate::steering::store::{StoredVector, VectorKind, VectorMeta, now_unix, validate_name};
@@ -50,7 +51,7 @@ struct Rollout {
 
 struct Answer {
     text: String,
-    tokens: usize,
+    ids: Vec<u32>,
     capture: CaptureResult,
 }
 
@@ -227,26 +228,6 @@ fn held_out(q: usize, n_questions: usize) -> bool {
     }
 }
 
-/// One judge score. A reply that is not a score counts as a refusal (the answer is dropped); a
-/// failed request is retried once, so a long extraction survives a single dropped connection.
-async fn judge_once(judge: &Arc<Judge>, prompt: String) -> ServiceResult<Verdict> {
-    let mut retried = false;
-    loop {
-        match judge.score(prompt.clone()).await {
-            Ok(v) => return Ok(v),
-            Err(JudgeError::NotAScore(reply)) => {
-                tracing::debug!(reply, "judge reply is not a score; answer dropped");
-                return Ok(Verdict::Refusal);
-            }
-            Err(e) if retried => return Err(ServiceError::Unavailable(e.to_string())),
-            Err(e) => {
-                tracing::warn!(error = %e, "judge request failed; retrying once");
-                retried = true;
-            }
-        }
-    }
-}
-
 fn activations(c: &CaptureResult, kind: VectorKind) -> Option<&[f32]> {
     match kind {
         VectorKind::ResponseAvg => c.response_avg.as_deref(),
@@ -283,24 +264,30 @@ impl Job {
     async fn run(self, tx: Tx) -> ServiceResult<()> {
         let started = Instant::now();
         let answers = self.roll_out(&tx).await?;
-        let keep = match &self.judge {
-            Some(judge) => self.judge_answers(judge, &answers, &tx).await?,
-            None => vec![true; answers.len()],
+        let (keep, tally) = match &self.judge {
+            Some(judge) => {
+                let (keep, tally) = self.judge_answers(judge, &answers, &tx).await?;
+                (keep, Some(tally))
+            }
+            None => (vec![true; answers.len()], None),
         };
         let kept =
             |positive: bool| (0..answers.len()).filter(|&i| keep[i] && self.rollouts[i].positive == positive).count();
         let (kept_pos, kept_neg) = (kept(true), kept(false));
         if kept_pos == 0 || kept_neg == 0 {
+            let why = tally.map(|t| format!(" ({} of {} answers: {})", t.dropped(), answers.len(), t.describe()));
             return Err(ServiceError::FailedPrecondition(format!(
-                "after judge filtering {kept_pos} positive and {kept_neg} negative rollouts remain; \
-                 both sides need at least one (lower the thresholds or add pairs and questions)"
+                "after judge filtering {kept_pos} positive and {kept_neg} negative rollouts remain{}; \
+                 both sides need at least one (lower the thresholds or add pairs and questions)",
+                why.unwrap_or_default()
             )));
         }
+        let reread = self.reread(&answers, &keep, &tx).await?;
         let stage = Instant::now();
         progress(&tx, "store", 0, KINDS.len(), stage).await?;
         let mut stored = Vec::new();
         for (i, (kind, suffix)) in KINDS.into_iter().enumerate() {
-            let vector = self.vector(kind, suffix, &answers, &keep);
+            let vector = self.vector(kind, suffix, &answers, &keep, &reread);
             stored.push(vectors::store_put(&self.state.store, vector, self.overwrite).await?);
             progress(&tx, "store", i + 1, KINDS.len(), stage).await?;
         }
@@ -313,7 +300,8 @@ impl Job {
             kept_neg: kept_neg as u32,
             filtering: self.filtering.clone(),
             elapsed_secs: started.elapsed().as_secs_f64(),
-            generated_tokens: answers.iter().map(|a| a.tokens as u64).sum(),
+            generated_tokens: answers.iter().map(|a| a.ids.len() as u64).sum(),
+            judge: tally.as_ref().map(tally_to_pb),
         };
         tracing::info!(
             vector = %self.spec.name, rollouts = answers.len(), kept_pos, kept_neg,
@@ -343,6 +331,7 @@ impl Job {
                 deadline: None,
                 monitors: Vec::new(),
                 capture: true,
+                logprobs: None,
             };
             let (engine, permits) = (self.engine.clone(), permits.clone());
             tasks.spawn(async move {
@@ -353,7 +342,7 @@ impl Job {
                     .ok_or_else(|| ServiceError::Internal("generation ended without its capture".into()))?;
                 let text =
                     engine.model().tokenizer.decode(&answer).map_err(|e| ServiceError::Internal(e.to_string()))?;
-                Ok::<_, ServiceError>((i, Answer { text, tokens: answer.len(), capture }))
+                Ok::<_, ServiceError>((i, Answer { text, ids: answer, capture }))
             });
         }
         progress(tx, "rollouts", 0, total, started).await?;
@@ -368,8 +357,57 @@ impl Job {
         Ok(answers.into_iter().map(|a| a.expect("every rollout task reports once")).collect())
     }
 
-    /// Scores every answer for the trait and for coherence; returns which to keep.
-    async fn judge_answers(&self, judge: &Arc<Judge>, answers: &[Answer], tx: &Tx) -> ServiceResult<Vec<bool>> {
+    /// The kept answers re-read after their bare question, without the system prompt that
+    /// produced them: per rollout, the response average of every layer (`None` when dropped or
+    /// empty). Calibration of response scores uses these, so the system prompt's own effect on the
+    /// activations does not leak into the scale.
+    async fn reread(&self, answers: &[Answer], keep: &[bool], tx: &Tx) -> ServiceResult<Vec<Option<Vec<f32>>>> {
+        let started = Instant::now();
+        let model = self.engine.model().clone();
+        let mut bare = Vec::with_capacity(self.spec.questions.len());
+        for q in &self.spec.questions {
+            let text = resolve::render_chat(&model, &[Message::new("user", q.clone())])?;
+            bare.push(resolve::tokenize(&model, &text)?);
+        }
+        let todo: Vec<usize> = (0..answers.len()).filter(|&i| keep[i] && !answers[i].ids.is_empty()).collect();
+        let permits = Arc::new(Semaphore::new(self.engine.max_batch()));
+        let mut tasks = JoinSet::new();
+        for &i in &todo {
+            let prompt = &bare[self.rollouts[i].question];
+            let job = CaptureJob {
+                tokens: [prompt.as_slice(), &answers[i].ids].concat(),
+                prompt_len: prompt.len(),
+                steering: SteeringPlan::new(model.config().n_residual_rows()),
+                probes: Vec::new(),
+                logprobs: None,
+            };
+            let (engine, permits) = (self.engine.clone(), permits.clone());
+            tasks.spawn(async move {
+                let _permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
+                Ok::<_, ServiceError>((i, engine.capture(job).await?.response_avg))
+            });
+        }
+        let mut out = vec![None; answers.len()];
+        progress(tx, "calibrate", 0, todo.len(), started).await?;
+        let mut done = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, acts) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
+            out[i] = acts;
+            done += 1;
+            progress(tx, "calibrate", done, todo.len(), started).await?;
+        }
+        Ok(out)
+    }
+
+    /// Scores every answer for the trait and for coherence; returns which to keep and why the
+    /// others were dropped. A request that fails twice drops its answer; only when every request
+    /// failed (the endpoint is down) does the extraction fail, with UNAVAILABLE.
+    async fn judge_answers(
+        &self,
+        judge: &Arc<Judge>,
+        answers: &[Answer],
+        tx: &Tx,
+    ) -> ServiceResult<(Vec<bool>, Tally)> {
         let def = self.spec.def.as_ref().expect("a judge is only chosen for trait definitions");
         let (trait_min, coherence_min) = self.thresholds;
         let mut tasks = JoinSet::new();
@@ -378,36 +416,63 @@ impl Job {
             let prompts = [def.eval_prompt_for(question, &a.text), coherence_prompt(question, &a.text)];
             let judge = judge.clone();
             tasks.spawn(async move {
-                let mut verdicts = Vec::with_capacity(2);
-                for p in prompts {
-                    verdicts.push(judge_once(&judge, p).await?);
-                }
-                Ok::<_, ServiceError>((i, verdicts[0], verdicts[1]))
+                let [t, c] = prompts;
+                let trait_score = judge.rate(t).await;
+                // A trait reply without a score drops the answer already; no need to ask more.
+                let coherence = match trait_score {
+                    Outcome::Score { .. } => judge.rate(c).await,
+                    _ => trait_score.clone(),
+                };
+                (i, trait_score, coherence)
             });
         }
         let started = Instant::now();
         let mut keep = vec![false; answers.len()];
+        let mut tally = Tally::default();
+        let mut last_failure = None;
         let mut done = 0;
         while let Some(joined) = tasks.join_next().await {
-            let (i, trait_score, coherence) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
-            keep[i] = match (trait_score, coherence) {
-                (Verdict::Score(t), Verdict::Score(c)) if c >= coherence_min => {
-                    if self.rollouts[i].positive {
-                        t >= trait_min
+            let (i, trait_score, coherence) = joined.map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let (t, c) = (tally.read(&trait_score), tally.read(&coherence));
+            match (t, c) {
+                (Some(_), Some(c)) if c < coherence_min => tally.incoherent += 1,
+                (Some(t), Some(_)) => {
+                    keep[i] = if self.rollouts[i].positive { t >= trait_min } else { t < trait_min };
+                    if keep[i] {
+                        tally.kept += 1;
                     } else {
-                        t < trait_min
+                        tally.trait_mismatch += 1;
                     }
                 }
-                _ => false,
-            };
+                (None, _) => tally.drop_for(&trait_score),
+                (Some(_), None) => tally.drop_for(&coherence),
+            }
+            for o in [&trait_score, &coherence] {
+                if let Outcome::Failed(e) = o {
+                    last_failure = Some(e.clone());
+                }
+            }
             done += 1;
             progress(tx, "judge", done, answers.len(), started).await?;
         }
-        Ok(keep)
+        if tally.request_failed as usize == answers.len()
+            && let Some(e) = last_failure
+        {
+            return Err(ServiceError::Unavailable(format!("every judge request failed; the last: {e}")));
+        }
+        tracing::info!(vector = %self.spec.name, judged = %tally.describe(), "judge filtering done");
+        Ok((keep, tally))
     }
 
     /// The stored vector of one activation summary, with its layer scores.
-    fn vector(&self, kind: VectorKind, suffix: &str, answers: &[Answer], keep: &[bool]) -> StoredVector {
+    fn vector(
+        &self,
+        kind: VectorKind,
+        suffix: &str,
+        answers: &[Answer],
+        keep: &[bool],
+        reread: &[Option<Vec<f32>>],
+    ) -> StoredVector {
         let c = self.engine.model().config();
         let (n_rows, d) = (c.n_residual_rows(), c.hidden_size);
         let n_q = self.spec.questions.len();
@@ -430,6 +495,20 @@ impl Job {
             (layer_scores(&values, &pos, &neg, n_rows, d), "the same rollouts (too few for a held-out split)")
         };
         let recommended = recommend(&scores);
+        let kept_side = |positive: bool| {
+            (0..answers.len()).filter(move |&i| keep[i] && self.rollouts[i].positive == positive)
+        };
+        let reread_side = |positive: bool| -> Vec<&[f32]> { kept_side(positive).filter_map(|i| reread[i].as_deref()).collect() };
+        let last_side = |positive: bool| -> Vec<&[f32]> {
+            kept_side(positive).map(|i| answers[i].capture.prompt_last.as_slice()).collect()
+        };
+        let calibration = calibrate(
+            &values,
+            (&reread_side(true), &reread_side(false)),
+            (&last_side(true), &last_side(false)),
+            n_rows,
+            d,
+        );
         let s = &self.spec;
         StoredVector {
             meta: VectorMeta {
@@ -455,9 +534,24 @@ impl Job {
                 d_model: d,
                 recommended_layer: recommended,
                 layer_scores: scores,
+                calibration,
+                steering: None,
             },
             values,
         }
+    }
+}
+
+pub fn tally_to_pb(t: &Tally) -> pb::JudgeCounts {
+    pb::JudgeCounts {
+        kept: t.kept,
+        trait_mismatch: t.trait_mismatch,
+        incoherent: t.incoherent,
+        refusal: t.refusal,
+        not_a_score: t.not_a_score,
+        request_failed: t.request_failed,
+        scored_from_logprobs: t.from_logprobs,
+        scored_from_text: t.from_text,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Generate: validate, queue on the model's engine, stream token deltas with monitor scores.
 
-use super::{AppState, ResponseStream, resolve};
-use crate::error::{ServiceResult, invalid};
+use super::{AppState, ResponseStream, resolve, score};
+use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::scheduler::{FinishReason, GenEvent, GenerateJob, Summary};
 use persona_proto::v1 as pb;
 use tokio_stream::StreamExt;
@@ -19,39 +19,89 @@ pub fn generate(
     let sampling = resolve::sampling(req.sampling.as_ref(), resolve::DEFAULT_MAX_TOKENS)?;
     let steering = resolve::steering(&state.store, model, &req.steering)?;
     let targets = resolve::targets(&state.store, model, &req.monitors)?;
-    if req.alert_threshold.is_some_and(|t| !t.is_finite()) {
-        return Err(invalid("alert_threshold must be finite"));
-    }
+    let logprobs = score::top_count(req.logprobs, req.top_logprobs)?;
+    let threshold = alert_threshold(&req, &targets)?;
     let model_id = model.id.clone();
-    tracing::debug!(model = %model_id, prompt_tokens = prompt.len(), steered = !steering.is_empty(), "generate");
-    let mut watch = Watch::new(&targets, req.alert_threshold);
+    tracing::debug!(model = %model_id, prompt_tokens = prompt.len(), steered = !steering.plan.is_empty(), "generate");
+    let mut watch = Watch::new(&targets, threshold);
     let rx = engine.generate(GenerateJob {
         prompt,
         max_tokens: sampling.max_tokens,
         sampling: sampling.config,
         stop: sampling.stop,
-        steering,
+        steering: steering.plan,
         deadline,
-        monitors: targets.into_iter().map(|t| t.probe).collect(),
+        monitors: targets.iter().map(|t| t.probe.clone()).collect(),
         capture: false,
+        logprobs,
     })?;
+    let applied = steering.applied;
+    let model = model.clone();
     // Dropping this stream (client gone, deadline passed) drops the receiver, which the engine
     // notices at its next step and frees the sequence.
     let stream = UnboundedReceiverStream::new(rx).map(move |ev| match ev {
-        Ok(GenEvent::Token { text, id, scores }) => {
-            let prompt_scores = watch.token(&scores);
-            Ok(pb::GenerateResponse { delta: text, token_ids: vec![id], summary: None, scores, prompt_scores })
+        Ok(GenEvent::Token { text, id, scores, logprob }) => {
+            let calibrated_scores: Vec<f32> =
+                targets.iter().zip(&scores).map(|(t, &s)| t.response_scale(s).unwrap_or(f32::NAN)).collect();
+            let first = watch.tokens == 0;
+            let prompt_scores_calibrated: Vec<f32> = if first {
+                targets.iter().zip(&scores).map(|(t, &s)| t.prompt_last_scale(s).unwrap_or(f32::NAN)).collect()
+            } else {
+                Vec::new()
+            };
+            watch.token(&scores, &calibrated_scores, &prompt_scores_calibrated);
+            Ok(pb::GenerateResponse {
+                delta: text,
+                token_ids: vec![id],
+                summary: None,
+                prompt_scores: if first { scores.clone() } else { Vec::new() },
+                scores,
+                logprob: logprob.map(|l| score::token_logprob_pb(&model, &l)),
+                calibrated_scores,
+                prompt_scores_calibrated,
+            })
         }
         Ok(GenEvent::Done(s)) => Ok(pb::GenerateResponse {
-            summary: Some(summary(&s, model_id.clone(), watch.summaries())),
+            summary: Some(summary(&s, model.id.clone(), watch.summaries(), applied.clone())),
             ..Default::default()
         }),
-        Err(e) => Err(Status::from(crate::error::ServiceError::from(e))),
+        Err(e) => Err(Status::from(ServiceError::from(e))),
     });
     Ok(Box::pin(stream))
 }
 
-fn summary(s: &Summary, model: String, monitors: Vec<pb::MonitorSummary>) -> pb::GenerateSummary {
+/// The alert threshold on the raw scale or the calibrated one (at most one of them).
+fn alert_threshold(req: &pb::GenerateRequest, targets: &[resolve::Target]) -> ServiceResult<Option<Threshold>> {
+    match (req.alert_threshold, req.alert_threshold_calibrated) {
+        (Some(_), Some(_)) => Err(invalid("give alert_threshold or alert_threshold_calibrated, not both")),
+        (Some(t), None) | (None, Some(t)) if !t.is_finite() => Err(invalid("alert thresholds must be finite")),
+        (Some(t), None) => Ok(Some(Threshold::Raw(t))),
+        (None, Some(t)) => {
+            if let Some(u) = targets.iter().find(|u| u.calibration.is_err()) {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "alert_threshold_calibrated needs calibrated monitors: {}",
+                    u.uncalibrated_reason()
+                )));
+            }
+            Ok(Some(Threshold::Calibrated(t)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Which scale an alert threshold is on.
+#[derive(Clone, Copy)]
+enum Threshold {
+    Raw(f32),
+    Calibrated(f32),
+}
+
+fn summary(
+    s: &Summary,
+    model: String,
+    monitors: Vec<pb::MonitorSummary>,
+    steering: Vec<pb::AppliedSteering>,
+) -> pb::GenerateSummary {
     pb::GenerateSummary {
         finish_reason: match s.finish_reason {
             FinishReason::Length => pb::FinishReason::Length,
@@ -64,56 +114,74 @@ fn summary(s: &Summary, model: String, monitors: Vec<pb::MonitorSummary>) -> pb:
         decode_ms: s.decode_ms,
         model,
         monitors,
+        steering,
     }
 }
 
 /// Running statistics of a generation's monitor scores.
 struct Watch {
     monitors: Vec<pb::MonitorSummary>,
-    threshold: Option<f32>,
+    threshold: Option<Threshold>,
     tokens: usize,
 }
 
 impl Watch {
-    fn new(targets: &[resolve::Target], threshold: Option<f32>) -> Self {
+    fn new(targets: &[resolve::Target], threshold: Option<Threshold>) -> Self {
         let monitors = targets
             .iter()
             .map(|t| pb::MonitorSummary {
                 vector: t.vector.clone(),
                 layer: t.layer as u32,
                 max: f32::NEG_INFINITY,
+                max_calibrated: f32::NEG_INFINITY,
                 first_alert_token: -1,
+                calibrated: t.calibration.is_ok(),
                 ..Default::default()
             })
             .collect();
         Self { monitors, threshold, tokens: 0 }
     }
 
-    /// Records one token's scores; for the first token they are the prompt's last-token scores
-    /// too (the same hidden state), returned to go out with the first message.
-    fn token(&mut self, scores: &[f32]) -> Vec<f32> {
+    /// Records one token's scores (raw, and calibrated on the response scale); for the first
+    /// token they are the prompt's last-token scores too (the same hidden state), whose calibrated
+    /// values on the last-prompt-token scale come in `prompt_calibrated`.
+    fn token(&mut self, scores: &[f32], calibrated: &[f32], prompt_calibrated: &[f32]) {
         let first = self.tokens == 0;
-        for (m, &s) in self.monitors.iter_mut().zip(scores) {
+        for (i, (m, (&s, &c))) in self.monitors.iter_mut().zip(scores.iter().zip(calibrated)).enumerate() {
             if first {
                 m.prompt_last = s;
+                if m.calibrated {
+                    m.prompt_last_calibrated = prompt_calibrated.get(i).copied().unwrap_or(0.0);
+                }
             }
             m.mean += s;
             m.max = m.max.max(s);
-            if self.threshold.is_some_and(|t| s >= t) && m.first_alert_token < 0 {
+            if m.calibrated {
+                m.mean_calibrated += c;
+                m.max_calibrated = m.max_calibrated.max(c);
+            }
+            let reached = match self.threshold {
+                Some(Threshold::Raw(t)) => s >= t,
+                Some(Threshold::Calibrated(t)) => c >= t,
+                None => false,
+            };
+            if reached && m.first_alert_token < 0 {
                 m.alert = true;
                 m.first_alert_token = self.tokens as i32;
             }
         }
         self.tokens += 1;
-        if first { scores.to_vec() } else { Vec::new() }
     }
 
     fn summaries(&self) -> Vec<pb::MonitorSummary> {
+        let n = self.tokens as f32;
         self.monitors
             .iter()
             .map(|m| pb::MonitorSummary {
-                mean: if self.tokens == 0 { 0.0 } else { m.mean / self.tokens as f32 },
+                mean: if self.tokens == 0 { 0.0 } else { m.mean / n },
                 max: if self.tokens == 0 { 0.0 } else { m.max },
+                mean_calibrated: if self.tokens == 0 || !m.calibrated { 0.0 } else { m.mean_calibrated / n },
+                max_calibrated: if self.tokens == 0 || !m.calibrated { 0.0 } else { m.max_calibrated },
                 ..m.clone()
             })
             .collect()

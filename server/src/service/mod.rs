@@ -1,11 +1,13 @@
 //! gRPC handlers for `persona.v1.PersonaService`: thin adapters from protobuf to the engine
 //! and the vector store.
 
+mod evaluate;
 mod extract;
 mod generate;
 mod models;
 mod project;
 mod resolve;
+mod score;
 mod screen;
 mod traits;
 mod vectors;
@@ -111,6 +113,7 @@ impl PersonaService for PersonaSvc {
     type ExtractVectorStream = ResponseStream<pb::ExtractVectorResponse>;
     type MonitorStreamStream = ResponseStream<pb::MonitorResponse>;
     type ScreenDatasetStream = ResponseStream<pb::ScreenResponse>;
+    type EvaluateSteeringStream = ResponseStream<pb::EvaluateSteeringResponse>;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline_of(&req)?;
@@ -201,6 +204,24 @@ impl PersonaService for PersonaSvc {
         req: Request<pb::ExportVectorRequest>,
     ) -> Result<Response<pb::ExportVectorResponse>, Status> {
         Ok(Response::new(vectors::export(self.state()?, req.into_inner())?))
+    }
+
+    async fn score_text(&self, req: Request<pb::ScoreTextRequest>) -> Result<Response<pb::ScoreTextResponse>, Status> {
+        Ok(Response::new(score::score_text(self.state()?, req.into_inner()).await?))
+    }
+
+    async fn evaluate_steering(
+        &self,
+        req: Request<pb::EvaluateSteeringRequest>,
+    ) -> Result<Response<Self::EvaluateSteeringStream>, Status> {
+        Ok(Response::new(evaluate::evaluate(self.state()?.clone(), req.into_inner())?))
+    }
+
+    async fn steering_spectrum(
+        &self,
+        req: Request<pb::SteeringSpectrumRequest>,
+    ) -> Result<Response<pb::SteeringSpectrumResponse>, Status> {
+        Ok(Response::new(evaluate::spectrum(self.state()?, req.into_inner()).await?))
     }
 }
 

@@ -34,18 +34,32 @@ pub async fn project(
     };
     let probes = if req.per_token { targets.iter().map(|t| t.probe.clone()).collect() } else { Vec::new() };
     let steering = SteeringPlan::new(model.config().n_residual_rows());
-    let cap = engine.capture(CaptureJob { tokens, prompt_len, steering, probes }).await?;
+    let cap = engine.capture(CaptureJob { tokens, prompt_len, steering, probes, logprobs: None }).await?;
     let mut per_token = cap.per_token.into_iter();
     let projections = targets
         .into_iter()
-        .map(|t| pb::Projection {
-            prompt_last: t.probe.score_at_layer(&cap.prompt_last),
-            prompt_avg: t.probe.score_at_layer(&cap.prompt_avg),
-            response_avg: cap.response_avg.as_ref().map_or(0.0, |r| t.probe.score_at_layer(r)),
-            has_response: cap.response_avg.is_some(),
-            per_token: per_token.next().unwrap_or_default(),
-            vector: t.vector,
-            layer: t.layer as u32,
+        .map(|t| {
+            let prompt_last = t.probe.score_at_layer(&cap.prompt_last);
+            let prompt_avg = t.probe.score_at_layer(&cap.prompt_avg);
+            let response_avg = cap.response_avg.as_ref().map_or(0.0, |r| t.probe.score_at_layer(r));
+            let per_token: Vec<f32> = per_token.next().unwrap_or_default();
+            let calibrated = t.calibration.is_ok();
+            let on_response = |x: f32| t.response_scale(x).unwrap_or(0.0);
+            pb::Projection {
+                prompt_last_calibrated: t.prompt_last_scale(prompt_last).unwrap_or(0.0),
+                prompt_avg_calibrated: on_response(prompt_avg),
+                response_avg_calibrated: if cap.response_avg.is_some() { on_response(response_avg) } else { 0.0 },
+                per_token_calibrated: if calibrated { per_token.iter().map(|&x| on_response(x)).collect() } else { Vec::new() },
+                calibrated,
+                uncalibrated_reason: t.uncalibrated_reason(),
+                prompt_last,
+                prompt_avg,
+                response_avg,
+                has_response: cap.response_avg.is_some(),
+                per_token,
+                vector: t.vector,
+                layer: t.layer as u32,
+            }
         })
         .collect();
     Ok(pb::ProjectActivationResponse {

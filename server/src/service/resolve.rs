@@ -4,6 +4,8 @@ use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::model::LoadedModel;
 use crate::model::chat::Message;
 use crate::model::sampling::SamplingConfig;
+use crate::steering::calibration::{LayerCalibration, Scale};
+use crate::steering::evaluation::SteeringRecommendation;
 use crate::steering::plan::{Phase, SteeringPlan};
 use crate::steering::probe::Probe;
 use crate::steering::store::{StoredVector, VectorKind, VectorStore};
@@ -123,11 +125,46 @@ pub fn layer_or_recommended(model: &LoadedModel, layer: Option<u32>, v: Option<&
     }
 }
 
-/// A resolved projection target: the vector's name, the layer read, and its unit direction.
+/// A resolved projection target: the vector's name, the layer read, its unit direction, and its
+/// calibration at that layer (or why it has none).
 pub struct Target {
     pub vector: String,
     pub layer: usize,
     pub probe: Probe,
+    pub calibration: Result<LayerCalibration, String>,
+}
+
+impl Target {
+    /// A response-scale reading (response or prompt average, per-token score) calibrated.
+    pub fn response_scale(&self, raw: f32) -> Option<f32> {
+        self.calibration.as_ref().ok().and_then(|c| c.response.calibrate(raw))
+    }
+
+    /// A last-prompt-token reading calibrated.
+    pub fn prompt_last_scale(&self, raw: f32) -> Option<f32> {
+        self.calibration.as_ref().ok().and_then(|c| c.prompt_last.calibrate(raw))
+    }
+
+    pub fn response_calibration(&self) -> Option<&Scale> {
+        self.calibration.as_ref().ok().map(|c| &c.response)
+    }
+
+    pub fn uncalibrated_reason(&self) -> String {
+        self.calibration.as_ref().err().cloned().unwrap_or_default()
+    }
+}
+
+/// The calibration of a stored vector at `layer`, or a sentence saying why there is none.
+pub fn calibration_of(v: &StoredVector, layer: usize) -> Result<LayerCalibration, String> {
+    let name = &v.meta.name;
+    match v.meta.calibration_at(layer) {
+        Some(c) if c.response.calibrate(0.0).is_some() && c.prompt_last.calibrate(0.0).is_some() => Ok(*c),
+        Some(_) => Err(format!("vector `{name}` does not separate its rollouts at layer {layer}: raw projections only")),
+        None if v.meta.calibration.is_empty() => Err(format!(
+            "vector `{name}` has no calibration (imported, put, or extracted before calibration existed): raw projections only"
+        )),
+        None => Err(format!("vector `{name}` has no calibration at layer {layer}: raw projections only")),
+    }
 }
 
 /// Resolves projection targets (stored vector, layer or the recommended one); a vector that is
@@ -144,16 +181,66 @@ pub fn targets(
             let layer = layer_or_recommended(model, t.layer, Some(&v))?;
             let probe = Probe::new(layer, v.row(layer).unwrap_or_default())
                 .ok_or_else(|| invalid(format!("vector `{}` is zero at layer {layer}", t.vector)))?;
-            Ok(Target { vector: t.vector.clone(), layer, probe })
+            Ok(Target { vector: t.vector.clone(), layer, probe, calibration: calibration_of(&v, layer) })
         })
         .collect()
 }
 
-pub fn steering(store: &VectorStore, model: &LoadedModel, specs: &[pb::SteeringVector]) -> ServiceResult<SteeringPlan> {
+/// A request's steering resolved: the plan the engine applies, and per entry what it applied.
+pub struct Steering {
+    pub plan: SteeringPlan,
+    pub applied: Vec<pb::AppliedSteering>,
+}
+
+const FROM_REQUEST: &str = "request";
+const FROM_STEERING: &str = "steering recommendation";
+const FROM_MONITORING: &str = "monitoring layer";
+
+/// The layer and coefficient a named vector steers with: what the request gave, else the
+/// vector's steering recommendation (from an evaluation), else — for the layer only — its
+/// monitoring layer. Returns them with where each came from.
+pub fn steer_point(
+    model: &LoadedModel,
+    v: &StoredVector,
+    layer: Option<u32>,
+    coefficient: Option<f32>,
+) -> ServiceResult<(usize, &'static str, f32, &'static str)> {
+    let rec: Option<&SteeringRecommendation> = v.meta.steering.as_ref();
+    let (layer, layer_source) = match (layer, rec) {
+        (Some(l), _) => (check_layer(model, l)?, FROM_REQUEST),
+        (None, Some(r)) => (r.layer, FROM_STEERING),
+        (None, None) => (layer_or_recommended(model, None, Some(v))?, FROM_MONITORING),
+    };
+    let (coefficient, coefficient_source) = match coefficient {
+        Some(c) => (c, FROM_REQUEST),
+        None => {
+            let c = rec.and_then(|r| r.coefficient_at(layer)).ok_or_else(|| {
+                ServiceError::FailedPrecondition(match rec {
+                    None => format!(
+                        "vector `{}` has no steering recommendation: give a coefficient, or run EvaluateSteering \
+                         (`persona eval --vector {}`) first",
+                        v.meta.name, v.meta.name
+                    ),
+                    Some(r) => format!(
+                        "vector `{}` has no recommended coefficient at layer {layer} (evaluated layers: {}): give a \
+                         coefficient",
+                        v.meta.name,
+                        r.layers.iter().map(|l| l.layer.to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                })
+            })?;
+            (c, FROM_STEERING)
+        }
+    };
+    Ok((layer, layer_source, coefficient, coefficient_source))
+}
+
+pub fn steering(store: &VectorStore, model: &LoadedModel, specs: &[pb::SteeringVector]) -> ServiceResult<Steering> {
     let c = model.config();
     let mut plan = SteeringPlan::new(c.n_residual_rows());
+    let mut applied = Vec::with_capacity(specs.len());
     for (i, s) in specs.iter().enumerate() {
-        if !s.coefficient.is_finite() {
+        if s.coefficient.is_some_and(|c| !c.is_finite()) {
             return Err(invalid(format!("steering[{i}]: coefficient must be finite")));
         }
         let phase = match pb::Positions::try_from(s.positions) {
@@ -165,14 +252,25 @@ pub fn steering(store: &VectorStore, model: &LoadedModel, specs: &[pb::SteeringV
         match &s.source {
             Some(pb::steering_vector::Source::Name(name)) => {
                 let v = vector_for(store, model, name)?;
-                let layer = layer_or_recommended(model, s.layer, Some(&v))?;
+                let (layer, layer_source, coefficient, coefficient_source) =
+                    steer_point(model, &v, s.layer, s.coefficient)?;
                 let row =
                     v.row(layer).ok_or_else(|| ServiceError::Internal(format!("vector `{name}` lacks row {layer}")))?;
-                plan.add(layer, row, s.coefficient, phase);
+                plan.add(layer, row, coefficient, phase);
+                applied.push(pb::AppliedSteering {
+                    vector: name.clone(),
+                    layer: layer as u32,
+                    coefficient,
+                    layer_source: layer_source.into(),
+                    coefficient_source: coefficient_source.into(),
+                });
             }
             Some(pb::steering_vector::Source::Inline(v)) => {
                 let layer =
                     layer_or_recommended(model, s.layer, None).map_err(|e| invalid(format!("steering[{i}]: {e}")))?;
+                let coefficient = s
+                    .coefficient
+                    .ok_or_else(|| invalid(format!("steering[{i}]: inline vectors need a coefficient")))?;
                 if v.values.len() != c.hidden_size {
                     return Err(invalid(format!(
                         "steering[{i}]: inline vector has {} values, model `{}` has d_model {}",
@@ -184,12 +282,19 @@ pub fn steering(store: &VectorStore, model: &LoadedModel, specs: &[pb::SteeringV
                 if v.values.iter().any(|x| !x.is_finite()) {
                     return Err(invalid(format!("steering[{i}]: inline vector has non-finite values")));
                 }
-                plan.add(layer, &v.values, s.coefficient, phase);
+                plan.add(layer, &v.values, coefficient, phase);
+                applied.push(pb::AppliedSteering {
+                    vector: String::new(),
+                    layer: layer as u32,
+                    coefficient,
+                    layer_source: FROM_REQUEST.into(),
+                    coefficient_source: FROM_REQUEST.into(),
+                });
             }
             None => return Err(invalid(format!("steering[{i}]: give a vector name or inline values"))),
         }
     }
-    Ok(plan)
+    Ok(Steering { plan, applied })
 }
 
 pub fn kind_to_pb(k: VectorKind) -> pb::VectorKind {
@@ -226,6 +331,44 @@ pub fn vector_info(v: &StoredVector) -> pb::VectorInfo {
             .layer_scores
             .iter()
             .map(|s| pb::LayerScore { layer: s.layer as u32, cohens_d: s.cohens_d, auroc: s.auroc })
+            .collect(),
+        calibration: m.calibration.iter().map(calibration_to_pb).collect(),
+        steering: m.steering.as_ref().map(recommendation_to_pb),
+    }
+}
+
+fn scale_to_pb(s: &Scale) -> pb::ScaleCalibration {
+    let side = |x: &crate::steering::calibration::SideStats| pb::SideStats { mean: x.mean, std: x.std, n: x.n };
+    pb::ScaleCalibration { neg: Some(side(&s.neg)), pos: Some(side(&s.pos)) }
+}
+
+fn calibration_to_pb(c: &LayerCalibration) -> pb::LayerCalibration {
+    pb::LayerCalibration {
+        layer: c.layer as u32,
+        response: Some(scale_to_pb(&c.response)),
+        prompt_last: Some(scale_to_pb(&c.prompt_last)),
+    }
+}
+
+pub fn recommendation_to_pb(r: &SteeringRecommendation) -> pb::SteeringRecommendation {
+    pb::SteeringRecommendation {
+        layer: r.layer as u32,
+        coefficient: r.coefficient,
+        trait_score: r.trait_score,
+        unsteered_trait_score: r.unsteered_trait_score,
+        coherence: r.coherence,
+        unsteered_coherence: r.unsteered_coherence,
+        scorer: r.scorer.clone(),
+        evaluated_unix: r.evaluated_unix,
+        layers: r
+            .layers
+            .iter()
+            .map(|l| pb::LayerRecommendation {
+                layer: l.layer as u32,
+                coefficient: l.coefficient,
+                trait_score: l.trait_score,
+                coherence: l.coherence,
+            })
             .collect(),
     }
 }

@@ -170,12 +170,21 @@ impl Screen {
             .map(|t| {
                 let (sample_projection, own_projection) =
                     (t.probe.score_at_layer(&sample_acts), t.probe.score_at_layer(&own_acts));
+                let difference = sample_projection - own_projection;
+                let scale = t.response_calibration();
+                let on = |f: fn(&crate::steering::calibration::Scale, f32) -> Option<f32>, x: f32| {
+                    scale.and_then(|c| f(c, x)).unwrap_or(0.0)
+                };
                 pb::ScreenScore {
                     vector: t.vector.clone(),
                     layer: t.layer as u32,
                     sample_projection,
                     own_projection,
-                    difference: sample_projection - own_projection,
+                    difference,
+                    calibrated: t.calibration.is_ok(),
+                    sample_calibrated: on(crate::steering::calibration::Scale::calibrate, sample_projection),
+                    own_calibrated: on(crate::steering::calibration::Scale::calibrate, own_projection),
+                    difference_calibrated: on(crate::steering::calibration::Scale::points, difference),
                 }
             })
             .collect();
@@ -220,6 +229,7 @@ impl Screen {
             deadline: None,
             monitors: Vec::new(),
             capture: false,
+        logprobs: None,
         };
         Ok(Arc::new(complete(&self.engine, job).await?.0))
     }
@@ -230,6 +240,7 @@ impl Screen {
             prompt_len: prompt.len(),
             steering: SteeringPlan::new(0),
             probes: Vec::new(),
+            logprobs: None,
         };
         let cap = self.engine.capture(job).await?;
         cap.response_avg.ok_or_else(|| ServiceError::Internal("capture without response tokens".into()))
@@ -262,6 +273,7 @@ mod tests {
             vector: "v".into(),
             layer: 3,
             probe: crate::steering::probe::Probe::new(3, &[1.0]).unwrap(),
+            calibration: Err("test".into()),
         };
         let mut d: Vec<f32> = (1..=10).rev().map(|x| x as f32).collect();
         let s = stats(&t, &mut d);

@@ -46,6 +46,8 @@ pub async fn put(state: &AppState, req: pb::PutVectorRequest) -> ServiceResult<p
         d_model: c.hidden_size,
         recommended_layer: None,
         layer_scores: Vec::new(),
+        calibration: Vec::new(),
+        steering: None,
     };
     let stored = store_put(&state.store, StoredVector { meta, values: req.values }, req.overwrite).await?;
     Ok(pb::PutVectorResponse { info: Some(resolve::vector_info(&stored)) })
@@ -87,6 +89,8 @@ pub async fn import(state: &AppState, req: pb::ImportVectorRequest) -> ServiceRe
         d_model: d,
         recommended_layer,
         layer_scores: Vec::new(),
+        calibration: Vec::new(),
+        steering: None,
     };
     let values = match format {
         Format::Gguf => interop::import_gguf(&req.data, n_rows, d)?,
@@ -102,6 +106,12 @@ pub async fn import(state: &AppState, req: pb::ImportVectorRequest) -> ServiceRe
             }
             meta.layer_scores = v.meta.layer_scores;
             meta.recommended_layer = meta.recommended_layer.or(v.meta.recommended_layer);
+            // Calibration and steering recommendation describe this vector on the model it was
+            // extracted from; on another model they would mislead, so only raw scores remain.
+            if v.meta.model == model.id {
+                meta.calibration = v.meta.calibration;
+                meta.steering = v.meta.steering;
+            }
             if meta.trait_name.is_empty() {
                 meta.trait_name = v.meta.trait_name;
             }

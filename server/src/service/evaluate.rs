@@ -1,0 +1,665 @@
+//! EvaluateSteering and SteeringSpectrum: steered answers to held-out questions, each read back
+//! by the unsteered model (or the judge) for trait expression and coherence on 0-100 scales.
+
+use super::extract::{complete, tally_to_pb};
+use super::score::mean_logprob;
+use super::{AppState, ResponseStream, resolve, traits, vectors};
+use crate::error::{ServiceError, ServiceResult, invalid};
+use crate::judge::{Judge, Outcome, Tally, coherence_prompt};
+use crate::model::LoadedModel;
+use crate::model::chat::Message;
+use crate::model::sampling::SamplingConfig;
+use crate::scheduler::{CaptureJob, EngineHandle, GenerateJob};
+use crate::steering::calibration::Scale;
+use crate::steering::evaluation::{
+    CellScore, Reference, SteeringRecommendation, coherence, distinct_bigrams, recommend,
+};
+use crate::steering::plan::{Phase, SteeringPlan};
+use crate::steering::probe::Probe;
+use crate::steering::store::{StoredVector, now_unix};
+use crate::traits::TraitDef;
+use persona_proto::v1 as pb;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+/// The sweep's coefficients when the request gives none (0, the baseline, always runs).
+pub const DEFAULT_COEFFICIENTS: [f32; 8] = [-2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0];
+const DEFAULT_QUESTIONS: usize = 10;
+const DEFAULT_ANSWER_TOKENS: usize = 48;
+const DEFAULT_COHERENCE_FRACTION: f32 = 0.8;
+const DEFAULT_MULTIPLIERS: [f32; 5] = [-2.0, -1.0, 0.0, 1.0, 2.0];
+/// Most layer × coefficient cells one evaluation may sweep.
+pub const MAX_CELLS: usize = 200;
+/// Largest coefficient magnitude accepted (far past where any model still writes text).
+const MAX_COEFFICIENT: f32 = 1000.0;
+const MAX_MULTIPLIERS: usize = 16;
+
+/// Every third layer from 25% to 85% of the depth, plus the monitoring layer: the best steering
+/// layer can be far from the best separating one.
+pub fn default_layers(n_layers: usize, monitoring: Option<usize>) -> Vec<usize> {
+    let lo = (n_layers as f32 * 0.25).round() as usize;
+    let hi = (n_layers as f32 * 0.85).round() as usize;
+    let mut layers: Vec<usize> = (lo..=hi).step_by(3).chain(monitoring).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    layers
+}
+
+/// How answers are scored.
+enum Judging {
+    /// Calibrated projection at the monitoring layer; coherence from log-probability and repetition.
+    Offline { probe: Probe, scale: Scale },
+    /// The judge model with the trait's eval prompt and the coherence prompt.
+    Judge { judge: Arc<Judge>, def: TraitDef },
+}
+
+impl Judging {
+    fn describe(&self, monitoring: usize) -> String {
+        match self {
+            Self::Offline { .. } => format!(
+                "offline: trait = calibrated projection of the answer read unsteered at layer {monitoring}; \
+                 coherence = 100 x fluency (log-probability) x diversity (distinct bigrams)"
+            ),
+            Self::Judge { judge, .. } => format!("judge `{}`", judge.model()),
+        }
+    }
+}
+
+/// The unsteered model's reading of one answer after its bare question.
+#[derive(Debug, Clone, Default)]
+struct Reading {
+    text: String,
+    tokens: usize,
+    mean_logprob: f32,
+    distinct: f32,
+    /// Raw projection of the answer's response average at the monitoring layer.
+    projection: Option<f32>,
+}
+
+/// Generates and reads answers; shared by the evaluation and the spectrum.
+struct Answerer {
+    engine: EngineHandle,
+    monitoring: usize,
+    judging: Judging,
+    max_tokens: usize,
+    sampling: SamplingConfig,
+    permits: Arc<Semaphore>,
+}
+
+/// One answer to produce: a prompt (possibly with a system prompt), the question it reads back
+/// after, and the steering to generate with.
+struct Ask {
+    prompt: Vec<u32>,
+    bare: Vec<u32>,
+    plan: SteeringPlan,
+}
+
+impl Answerer {
+    fn new(engine: EngineHandle, monitoring: usize, judging: Judging, sampling: resolve::Sampling) -> Self {
+        let permits = Arc::new(Semaphore::new(engine.max_batch()));
+        Self { engine, monitoring, judging, max_tokens: sampling.max_tokens, sampling: sampling.config, permits }
+    }
+
+    /// Generates one answer with its steering, then reads it back unsteered after the bare
+    /// question: log-probabilities and the monitoring layer's projection in one capture pass.
+    async fn answer(self: Arc<Self>, ask: Ask, seed: u64) -> ServiceResult<Reading> {
+        let _permit = self.permits.clone().acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let job = GenerateJob {
+            prompt: ask.prompt,
+            max_tokens: self.max_tokens,
+            sampling: SamplingConfig { seed: self.sampling.seed.map(|s| s.wrapping_add(seed)), ..self.sampling.clone() },
+            stop: Vec::new(),
+            steering: ask.plan,
+            deadline: None,
+            monitors: Vec::new(),
+            capture: false,
+            logprobs: None,
+        };
+        let (ids, _) = complete(&self.engine, job).await?;
+        let model = self.engine.model();
+        let text = model.tokenizer.decode(&ids).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        if ids.is_empty() {
+            return Ok(Reading { text, ..Default::default() });
+        }
+        let cap = self
+            .engine
+            .capture(CaptureJob {
+                prompt_len: ask.bare.len(),
+                tokens: [ask.bare.as_slice(), &ids].concat(),
+                steering: SteeringPlan::new(model.config().n_residual_rows()),
+                probes: Vec::new(),
+                logprobs: Some(0),
+            })
+            .await?;
+        let projection = match &self.judging {
+            Judging::Offline { probe, .. } => cap.response_avg.as_ref().map(|r| probe.score_at_layer(r)),
+            Judging::Judge { .. } => None,
+        };
+        Ok(Reading {
+            text,
+            tokens: ids.len(),
+            mean_logprob: mean_logprob(&cap.logprobs) as f32,
+            distinct: distinct_bigrams(&ids),
+            projection,
+        })
+    }
+
+    /// Trait and coherence 0-100 of each reading (`None`: the judge dropped it). Offline coherence
+    /// is measured against `reference`, the unsteered answers' own figures.
+    async fn score(
+        &self,
+        readings: &[(String, Reading)],
+        reference: Reference,
+        tally: &mut Tally,
+    ) -> Vec<Option<(f32, f32)>> {
+        match &self.judging {
+            Judging::Offline { scale, .. } => readings
+                .iter()
+                .map(|(_, r)| {
+                    if r.tokens == 0 {
+                        return Some((0.0, 0.0));
+                    }
+                    let t = r.projection.and_then(|p| scale.calibrate(p)).unwrap_or(0.0).clamp(0.0, 100.0);
+                    Some((t, coherence(r.mean_logprob, r.distinct, r.tokens, reference)))
+                })
+                .collect(),
+            Judging::Judge { judge, def } => {
+                let mut tasks = JoinSet::new();
+                for (i, (question, r)) in readings.iter().enumerate() {
+                    let prompts = [def.eval_prompt_for(question, &r.text), coherence_prompt(question, &r.text)];
+                    let judge = judge.clone();
+                    tasks.spawn(async move {
+                        let [t, c] = prompts;
+                        let t = judge.rate(t).await;
+                        let c = match t {
+                            Outcome::Score { .. } => judge.rate(c).await,
+                            _ => t.clone(),
+                        };
+                        (i, t, c)
+                    });
+                }
+                let mut out = vec![None; readings.len()];
+                while let Some(Ok((i, t, c))) = tasks.join_next().await {
+                    match (tally.read(&t), tally.read(&c)) {
+                        (Some(t), Some(c)) => {
+                            tally.kept += 1;
+                            out[i] = Some((t, c));
+                        }
+                        (None, _) => tally.drop_for(&t),
+                        (Some(_), None) => tally.drop_for(&c),
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// The chat prompt of a question, with an optional system prompt.
+fn question_prompt(model: &LoadedModel, system: Option<&str>, question: &str) -> ServiceResult<Vec<u32>> {
+    let mut messages = Vec::new();
+    if let Some(s) = system.filter(|s| !s.trim().is_empty()) {
+        messages.push(Message::new("system", s.to_string()));
+    }
+    messages.push(Message::new("user", question.to_string()));
+    let ids = resolve::tokenize(model, &resolve::render_chat(model, &messages)?)?;
+    resolve::check_fits(model, ids.len())?;
+    Ok(ids)
+}
+
+/// The trait definition behind a vector: the request's, else the library's by the vector's trait.
+fn definition(state: &AppState, v: &StoredVector, given: Option<&pb::TraitDefinition>) -> ServiceResult<Option<TraitDef>> {
+    match given {
+        Some(d) => Ok(Some(traits::from_pb(d)?)),
+        None => Ok(state.traits.get(&v.meta.trait_name).cloned()),
+    }
+}
+
+/// How answers about `v` are scored: the judge when one is configured, not skipped, and the trait
+/// has an eval prompt; otherwise offline, which needs the vector's calibration at its monitoring
+/// layer.
+fn judging(
+    state: &AppState,
+    v: &StoredVector,
+    def: Option<&TraitDef>,
+    skip_judge: bool,
+) -> ServiceResult<(usize, Judging)> {
+    let name = &v.meta.name;
+    let monitoring = v.meta.recommended_layer.ok_or_else(|| {
+        ServiceError::FailedPrecondition(format!(
+            "vector `{name}` has no monitoring layer (imported, or extracted from too few rollouts): \
+             import it with recommended_layer or extract it here"
+        ))
+    })?;
+    if let (Some(judge), Some(def), false) = (&state.judge, def, skip_judge)
+        && !def.eval_prompt.is_empty()
+    {
+        return Ok((monitoring, Judging::Judge { judge: judge.clone(), def: def.clone() }));
+    }
+    let cal = resolve::calibration_of(v, monitoring).map_err(|why| {
+        ServiceError::FailedPrecondition(format!(
+            "scoring without a judge reads calibrated projections, but {why}; configure a judge or extract the \
+             vector here"
+        ))
+    })?;
+    let probe = Probe::new(monitoring, v.row(monitoring).unwrap_or_default())
+        .ok_or_else(|| ServiceError::FailedPrecondition(format!("vector `{name}` is zero at layer {monitoring}")))?;
+    Ok((monitoring, Judging::Offline { probe, scale: cal.response }))
+}
+
+fn check_coefficient(c: f32, what: &str) -> ServiceResult<()> {
+    if !c.is_finite() || c.abs() > MAX_COEFFICIENT {
+        return Err(invalid(format!("{what} {c} is out of range: coefficients must be finite and within ±{MAX_COEFFICIENT}")));
+    }
+    Ok(())
+}
+
+/// A stored response-average vector and the engine of its model.
+fn vector_and_engine(state: &AppState, name: &str) -> ServiceResult<(Arc<StoredVector>, EngineHandle)> {
+    if name.is_empty() {
+        return Err(invalid("vector is required"));
+    }
+    let v = state.store.get(name)?;
+    let engine = state.engine(&v.meta.model)?.clone();
+    let v = resolve::vector_for(&state.store, engine.model(), name)?;
+    Ok((v, engine))
+}
+
+// ---------------------------------------------------------------------------------------------
+// EvaluateSteering
+// ---------------------------------------------------------------------------------------------
+
+struct Sweep {
+    state: Arc<AppState>,
+    vector: Arc<StoredVector>,
+    answerer: Arc<Answerer>,
+    layers: Vec<usize>,
+    coefficients: Vec<f32>,
+    questions: Vec<String>,
+    /// The trait's positive system prompt, for the suppression check.
+    positive_system: Option<String>,
+    fraction: f32,
+    dry_run: bool,
+}
+
+type Tx = mpsc::Sender<Result<pb::EvaluateSteeringResponse, Status>>;
+
+pub fn evaluate(
+    state: Arc<AppState>,
+    req: pb::EvaluateSteeringRequest,
+) -> ServiceResult<ResponseStream<pb::EvaluateSteeringResponse>> {
+    let (v, engine) = vector_and_engine(&state, &req.vector)?;
+    let model = engine.model().clone();
+    let n_layers = model.config().n_layers;
+    let def = definition(&state, &v, req.definition.as_ref())?;
+    let (monitoring, judging) = judging(&state, &v, def.as_ref(), req.skip_judge)?;
+    let mut questions = if !req.questions.is_empty() {
+        req.questions.clone()
+    } else {
+        def.as_ref().map(|d| d.eval_questions.clone()).unwrap_or_default()
+    };
+    if questions.is_empty() {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "no evaluation questions for vector `{}`: its trait `{}` is not in the library or has no eval_questions; \
+             send questions or a definition",
+            v.meta.name, v.meta.trait_name
+        )));
+    }
+    if questions.iter().any(|q| q.trim().is_empty()) {
+        return Err(invalid("questions must not be empty"));
+    }
+    questions.truncate(if req.max_questions == 0 { DEFAULT_QUESTIONS } else { req.max_questions as usize });
+    let layers = if req.layers.is_empty() {
+        default_layers(n_layers, Some(monitoring))
+    } else {
+        let mut l = req.layers.iter().map(|&l| resolve::check_layer(&model, l)).collect::<ServiceResult<Vec<_>>>()?;
+        l.sort_unstable();
+        l.dedup();
+        l
+    };
+    let mut coefficients = if req.coefficients.is_empty() { DEFAULT_COEFFICIENTS.to_vec() } else { req.coefficients.clone() };
+    for &c in &coefficients {
+        check_coefficient(c, "coefficient")?;
+    }
+    coefficients.retain(|&c| c != 0.0);
+    coefficients.sort_by(f32::total_cmp);
+    coefficients.dedup();
+    if coefficients.is_empty() {
+        return Err(invalid("coefficients holds no non-zero value (0, the unsteered baseline, always runs)"));
+    }
+    let cells = layers.len() * coefficients.len();
+    if cells > MAX_CELLS {
+        return Err(invalid(format!(
+            "{} layers x {} coefficients = {cells} cells; at most {MAX_CELLS} per evaluation",
+            layers.len(),
+            coefficients.len()
+        )));
+    }
+    let fraction = match req.coherence_fraction {
+        0.0 => DEFAULT_COHERENCE_FRACTION,
+        f if f.is_finite() && f > 0.0 && f <= 1.0 => f,
+        f => return Err(invalid(format!("coherence_fraction must be in (0, 1], got {f}"))),
+    };
+    let sampling = resolve::sampling(req.sampling.as_ref(), DEFAULT_ANSWER_TOKENS)?;
+    let positive_system = def.as_ref().filter(|d| !d.instruction.is_empty()).map(|d| d.system_prompts(0).0);
+    let sweep = Sweep {
+        answerer: Arc::new(Answerer::new(engine, monitoring, judging, sampling)),
+        state,
+        vector: v,
+        layers,
+        coefficients,
+        questions,
+        positive_system,
+        fraction,
+        dry_run: req.dry_run,
+    };
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let name = sweep.vector.meta.name.clone();
+        if let Err(e) = sweep.run(&tx).await {
+            tracing::warn!(vector = %name, error = %e, "steering evaluation failed");
+            let _ = tx.send(Err(Status::from(e))).await;
+        }
+    });
+    Ok(Box::pin(ReceiverStream::new(rx)))
+}
+
+async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Instant) -> ServiceResult<()> {
+    let elapsed = started.elapsed().as_secs_f64();
+    let eta_secs = if done == 0 { 0.0 } else { elapsed / done as f64 * (total - done) as f64 };
+    let p = pb::EvalProgress { done: done as u32, total: total as u32, stage: stage.into(), elapsed_secs: elapsed, eta_secs };
+    let msg = pb::EvaluateSteeringResponse { event: Some(pb::evaluate_steering_response::Event::Progress(p)) };
+    // A client that left drops the receiver: failing here drops the task set, which aborts the
+    // generations in flight and so frees their engine slots.
+    tx.send(Ok(msg)).await.map_err(|_| ServiceError::Internal("client went away".into()))
+}
+
+/// Mean trait and coherence over a cell's scored answers.
+fn cell(layer: usize, coefficient: f32, scores: &[Option<(f32, f32)>], readings: &[&Reading], min_coherence: f32) -> pb::EvalCell {
+    let kept: Vec<(f32, f32)> = scores.iter().flatten().copied().collect();
+    let n = kept.len().max(1) as f32;
+    let trait_score = kept.iter().map(|s| s.0).sum::<f32>() / n;
+    let coherence = kept.iter().map(|s| s.1).sum::<f32>() / n;
+    let m = readings.len().max(1) as f32;
+    pb::EvalCell {
+        layer: layer as u32,
+        coefficient,
+        trait_score,
+        coherence,
+        mean_logprob: readings.iter().map(|r| r.mean_logprob).sum::<f32>() / m,
+        distinct_bigrams: readings.iter().map(|r| r.distinct).sum::<f32>() / m,
+        answers: kept.len() as u32,
+        coherent: !kept.is_empty() && coherence >= min_coherence,
+        example: readings.first().map(|r| r.text.clone()).unwrap_or_default(),
+    }
+}
+
+impl Sweep {
+    fn plan(&self, layer: usize, coefficient: f32) -> SteeringPlan {
+        let mut plan = SteeringPlan::new(self.answerer.engine.model().config().n_residual_rows());
+        plan.add(layer, self.vector.row(layer).unwrap_or_default(), coefficient, Phase::All);
+        plan
+    }
+
+    /// Generates and reads every ask, `stage` naming the progress.
+    async fn answer_all(&self, asks: Vec<Ask>, stage: &str, tx: &Tx) -> ServiceResult<Vec<Reading>> {
+        let started = Instant::now();
+        let total = asks.len();
+        let mut tasks = JoinSet::new();
+        for (i, ask) in asks.into_iter().enumerate() {
+            let answerer = self.answerer.clone();
+            tasks.spawn(async move { (i, answerer.answer(ask, i as u64).await) });
+        }
+        progress(tx, stage, 0, total, started).await?;
+        let mut out: Vec<Option<Reading>> = vec![None; total];
+        let mut done = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (i, r) = joined.map_err(|e| ServiceError::Internal(e.to_string()))?;
+            out[i] = Some(r?);
+            done += 1;
+            progress(tx, stage, done, total, started).await?;
+        }
+        Ok(out.into_iter().map(|r| r.expect("every task reports once")).collect())
+    }
+
+    async fn run(self, tx: &Tx) -> ServiceResult<()> {
+        let started = Instant::now();
+        let model = self.answerer.engine.model().clone();
+        let bare: Vec<Vec<u32>> =
+            self.questions.iter().map(|q| question_prompt(&model, None, q)).collect::<ServiceResult<_>>()?;
+        let nq = self.questions.len();
+        // Baseline (coefficient 0) first, then every cell, layer-major; each over every question.
+        let mut points = vec![(0usize, 0f32)];
+        points.extend(self.layers.iter().flat_map(|&l| self.coefficients.iter().map(move |&c| (l, c))));
+        let mut asks = Vec::with_capacity(points.len() * nq);
+        for &(l, c) in &points {
+            asks.extend(bare.iter().map(|b| Ask { prompt: b.clone(), bare: b.clone(), plan: self.plan(l, c) }));
+        }
+        let readings = self.answer_all(asks, "sweep", tx).await?;
+        let labelled: Vec<(String, Reading)> =
+            readings.iter().enumerate().map(|(i, r)| (self.questions[i % nq].clone(), r.clone())).collect();
+        let baseline: Vec<(f32, f32)> =
+            readings[..nq].iter().filter(|r| r.tokens > 0).map(|r| (r.mean_logprob, r.distinct)).collect();
+        let reference = Reference::of(&baseline);
+        let mut tally = Tally::default();
+        let scores = self.answerer.score(&labelled, reference, &mut tally).await;
+        let per_point = |p: usize| (&scores[p * nq..(p + 1) * nq], readings[p * nq..(p + 1) * nq].iter().collect::<Vec<_>>());
+
+        let (s0, r0) = per_point(0);
+        let unsteered = cell(0, 0.0, s0, &r0, 0.0);
+        let min_coherence = self.fraction * unsteered.coherence;
+        let cells: Vec<pb::EvalCell> = points[1..]
+            .iter()
+            .enumerate()
+            .map(|(k, &(l, c))| {
+                let (s, r) = per_point(k + 1);
+                cell(l, c, s, &r, min_coherence)
+            })
+            .collect();
+        let scored: Vec<CellScore> = cells
+            .iter()
+            .filter(|c| c.answers > 0)
+            .map(|c| CellScore {
+                layer: c.layer as usize,
+                coefficient: c.coefficient,
+                trait_score: c.trait_score,
+                coherence: c.coherence,
+            })
+            .collect();
+        let picks = recommend(&scored, unsteered.trait_score, min_coherence);
+        let scorer = self.answerer.judging.describe(self.answerer.monitoring);
+        let recommendation = picks.first().map(|best| SteeringRecommendation {
+            layer: best.layer,
+            coefficient: best.coefficient,
+            trait_score: best.trait_score,
+            unsteered_trait_score: unsteered.trait_score,
+            coherence: best.coherence,
+            unsteered_coherence: unsteered.coherence,
+            scorer: scorer.clone(),
+            evaluated_unix: now_unix(),
+            layers: picks.clone(),
+        });
+        let suppression = match (&recommendation, &self.positive_system) {
+            (Some(r), Some(system)) => self.suppression(r, system, &bare, reference, &mut tally, tx).await?,
+            _ => Vec::new(),
+        };
+        let note = match &recommendation {
+            Some(_) => String::new(),
+            None => format!(
+                "no positive coefficient raised the trait score above the unsteered {:.1} while keeping coherence at \
+                 or above {min_coherence:.1} ({}% of the unsteered {:.1}); nothing recommended",
+                unsteered.trait_score,
+                (self.fraction * 100.0).round(),
+                unsteered.coherence
+            ),
+        };
+        let stored = match &recommendation {
+            Some(r) if !self.dry_run => self.store(r.clone()).await?,
+            _ => false,
+        };
+        let judged = matches!(self.answerer.judging, Judging::Judge { .. });
+        let result = pb::EvaluateSteeringResult {
+            vector: self.vector.meta.name.clone(),
+            monitoring_layer: self.answerer.monitoring as u32,
+            generated_tokens: readings.iter().map(|r| r.tokens as u64).sum(),
+            unsteered: Some(unsteered),
+            cells,
+            recommendation: recommendation.as_ref().map(resolve::recommendation_to_pb),
+            coherence_threshold: min_coherence,
+            suppression,
+            questions: self.questions.clone(),
+            scorer,
+            judge: judged.then(|| tally_to_pb(&tally)),
+            stored,
+            elapsed_secs: started.elapsed().as_secs_f64(),
+            note,
+        };
+        tracing::info!(
+            vector = %result.vector, secs = result.elapsed_secs,
+            layer = ?recommendation.as_ref().map(|r| r.layer), coefficient = ?recommendation.as_ref().map(|r| r.coefficient),
+            "steering evaluation done"
+        );
+        let msg = pb::EvaluateSteeringResponse { event: Some(pb::evaluate_steering_response::Event::Result(result)) };
+        tx.send(Ok(msg)).await.map_err(|_| ServiceError::Internal("client went away".into()))
+    }
+
+    /// The trait's positive system prompt, unsteered and then steered against the trait (−c and
+    /// −2c at the recommended layer): negative steering should lower the trait score.
+    async fn suppression(
+        &self,
+        r: &SteeringRecommendation,
+        system: &str,
+        bare: &[Vec<u32>],
+        reference: Reference,
+        tally: &mut Tally,
+        tx: &Tx,
+    ) -> ServiceResult<Vec<pb::SuppressionCheck>> {
+        let model = self.answerer.engine.model().clone();
+        let coefficients = [0.0, -r.coefficient, -2.0 * r.coefficient];
+        let mut asks = Vec::new();
+        for &c in &coefficients {
+            for (q, b) in self.questions.iter().zip(bare) {
+                asks.push(Ask { prompt: question_prompt(&model, Some(system), q)?, bare: b.clone(), plan: self.plan(r.layer, c) });
+            }
+        }
+        let readings = self.answer_all(asks, "suppression", tx).await?;
+        let nq = self.questions.len();
+        let labelled: Vec<(String, Reading)> =
+            readings.iter().enumerate().map(|(i, x)| (self.questions[i % nq].clone(), x.clone())).collect();
+        let scores = self.answerer.score(&labelled, reference, tally).await;
+        Ok(coefficients
+            .iter()
+            .enumerate()
+            .map(|(k, &c)| {
+                let rs: Vec<&Reading> = readings[k * nq..(k + 1) * nq].iter().collect();
+                let cl = cell(r.layer, c, &scores[k * nq..(k + 1) * nq], &rs, 0.0);
+                pb::SuppressionCheck { layer: r.layer as u32, coefficient: c, trait_score: cl.trait_score, coherence: cl.coherence }
+            })
+            .collect())
+    }
+
+    /// Stores the recommendation with the vector, unless the vector changed meanwhile (then the
+    /// recommendation would describe other values). Returns whether it was stored.
+    async fn store(&self, r: SteeringRecommendation) -> ServiceResult<bool> {
+        let current = self.state.store.get(&self.vector.meta.name)?;
+        if current.values != self.vector.values || current.meta.created_unix != self.vector.meta.created_unix {
+            tracing::warn!(vector = %self.vector.meta.name, "vector replaced during its evaluation; recommendation not stored");
+            return Ok(false);
+        }
+        let mut updated = (*current).clone();
+        updated.meta.steering = Some(r);
+        vectors::store_put(&self.state.store, updated, true).await?;
+        Ok(true)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SteeringSpectrum
+// ---------------------------------------------------------------------------------------------
+
+pub async fn spectrum(state: &AppState, req: pb::SteeringSpectrumRequest) -> ServiceResult<pb::SteeringSpectrumResponse> {
+    let (v, engine) = vector_and_engine(state, &req.vector)?;
+    let model = engine.model().clone();
+    if req.question.trim().is_empty() {
+        return Err(invalid("question is required"));
+    }
+    if let Some(c) = req.coefficient {
+        check_coefficient(c, "coefficient")?;
+    }
+    let (layer, layer_source, coefficient, coefficient_source) =
+        resolve::steer_point(&model, &v, req.layer, req.coefficient)?;
+    let multipliers = if req.multipliers.is_empty() { DEFAULT_MULTIPLIERS.to_vec() } else { req.multipliers.clone() };
+    if multipliers.len() > MAX_MULTIPLIERS {
+        return Err(invalid(format!("at most {MAX_MULTIPLIERS} multipliers, got {}", multipliers.len())));
+    }
+    for &m in &multipliers {
+        check_coefficient(m * coefficient, "multiplier x coefficient")?;
+    }
+    let def = definition(state, &v, None)?;
+    let (monitoring, judging) = judging(state, &v, def.as_ref(), req.skip_judge)?;
+    let sampling = resolve::sampling(req.sampling.as_ref(), DEFAULT_ANSWER_TOKENS)?;
+    let answerer = Arc::new(Answerer::new(engine.clone(), monitoring, judging, sampling));
+    let prompt = question_prompt(&model, Some(&req.system), &req.question)?;
+    let bare = question_prompt(&model, None, &req.question)?;
+    let row = v.row(layer).unwrap_or_default().to_vec();
+    // All points are submitted at once, so the engine decodes them as one batch.
+    let mut tasks = JoinSet::new();
+    for (i, &m) in multipliers.iter().enumerate() {
+        let mut plan = SteeringPlan::new(model.config().n_residual_rows());
+        plan.add(layer, &row, m * coefficient, Phase::All);
+        let ask = Ask { prompt: prompt.clone(), bare: bare.clone(), plan };
+        let answerer = answerer.clone();
+        tasks.spawn(async move { (i, answerer.answer(ask, 0).await) });
+    }
+    let mut readings: Vec<Reading> = vec![Reading::default(); multipliers.len()];
+    while let Some(joined) = tasks.join_next().await {
+        let (i, r) = joined.map_err(|e| ServiceError::Internal(e.to_string()))?;
+        readings[i] = r?;
+    }
+    let reference = multipliers
+        .iter()
+        .position(|&m| m == 0.0)
+        .filter(|&i| readings[i].tokens > 0)
+        .map_or(Reference::DEFAULT, |i| Reference::of(&[(readings[i].mean_logprob, readings[i].distinct)]));
+    let labelled: Vec<(String, Reading)> = readings.iter().map(|r| (req.question.clone(), r.clone())).collect();
+    let mut tally = Tally::default();
+    let scores = answerer.score(&labelled, reference, &mut tally).await;
+    let points = multipliers
+        .iter()
+        .zip(readings)
+        .zip(scores)
+        .map(|((&m, r), s)| pb::SpectrumPoint {
+            multiplier: m,
+            coefficient: m * coefficient,
+            answer: r.text,
+            trait_score: s.map_or(0.0, |s| s.0),
+            coherence: s.map_or(0.0, |s| s.1),
+            mean_logprob: r.mean_logprob,
+            scored: s.is_some(),
+        })
+        .collect();
+    Ok(pb::SteeringSpectrumResponse {
+        vector: v.meta.name.clone(),
+        layer: layer as u32,
+        coefficient,
+        points,
+        scorer: answerer.judging.describe(monitoring),
+        source: format!("layer from the {layer_source}, coefficient from the {coefficient_source}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_layers_spread_over_the_depth_plus_the_monitoring_layer() {
+        assert_eq!(default_layers(30, Some(28)), [8, 11, 14, 17, 20, 23, 26, 28]);
+        assert_eq!(default_layers(30, Some(14)), [8, 11, 14, 17, 20, 23, 26]);
+        assert_eq!(default_layers(4, None), [1]);
+    }
+}
