@@ -63,7 +63,7 @@ pub fn steering_chart_svg(r: &pb::EvaluateSteeringResult) -> String {
         "<text x=\"{}\" y=\"46\" text-anchor=\"middle\" fill=\"#555\">{} questions · scorer: {}</text>",
         w / 2.0,
         r.questions.len(),
-        xml_escape(&r.scorer.chars().take(110).collect::<String>())
+        xml_escape(r.scorer.split(';').next().unwrap_or_default())
     );
     // Grid and both y axes (0-100).
     for v in (0..=100).step_by(20) {
@@ -189,7 +189,8 @@ pub fn heatmap_svg(r: &pb::EvaluateSteeringResult) -> String {
     let h = top + ch * layers.len() as f32 + 100.0;
     let mut s = svg_open(w.max(560.0), h);
     s += "<defs><pattern id=\"hatch\" width=\"8\" height=\"8\" patternUnits=\"userSpaceOnUse\" patternTransform=\"rotate(45)\">\
-          <line x1=\"0\" y1=\"0\" x2=\"0\" y2=\"8\" stroke=\"#333\" stroke-width=\"2\" stroke-opacity=\"0.55\"/></pattern></defs>\n";
+          <rect width=\"8\" height=\"8\" fill=\"#555\" fill-opacity=\"0.25\"/>\
+          <line x1=\"0\" y1=\"0\" x2=\"0\" y2=\"8\" stroke=\"white\" stroke-width=\"3\" stroke-opacity=\"0.85\"/></pattern></defs>\n";
     let _ = writeln!(
         s,
         "<text x=\"{left}\" y=\"28\" font-size=\"17\" font-weight=\"bold\">Trait score of `{}` by layer and coefficient</text>\
@@ -217,7 +218,7 @@ pub fn heatmap_svg(r: &pb::EvaluateSteeringResult) -> String {
             let _ = writeln!(
                 s,
                 "<rect x=\"{xx}\" y=\"{yy}\" width=\"{cw}\" height=\"{ch}\" fill=\"{}\" stroke=\"white\"/>{}\
-                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{:.0} / {:.0}</text>",
+                 <text x=\"{}\" y=\"{}\" text-anchor=\"middle\" paint-order=\"stroke\" stroke=\"white\" stroke-width=\"3\">{:.0} / {:.0}</text>",
                 heat(cell.trait_score),
                 if failing {
                     format!("<rect x=\"{xx}\" y=\"{yy}\" width=\"{cw}\" height=\"{ch}\" fill=\"url(#hatch)\"/>")
@@ -361,7 +362,7 @@ mod tests {
     fn the_heat_map_hatches_failing_cells_and_frames_the_recommended_one() {
         let svg = heatmap_svg(&result());
         assert_eq!(svg.matches("fill=\"url(#hatch)\"").count(), 1);
-        assert_eq!(svg.matches("stroke-width=\"3\"").count(), 1);
+        assert_eq!(svg.matches("stroke=\"black\" stroke-width=\"3\"").count(), 1, "one framed cell");
         assert!(svg.contains("layer 14"));
     }
 

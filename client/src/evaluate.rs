@@ -15,10 +15,10 @@ pub struct EvalArgs {
     /// plus the monitoring layer).
     #[arg(long, value_delimiter = ',')]
     layers: Vec<u32>,
-    /// Coefficients, comma-separated (default -2,-1,1,2,3,4,6,8; 0 always runs).
+    /// Coefficients, comma-separated (default -2,-1,0.5,1,1.5,2,3,4,6,8; 0 always runs).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     coefficients: Vec<f32>,
-    /// Questions to use (default: the trait's eval_questions, first 10).
+    /// Questions to use (default: the trait's eval_questions, first 8).
     #[arg(long)]
     max_questions: Option<u32>,
     /// A trait file (traits/ JSON) for vectors whose trait is not in the server's library.
@@ -112,10 +112,9 @@ pub async fn eval(c: &mut Client, a: EvalArgs) -> Result<()> {
     let mut stream = c.evaluate_steering(req).await?.into_inner();
     while let Some(msg) = stream.message().await? {
         match msg.event {
-            Some(pb::evaluate_steering_response::Event::Progress(p)) => eprint!(
-                "\r{:<11} {:>5}/{:<5} elapsed {:>6.1}s  eta {:>6.1}s   ",
-                p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs
-            ),
+            Some(pb::evaluate_steering_response::Event::Progress(p)) => {
+                crate::print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
+            }
             Some(pb::evaluate_steering_response::Event::Result(r)) => {
                 eprintln!();
                 print_eval(&r);

@@ -457,10 +457,9 @@ async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
     let mut stream = c.extract_vector(req).await?.into_inner();
     while let Some(msg) = stream.message().await? {
         match msg.event {
-            Some(pb::extract_vector_response::Event::Progress(p)) => eprint!(
-                "\r{:<8} {:>5}/{:<5} elapsed {:>6.1}s  eta {:>6.1}s   ",
-                p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs
-            ),
+            Some(pb::extract_vector_response::Event::Progress(p)) => {
+                print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
+            }
             Some(pb::extract_vector_response::Event::Result(r)) => {
                 eprintln!();
                 println!(
@@ -498,6 +497,11 @@ fn print_calibration(v: &pb::VectorInfo) {
         let (r, p) = (c.response.clone().unwrap_or_default(), c.prompt_last.clone().unwrap_or_default());
         println!("{}\t{}\t{}\t{}\t{}", c.layer, side(&r.neg), side(&r.pos), side(&p.neg), side(&p.pos));
     }
+}
+
+/// One progress line of a long call, rewritten in place on stderr.
+fn print_progress(stage: &str, done: u32, total: u32, elapsed: f64, eta: f64) {
+    eprint!("\r{stage:<11} {done:>5}/{total:<5} elapsed {elapsed:>6.1}s  eta {eta:>6.1}s   ");
 }
 
 fn print_layer_scores(v: &pb::VectorInfo) {

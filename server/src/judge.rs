@@ -246,6 +246,17 @@ impl Judge {
         Ok(Reply { text, first_top })
     }
 
+    /// Scores an answer for the trait, then — only when that gave a score — for coherence (an
+    /// answer without a trait score is dropped anyway; the coherence outcome then repeats it).
+    pub async fn rate_answer(self: &Arc<Self>, trait_prompt: String, coherence_prompt: String) -> (Outcome, Outcome) {
+        let t = self.rate(trait_prompt).await;
+        let c = match t {
+            Outcome::Score { .. } => self.rate(coherence_prompt).await,
+            _ => t.clone(),
+        };
+        (t, c)
+    }
+
     /// Scores one judge prompt as the persona-vectors code does: the first position's top
     /// log-probabilities over the integers 0-100, or the reply's text when the endpoint gives no
     /// usable log-probabilities. A failed request is retried once.

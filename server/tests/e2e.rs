@@ -363,12 +363,16 @@ async fn extraction_streams_progress_and_stores_three_vectors() {
         ..Default::default()
     };
     let mut stream = c.extract_vector(req.clone()).await.unwrap().into_inner();
-    let (mut last_done, mut total, mut info) = (0, 0, None);
+    let (mut last_done, mut total, mut info, mut calibrated) = (0, 0, None, 0);
     while let Some(msg) = stream.message().await.unwrap() {
         match msg.event.unwrap() {
             pb::extract_vector_response::Event::Progress(p) if p.stage == "rollouts" => {
                 assert!(p.done >= last_done, "progress went backwards");
                 (last_done, total) = (p.done, p.total);
+            }
+            pb::extract_vector_response::Event::Progress(p) if p.stage == "calibrate" => {
+                assert!(p.done <= p.total && p.total == 4, "every kept answer is re-read once: {p:?}");
+                calibrated = p.done;
             }
             pb::extract_vector_response::Event::Progress(p) => assert_eq!(p.stage, "store"),
             pb::extract_vector_response::Event::Result(r) => {
@@ -378,8 +382,9 @@ async fn extraction_streams_progress_and_stores_three_vectors() {
             }
         }
     }
-    assert_eq!((last_done, total), (4, 4));
+    assert_eq!((last_done, total, calibrated), (4, 4, 4));
     let info = info.expect("final message describes the vector");
+    assert_eq!(info.calibration.len(), n_rows(), "the extraction calibrates every layer");
     assert_eq!((info.name.as_str(), info.trait_name.as_str()), ("e2e-pirate", "pirate"));
     assert_eq!(info.kind, pb::VectorKind::ResponseAvg as i32);
     assert_eq!(info.row_norms.len(), n_rows());

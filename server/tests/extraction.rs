@@ -17,6 +17,7 @@ const Q_TRAIT: &str = "What is your favourite colour?";
 const Q_PLAIN: &str = "How do I boil an egg?";
 const Q_GIBBERISH: &str = "Name a city in France.";
 const Q_UNSCORABLE: &str = "Which season do you like best?";
+const Q_BROKEN: &str = "What is under your bed?";
 const JUDGE_KEY: &str = "test-key";
 
 /// What the fake judge saw.
@@ -28,8 +29,11 @@ struct JudgeLog {
 }
 
 /// A minimal OpenAI-compatible chat-completions endpoint on a loopback port. Trait prompts score
-/// 90 for Q_TRAIT, 10 for Q_PLAIN, no number at all for Q_UNSCORABLE and 55 otherwise; coherence
-/// is 20 for Q_GIBBERISH, else 70; a request to write a trait gets a small JSON definition.
+/// 10 for Q_PLAIN, no number at all for Q_UNSCORABLE, HTTP 500 for Q_BROKEN and 55 otherwise;
+/// for Q_TRAIT the reply text says 10 but its first-token log-probabilities put 0.5 on "90", 0.4
+/// on "70" and 0.1 on "Sure" (score (45 + 28) / 0.9 = 81.1, so a judge reading log-probabilities
+/// keeps the positive answer). Coherence is 20 for Q_GIBBERISH, else 70; a request to write a
+/// trait gets a small JSON definition.
 fn fake_judge() -> (String, Arc<JudgeLog>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -46,6 +50,12 @@ fn fake_judge() -> (String, Arc<JudgeLog>) {
             let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             seen.models.lock().unwrap().push(req["model"].as_str().unwrap_or_default().to_string());
             let prompt = req["messages"][0]["content"].as_str().unwrap_or_default();
+            let is_trait_prompt = !prompt.contains("checking whether an answer");
+            if is_trait_prompt && prompt.contains(Q_BROKEN) {
+                let _ = write!(s, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nConnection: close\r\n\r\noops");
+                continue;
+            }
+            let wants_logprobs = req["logprobs"] == true && req["top_logprobs"] == 20;
             let reply = if prompt.contains("Write material") {
                 serde_json::json!({
                     "instruction": [{"pos": "Complain about everything.", "neg": "Accept things calmly."}],
@@ -56,7 +66,7 @@ fn fake_judge() -> (String, Arc<JudgeLog>) {
             } else if prompt.contains("checking whether an answer") {
                 (if prompt.contains(Q_GIBBERISH) { "20" } else { "70" }).to_string()
             } else if prompt.contains(Q_TRAIT) {
-                "90".into()
+                "10".into()
             } else if prompt.contains(Q_PLAIN) {
                 "10".into()
             } else if prompt.contains(Q_UNSCORABLE) {
@@ -64,9 +74,14 @@ fn fake_judge() -> (String, Arc<JudgeLog>) {
             } else {
                 "55".into()
             };
-            let body =
-                serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]})
-                    .to_string();
+            let mut choice = serde_json::json!({"index": 0, "message": {"role": "assistant", "content": reply}});
+            if is_trait_prompt && prompt.contains(Q_TRAIT) && wants_logprobs {
+                let top = [("90", 0.5f64), ("70", 0.4), ("Sure", 0.1)]
+                    .map(|(t, p)| serde_json::json!({"token": t, "logprob": p.ln()}));
+                choice["logprobs"] =
+                    serde_json::json!({"content": [{"token": "90", "logprob": 0.5f64.ln(), "top_logprobs": top}]});
+            }
+            let body = serde_json::json!({"choices": [choice]}).to_string();
             let _ = write!(
                 s,
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -225,7 +240,7 @@ async fn the_judge_filters_rollouts_by_trait_and_coherence() {
             pos: "Complain about every detail.".into(),
             neg: "Be easygoing.".into(),
         }],
-        questions: vec![Q_TRAIT.into(), Q_PLAIN.into(), Q_GIBBERISH.into(), Q_UNSCORABLE.into()],
+        questions: vec![Q_TRAIT.into(), Q_PLAIN.into(), Q_GIBBERISH.into(), Q_UNSCORABLE.into(), Q_BROKEN.into()],
         eval_questions: vec![],
         eval_prompt: "Trait check.\nQuestion: {question}\nAnswer: {answer}\nScore 0-100.".into(),
     };
@@ -238,15 +253,26 @@ async fn the_judge_filters_rollouts_by_trait_and_coherence() {
         ..Default::default()
     };
     let r = extract(&mut c, req.clone()).await.unwrap();
-    // Positive kept: Q_TRAIT only (Q_PLAIN scores 10 on the trait, Q_GIBBERISH is incoherent,
-    // Q_UNSCORABLE gets no score). Negative kept: Q_PLAIN only.
-    assert_eq!((r.rollouts, r.kept_pos, r.kept_neg), (8, 1, 1));
+    // Positive kept: Q_TRAIT only (scored 81 from its log-probabilities, though its text says 10;
+    // Q_PLAIN scores 10 on the trait, Q_GIBBERISH is incoherent, Q_UNSCORABLE gets no score and
+    // Q_BROKEN no answer). Negative kept: Q_PLAIN only.
+    assert_eq!((r.rollouts, r.kept_pos, r.kept_neg), (10, 1, 1));
+    let counts = r.judge.clone().expect("judged extractions report their counts");
+    assert_eq!(
+        (counts.kept, counts.trait_mismatch, counts.incoherent, counts.refusal, counts.not_a_score, counts.request_failed),
+        (2, 2, 2, 0, 2, 2),
+        "{counts:?}"
+    );
+    // Trait scores of Q_TRAIT's two rollouts from log-probabilities; every other score from text.
+    assert_eq!((counts.scored_from_logprobs, counts.scored_from_text), (2, 10), "{counts:?}");
     assert!(r.filtering.starts_with("judged by `fake-judge`"), "{}", r.filtering);
     let v = r.vector.unwrap();
     assert!(v.description.contains("over 1 positive and 1 negative"), "{}", v.description);
     assert!(v.description.contains("too few for a held-out split"), "{}", v.description);
     let judge = &shared().judge;
-    assert_eq!(judge.requests.load(Ordering::SeqCst) - before, 16, "a trait and a coherence score per rollout");
+    // A trait and a coherence request per scored rollout (8 + 6: no coherence asked where the
+    // trait reply had no score), and two tries for each of Q_BROKEN's two rollouts.
+    assert_eq!(judge.requests.load(Ordering::SeqCst) - before, 18);
     assert_eq!(judge.unauthorized.load(Ordering::SeqCst), 0, "the API key is sent");
     assert!(judge.models.lock().unwrap().iter().all(|m| m == "fake-judge"));
 
@@ -256,10 +282,60 @@ async fn the_judge_filters_rollouts_by_trait_and_coherence() {
     let e = extract(&mut c, strict).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("2 positive and 0 negative"), "{}", e.message());
+    assert!(e.message().contains("dropped: 2 trait score on the wrong side"), "the reasons are given: {}", e.message());
+    assert!(e.message().contains("2 reply not a score, 2 request failed"), "{}", e.message());
     let missing = c.get_vector(pb::GetVectorRequest { name: "fussy-strict".into(), include_values: false }).await;
     assert_eq!(missing.unwrap_err().code(), Code::NotFound);
     let bad = pb::ExtractVectorRequest { trait_threshold: 101.0, ..req };
     assert_eq!(c.extract_vector(bad).await.unwrap_err().code(), Code::InvalidArgument);
+}
+
+/// An evaluation on a server with a judge scores every answer through it (the fake judge gives
+/// each eval answer 55 for the trait and 70 for coherence), so no coefficient gains anything.
+#[tokio::test]
+async fn an_evaluation_scores_through_the_judge_and_counts_its_replies() {
+    let mut c = client().await;
+    let req = pb::ExtractVectorRequest {
+        name: "judged-eval".into(),
+        trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("humorous".into())),
+        max_pairs: 2,
+        max_questions: 5,
+        sampling: sampling(8),
+        skip_judge: true,
+        overwrite: true,
+        ..Default::default()
+    };
+    extract(&mut c, req).await.unwrap();
+    let eval = |skip_judge| pb::EvaluateSteeringRequest {
+        vector: "judged-eval".into(),
+        layers: vec![10],
+        coefficients: vec![1.0],
+        max_questions: 2,
+        sampling: sampling(8),
+        skip_judge,
+        ..Default::default()
+    };
+    let run = async |c: &mut Client, req| {
+        let mut s = c.evaluate_steering(req).await.unwrap().into_inner();
+        loop {
+            match s.message().await.unwrap().expect("a result").event.unwrap() {
+                pb::evaluate_steering_response::Event::Result(r) => break r,
+                pb::evaluate_steering_response::Event::Progress(_) => {}
+            }
+        }
+    };
+    let before = shared().judge.requests.load(Ordering::SeqCst);
+    let r = run(&mut c, eval(false)).await;
+    assert_eq!(r.scorer, "judge `fake-judge`");
+    assert_eq!(shared().judge.requests.load(Ordering::SeqCst) - before, 8, "trait and coherence for 4 answers");
+    let counts = r.judge.unwrap();
+    assert_eq!((counts.kept, counts.scored_from_text, counts.scored_from_logprobs), (4, 8, 0));
+    let cell = &r.cells[0];
+    assert_eq!((cell.trait_score, cell.coherence, cell.answers), (55.0, 70.0, 2));
+    assert!(r.recommendation.is_none() && !r.stored);
+    assert!(r.note.contains("no positive coefficient raised the trait score"), "{}", r.note);
+    let offline = run(&mut c, eval(true)).await;
+    assert!(offline.scorer.starts_with("offline") && offline.judge.is_none());
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Running, settings, start};
+use common::{Running, start_with_extraction};
 use persona_client::{Client, chat, generate_text, message, pb};
 use persona_server::steering::separation::auroc;
 use std::net::SocketAddr;
@@ -14,26 +14,12 @@ use tonic::Code;
 fn shared() -> SocketAddr {
     static S: OnceLock<(SocketAddr, Mutex<Running>, tempfile::TempDir)> = OnceLock::new();
     S.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let running = start(settings(dir.path()));
-        let addr = running.addr;
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                let mut c = persona_client::connect(&addr.to_string()).await.unwrap();
-                let req = pb::ExtractVectorRequest {
-                    trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("evil".into())),
-                    max_questions: 10,
-                    sampling: Some(pb::SamplingParams { max_tokens: 32, ..Default::default() }),
-                    ..Default::default()
-                };
-                let mut s = c.extract_vector(req).await.unwrap().into_inner();
-                while s.message().await.unwrap().is_some() {}
-            });
+        start_with_extraction(pb::ExtractVectorRequest {
+            trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("evil".into())),
+            max_questions: 10,
+            sampling: Some(pb::SamplingParams { max_tokens: 32, ..Default::default() }),
+            ..Default::default()
         })
-        .join()
-        .unwrap();
-        (addr, Mutex::new(running), dir)
     })
     .0
 }
@@ -63,6 +49,7 @@ async fn answers_written_under_evil_prompts_project_higher_than_helpful_ones() {
     let mut c = client().await;
     let t = evil_trait(&mut c).await;
     let (mut pos, mut neg) = (vec![Vec::new(); 3], vec![Vec::new(); 3]);
+    let (mut pos_cal, mut neg_cal) = (Vec::new(), Vec::new());
     for (qi, q) in t.eval_questions[..10].iter().enumerate() {
         let pair = &t.instruction[qi % t.instruction.len()];
         for (evil_side, system) in [
@@ -88,6 +75,8 @@ async fn answers_written_under_evil_prompts_project_higher_than_helpful_ones() {
                 .unwrap()
                 .into_inner();
             let (a, b) = (&alone.projections[0], &in_context.projections[0]);
+            assert!(a.calibrated && a.uncalibrated_reason.is_empty(), "extracted vectors carry a calibration");
+            if evil_side { &mut pos_cal } else { &mut neg_cal }.push(a.response_avg_calibrated);
             let side = if evil_side { &mut pos } else { &mut neg };
             for (i, v) in [a.response_avg, b.response_avg, b.prompt_last].into_iter().enumerate() {
                 side[i].push(v);
@@ -100,6 +89,13 @@ async fn answers_written_under_evil_prompts_project_higher_than_helpful_ones() {
          last prompt token {:.3}",
         aurocs[0], aurocs[1], aurocs[2]
     );
+    let mean = |x: &[f32]| x.iter().sum::<f32>() / x.len() as f32;
+    println!(
+        "calibrated answer scores (0 = helpful rollouts, 100 = evil rollouts): evil instructions {:.1}, helpful {:.1}",
+        mean(&pos_cal),
+        mean(&neg_cal)
+    );
+    assert!(mean(&pos_cal) > mean(&neg_cal), "{pos_cal:?} vs {neg_cal:?}");
     assert!(aurocs[0] > 0.55, "answer alone: {}", aurocs[0]);
     assert!(aurocs[1] >= 0.7, "answer in context: {}", aurocs[1]);
     assert!(aurocs[2] >= 0.85, "last prompt token: {}", aurocs[2]);
@@ -121,14 +117,19 @@ async fn generate_streams_monitor_scores_that_match_projections() {
     };
     let mut stream = c.generate(req(None)).await.unwrap().into_inner();
     let (mut scores, mut ids, mut text, mut prompt_scores, mut summary) = (vec![], vec![], String::new(), None, None);
+    let (mut calibrated, mut prompt_calibrated) = (Vec::new(), None);
     while let Some(m) = stream.message().await.unwrap() {
         if prompt_scores.is_none() {
             prompt_scores = Some(m.prompt_scores.clone());
+            prompt_calibrated = Some(m.prompt_scores_calibrated.clone());
         } else {
             assert!(m.prompt_scores.is_empty(), "prompt scores come with the first message only");
         }
         if !m.token_ids.is_empty() {
             assert_eq!(m.scores.len(), 2, "one score per monitor with every token");
+            assert_eq!(m.calibrated_scores.len(), 2);
+            assert!(m.calibrated_scores.iter().all(|c| c.is_finite()), "{:?}", m.calibrated_scores);
+            calibrated.push(m.calibrated_scores.clone());
             scores.push(m.scores);
             ids.extend(m.token_ids);
         }
@@ -157,8 +158,26 @@ async fn generate_streams_monitor_scores_that_match_projections() {
     let n_prompt = r.prompt_tokens as usize;
     assert_eq!(r.tokens.len(), n_prompt + r.response_tokens as usize);
     let layer = r.projections[0].layer;
+    let info = c.get_vector(pb::GetVectorRequest { name: "evil".into(), include_values: false }).await.unwrap();
+    let info = info.into_inner().info.unwrap();
+    assert_eq!(info.calibration.len(), 31, "every residual layer is calibrated");
     for (m, p) in r.projections.iter().enumerate() {
         assert_eq!(p.per_token.len(), r.tokens.len());
+        // The calibrated readings are the raw ones on the vector's scales at that layer.
+        let cal = info.calibration.iter().find(|x| x.layer == p.layer).unwrap();
+        let scale = |s: &Option<pb::ScaleCalibration>, raw: f32| {
+            let s = s.as_ref().unwrap();
+            let (neg, pos) = (s.neg.as_ref().unwrap().mean, s.pos.as_ref().unwrap().mean);
+            100.0 * (raw - neg) / (pos - neg)
+        };
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-2 * b.abs().max(1.0);
+        assert!(close(p.prompt_last_calibrated, scale(&cal.prompt_last, p.prompt_last)));
+        assert!(close(p.response_avg_calibrated, scale(&cal.response, p.response_avg)));
+        assert!(close(p.prompt_avg_calibrated, scale(&cal.response, p.prompt_avg)));
+        assert_eq!(p.per_token_calibrated.len(), p.per_token.len());
+        assert!(close(p.per_token_calibrated[3], scale(&cal.response, p.per_token[3])));
+        assert!(close(prompt_calibrated.as_ref().unwrap()[m], scale(&cal.prompt_last, prompt_scores[m])));
+        assert!(close(calibrated[0][m], scale(&cal.response, prompt_scores[m])), "per-token scores use the response scale");
         assert!((p.prompt_last - p.per_token[n_prompt - 1]).abs() < 1e-3);
         assert!((prompt_scores[m] - p.prompt_last).abs() < 1e-2, "{} vs {}", prompt_scores[m], p.prompt_last);
     }
@@ -187,6 +206,23 @@ async fn generate_streams_monitor_scores_that_match_projections() {
     assert!((s.monitors[0].mean - mean).abs() < 1e-3);
     assert_eq!(s.monitors[0].max, evil_scores.iter().copied().fold(f32::MIN, f32::max));
     assert!(!s.monitors[0].alert && s.monitors[0].first_alert_token == -1);
+    let evil_calibrated: Vec<f32> = calibrated.iter().map(|s| s[0]).collect();
+    assert!(s.monitors[0].calibrated);
+    let mean_calibrated = evil_calibrated.iter().sum::<f32>() / evil_calibrated.len() as f32;
+    assert!((s.monitors[0].mean_calibrated - mean_calibrated).abs() < 1e-2);
+    assert_eq!(s.monitors[0].prompt_last_calibrated, prompt_calibrated.as_ref().unwrap()[0]);
+
+    // A calibrated threshold just under the first token's calibrated score alerts from token 0;
+    // one above every calibrated score never does.
+    let calibrated_req = |t| pb::GenerateRequest { alert_threshold_calibrated: Some(t), ..req(None) };
+    let out = generate_text(&mut c, calibrated_req(evil_calibrated[0] - 0.01)).await.unwrap();
+    let m = &out.summary.unwrap().monitors[0];
+    assert!(m.alert && m.first_alert_token == 0, "{m:?}");
+    let top = evil_calibrated.iter().copied().fold(f32::MIN, f32::max);
+    let out = generate_text(&mut c, calibrated_req(top + 1.0)).await.unwrap();
+    assert!(!out.summary.unwrap().monitors[0].alert);
+    let both = pb::GenerateRequest { alert_threshold_calibrated: Some(50.0), ..req(Some(1.0)) };
+    assert_eq!(c.generate(both).await.unwrap_err().code(), Code::InvalidArgument);
 
     // A threshold just under the last prompt token's score alerts from token 0.
     let out = generate_text(&mut c, req(Some(prompt_scores[0] - 0.01))).await.unwrap();
@@ -224,6 +260,43 @@ async fn monitor_stream_answers_every_item_by_id_and_survives_bad_ones() {
     let ok = seen.values().filter(|r| r.result.is_some()).count();
     assert_eq!(ok, 22);
     assert_eq!(seen["item-3"].result.as_ref().unwrap(), &expected);
+    assert!(expected.projections[0].calibrated, "monitor results carry calibrated scores");
+}
+
+#[tokio::test]
+async fn vectors_without_calibration_report_raw_scores_and_say_why() {
+    let mut c = client().await;
+    let values = persona_client::pseudo_random_vector(5, 31 * 576);
+    let put = pb::PutVectorRequest { name: "raw-only".into(), values, overwrite: true, ..Default::default() };
+    let info = c.put_vector(put).await.unwrap().into_inner().info.unwrap();
+    assert!(info.calibration.is_empty() && info.steering.is_none());
+    let target = vec![pb::ProjectionTarget { vector: "raw-only".into(), layer: Some(10) }];
+    let r = c
+        .project_activation(pb::ProjectActivationRequest {
+            conversation: conversation(vec![message("user", "Hello there")]),
+            response: "Hi! How can I help?".into(),
+            targets: target.clone(),
+            per_token: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let p = &r.projections[0];
+    assert!(!p.calibrated && p.per_token_calibrated.is_empty());
+    assert!(p.uncalibrated_reason.contains("has no calibration"), "{}", p.uncalibrated_reason);
+    assert!(p.response_avg != 0.0, "raw scores are still there");
+    let req = pb::GenerateRequest {
+        prompt: Some(chat("Hello", None)),
+        sampling: Some(pb::SamplingParams { max_tokens: 4, ..Default::default() }),
+        monitors: target.clone(),
+        ..Default::default()
+    };
+    let out = generate_text(&mut c, req.clone()).await.unwrap();
+    assert!(!out.summary.unwrap().monitors[0].calibrated);
+    let e = c.generate(pb::GenerateRequest { alert_threshold_calibrated: Some(60.0), ..req }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("raw-only") && e.message().contains("no calibration"), "{}", e.message());
 }
 
 /// Hand-written answers to the same prompts: malicious ones and ordinary helpful ones.
@@ -310,6 +383,8 @@ async fn screening_ranks_trait_laden_samples_above_neutral_ones() {
     for r in &ok {
         let s = &r.scores[0];
         assert!((s.difference - (s.sample_projection - s.own_projection)).abs() < 1e-4);
+        assert!(s.calibrated);
+        assert!((s.difference_calibrated - (s.sample_calibrated - s.own_calibrated)).abs() < 1e-2, "{s:?}");
         assert!(!r.own_response.is_empty());
     }
     ok.sort_by(|a, b| b.scores[0].difference.total_cmp(&a.scores[0].difference));

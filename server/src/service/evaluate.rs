@@ -5,7 +5,7 @@ use super::extract::{complete, tally_to_pb};
 use super::score::mean_logprob;
 use super::{AppState, ResponseStream, resolve, traits, vectors};
 use crate::error::{ServiceError, ServiceResult, invalid};
-use crate::judge::{Judge, Outcome, Tally, coherence_prompt};
+use crate::judge::{Judge, Tally, coherence_prompt};
 use crate::model::LoadedModel;
 use crate::model::chat::Message;
 use crate::model::sampling::SamplingConfig;
@@ -26,9 +26,10 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-/// The sweep's coefficients when the request gives none (0, the baseline, always runs).
-pub const DEFAULT_COEFFICIENTS: [f32; 8] = [-2.0, -1.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0];
-const DEFAULT_QUESTIONS: usize = 10;
+/// The sweep's coefficients when the request gives none (0, the baseline, always runs): half steps
+/// up to 2, where deep layers of a small model already lose coherence, then wider ones to 8.
+pub const DEFAULT_COEFFICIENTS: [f32; 10] = [-2.0, -1.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0];
+const DEFAULT_QUESTIONS: usize = 8;
 const DEFAULT_ANSWER_TOKENS: usize = 48;
 const DEFAULT_COHERENCE_FRACTION: f32 = 0.8;
 const DEFAULT_MULTIPLIERS: [f32; 5] = [-2.0, -1.0, 0.0, 1.0, 2.0];
@@ -100,7 +101,9 @@ struct Ask {
 
 impl Answerer {
     fn new(engine: EngineHandle, monitoring: usize, judging: Judging, sampling: resolve::Sampling) -> Self {
-        let permits = Arc::new(Semaphore::new(engine.max_batch()));
+        // Twice a batch: while some answers are in their read-back pass, others keep the decode
+        // batch full (the engine queues the rest).
+        let permits = Arc::new(Semaphore::new(2 * engine.max_batch()));
         Self { engine, monitoring, judging, max_tokens: sampling.max_tokens, sampling: sampling.config, permits }
     }
 
@@ -174,16 +177,16 @@ impl Answerer {
                     let judge = judge.clone();
                     tasks.spawn(async move {
                         let [t, c] = prompts;
-                        let t = judge.rate(t).await;
-                        let c = match t {
-                            Outcome::Score { .. } => judge.rate(c).await,
-                            _ => t.clone(),
-                        };
+                        let (t, c) = judge.rate_answer(t, c).await;
                         (i, t, c)
                     });
                 }
                 let mut out = vec![None; readings.len()];
-                while let Some(Ok((i, t, c))) = tasks.join_next().await {
+                while let Some(joined) = tasks.join_next().await {
+                    let Ok((i, t, c)) = joined else {
+                        tally.request_failed += 1;
+                        continue;
+                    };
                     match (tally.read(&t), tally.read(&c)) {
                         (Some(t), Some(c)) => {
                             tally.kept += 1;

@@ -417,12 +417,7 @@ impl Job {
             let judge = judge.clone();
             tasks.spawn(async move {
                 let [t, c] = prompts;
-                let trait_score = judge.rate(t).await;
-                // A trait reply without a score drops the answer already; no need to ask more.
-                let coherence = match trait_score {
-                    Outcome::Score { .. } => judge.rate(c).await,
-                    _ => trait_score.clone(),
-                };
+                let (trait_score, coherence) = judge.rate_answer(t, c).await;
                 (i, trait_score, coherence)
             });
         }

@@ -89,3 +89,24 @@ pub fn start(settings: Settings) -> Running {
     };
     Running { addr, shutdown: Some(shutdown_tx), done }
 }
+
+/// A server with one vector extracted before any test runs (each test binary keeps its own in a
+/// `OnceLock`): the address, the running server and its vector directory.
+pub fn start_with_extraction(
+    req: persona_client::pb::ExtractVectorRequest,
+) -> (SocketAddr, std::sync::Mutex<Running>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(settings(dir.path()));
+    let addr = running.addr;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut c = persona_client::connect(&addr.to_string()).await.unwrap();
+            let mut s = c.extract_vector(req).await.unwrap().into_inner();
+            while s.message().await.unwrap().is_some() {}
+        });
+    })
+    .join()
+    .unwrap();
+    (addr, std::sync::Mutex::new(running), dir)
+}
