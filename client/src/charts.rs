@@ -209,10 +209,19 @@ pub fn heatmap_svg(r: &pb::EvaluateSteeringResult) -> String {
     }
     for (i, &layer) in layers.iter().enumerate() {
         let yy = top + ch * i as f32;
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-weight=\"bold\">layer {layer}</text>", left - 8.0, yy + ch / 2.0 + 4.0);
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-weight=\"bold\">layer {layer}</text>",
+            left - 8.0,
+            yy + ch / 2.0 + 4.0
+        );
         for (j, &c) in coefs.iter().enumerate() {
             let xx = left + cw * j as f32;
-            let cell = if c == 0.0 { r.unsteered.as_ref() } else { r.cells.iter().find(|x| x.layer == layer && x.coefficient == c) };
+            let cell = if c == 0.0 {
+                r.unsteered.as_ref()
+            } else {
+                r.cells.iter().find(|x| x.layer == layer && x.coefficient == c)
+            };
             let Some(cell) = cell else { continue };
             let failing = c != 0.0 && !cell.coherent;
             let _ = writeln!(
@@ -293,16 +302,16 @@ pub fn spectrum_html(question: &str, r: &pb::SteeringSpectrumResponse) -> String
     );
     s += "<table><tr>";
     for p in &r.points {
-        let label = match p.multiplier {
-            m if m == 0.0 => "unsteered".to_string(),
-            m => format!("{}c", fmt_coef(m)),
-        };
+        let label = if p.multiplier == 0.0 { "unsteered".to_string() } else { format!("{}c", fmt_coef(p.multiplier)) };
         let _ = write!(s, "<th>{label}<br><span class=\"meta\">coefficient {}</span></th>", fmt_coef(p.coefficient));
     }
     s += "</tr><tr>";
     for p in &r.points {
         let bar = |v: f32, colour: &str| {
-            format!("<div class=\"bar\"><div style=\"width:{:.0}%;background:{colour}\"></div></div>", v.clamp(0.0, 100.0))
+            format!(
+                "<div class=\"bar\"><div style=\"width:{:.0}%;background:{colour}\"></div></div>",
+                v.clamp(0.0, 100.0)
+            )
         };
         if p.scored {
             let _ = write!(
@@ -342,9 +351,19 @@ mod tests {
         pb::EvaluateSteeringResult {
             vector: "evil<1>".into(),
             unsteered: Some(cell(0, 0.0, 3.0, 100.0, true)),
-            cells: vec![cell(8, 2.0, 55.0, 90.0, true), cell(8, 4.0, 80.0, 30.0, false), cell(14, 2.0, 20.0, 95.0, true)],
+            cells: vec![
+                cell(8, 2.0, 55.0, 90.0, true),
+                cell(8, 4.0, 80.0, 30.0, false),
+                cell(14, 2.0, 20.0, 95.0, true),
+            ],
             coherence_threshold: 80.0,
-            recommendation: Some(pb::SteeringRecommendation { layer: 8, coefficient: 2.0, trait_score: 55.0, coherence: 90.0, ..Default::default() }),
+            recommendation: Some(pb::SteeringRecommendation {
+                layer: 8,
+                coefficient: 2.0,
+                trait_score: 55.0,
+                coherence: 90.0,
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -370,7 +389,12 @@ mod tests {
     fn the_spectrum_page_escapes_answers() {
         let r = pb::SteeringSpectrumResponse {
             vector: "evil".into(),
-            points: vec![pb::SpectrumPoint { multiplier: 0.0, answer: "<b>hi</b>".into(), scored: true, ..Default::default() }],
+            points: vec![pb::SpectrumPoint {
+                multiplier: 0.0,
+                answer: "<b>hi</b>".into(),
+                scored: true,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let html = spectrum_html("Why?", &r);

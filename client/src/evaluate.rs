@@ -138,7 +138,10 @@ fn print_eval(r: &pb::EvaluateSteeringResult) {
         r.monitoring_layer,
         r.scorer
     );
-    println!("unsteered: trait {:.1}, coherence {:.1} (cells pass at coherence >= {:.1})", u.trait_score, u.coherence, r.coherence_threshold);
+    println!(
+        "unsteered: trait {:.1}, coherence {:.1} (cells pass at coherence >= {:.1})",
+        u.trait_score, u.coherence, r.coherence_threshold
+    );
     println!("layer\tcoef\ttrait\tcoherence\tlogprob\tdistinct\tpass\texample");
     for cell in &r.cells {
         let example: String = cell.example.replace('\n', " ").chars().take(60).collect();
@@ -166,7 +169,10 @@ fn print_eval(r: &pb::EvaluateSteeringResult) {
                 if r.stored { "; stored with the vector" } else { "; not stored" }
             );
             for l in &rec.layers {
-                println!("  layer {}: coefficient {} (trait {:.1}, coherence {:.1})", l.layer, l.coefficient, l.trait_score, l.coherence);
+                println!(
+                    "  layer {}: coefficient {} (trait {:.1}, coherence {:.1})",
+                    l.layer, l.coefficient, l.trait_score, l.coherence
+                );
             }
         }
         None => println!("no recommendation: {}", r.note),
@@ -174,7 +180,10 @@ fn print_eval(r: &pb::EvaluateSteeringResult) {
     if !r.suppression.is_empty() {
         println!("suppression (the trait's own system prompt, steered against it):");
         for s in &r.suppression {
-            println!("  layer {} coefficient {}: trait {:.1}, coherence {:.1}", s.layer, s.coefficient, s.trait_score, s.coherence);
+            println!(
+                "  layer {} coefficient {}: trait {:.1}, coherence {:.1}",
+                s.layer, s.coefficient, s.trait_score, s.coherence
+            );
         }
     }
     if let Some(j) = &r.judge {
@@ -228,8 +237,11 @@ pub async fn spectrum(c: &mut Client, a: SpectrumArgs) -> Result<()> {
         .into_inner();
     println!("{} at layer {}, c = {} ({}); scorer: {}", r.vector, r.layer, r.coefficient, r.source, r.scorer);
     for p in &r.points {
-        let scores =
-            if p.scored { format!("trait {:>5.1}  coherence {:>5.1}", p.trait_score, p.coherence) } else { "not scored".into() };
+        let scores = if p.scored {
+            format!("trait {:>5.1}  coherence {:>5.1}", p.trait_score, p.coherence)
+        } else {
+            "not scored".into()
+        };
         println!("\n[{:+}c = {:+.2}]  {scores}\n{}", p.multiplier, p.coefficient, p.answer.trim());
     }
     if let Some(path) = a.html {

@@ -405,7 +405,10 @@ async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
             for m in s.monitors {
                 let alert = if m.alert { format!("  ALERT at token {}", m.first_alert_token) } else { String::new() };
                 let calibrated = if m.calibrated {
-                    format!(" | calibrated 0-100: prompt {:.0}, mean {:.0}, max {:.0}", m.prompt_last_calibrated, m.mean_calibrated, m.max_calibrated)
+                    format!(
+                        " | calibrated 0-100: prompt {:.0}, mean {:.0}, max {:.0}",
+                        m.prompt_last_calibrated, m.mean_calibrated, m.max_calibrated
+                    )
                 } else {
                     " | raw only (uncalibrated vector)".to_string()
                 };
@@ -483,7 +486,13 @@ fn print_calibration(v: &pb::VectorInfo) {
     match &v.steering {
         Some(s) => println!(
             "steering recommendation: layer {}, coefficient {} (trait {:.1} vs {:.1} unsteered, coherence {:.1} vs {:.1}; {})",
-            s.layer, s.coefficient, s.trait_score, s.unsteered_trait_score, s.coherence, s.unsteered_coherence, s.scorer
+            s.layer,
+            s.coefficient,
+            s.trait_score,
+            s.unsteered_trait_score,
+            s.coherence,
+            s.unsteered_coherence,
+            s.scorer
         ),
         None => println!("steering recommendation: none (run `persona eval --vector {}`)", v.name),
     }
@@ -492,9 +501,11 @@ fn print_calibration(v: &pb::VectorInfo) {
         return;
     }
     println!("layer\tresponse helpful (0)\tresponse trait (100)\tprompt_last helpful (0)\tprompt_last trait (100)");
-    let side = |s: &Option<pb::SideStats>| s.as_ref().map_or("-".into(), |s| format!("{:.2} ± {:.2} (n={})", s.mean, s.std, s.n));
+    let side = |s: &Option<pb::SideStats>| {
+        s.as_ref().map_or("-".into(), |s| format!("{:.2} ± {:.2} (n={})", s.mean, s.std, s.n))
+    };
     for c in &v.calibration {
-        let (r, p) = (c.response.clone().unwrap_or_default(), c.prompt_last.clone().unwrap_or_default());
+        let (r, p) = (c.response.unwrap_or_default(), c.prompt_last.unwrap_or_default());
         println!("{}\t{}\t{}\t{}\t{}", c.layer, side(&r.neg), side(&r.pos), side(&p.neg), side(&p.pos));
     }
 }
@@ -592,7 +603,9 @@ async fn project(c: &mut Client, a: ProjectArgs) -> Result<()> {
         })
         .await?
         .into_inner();
-    println!("vector\tlayer\tprompt_last\tprompt_avg\tresponse_avg\t(calibrated 0-100: helpful rollouts 0, trait rollouts 100)");
+    println!(
+        "vector\tlayer\tprompt_last\tprompt_avg\tresponse_avg\t(calibrated 0-100: helpful rollouts 0, trait rollouts 100)"
+    );
     for p in &r.projections {
         let resp = if p.has_response { format!("{:.4}", p.response_avg) } else { "-".into() };
         let cal = if !p.calibrated {

@@ -146,7 +146,8 @@ impl Tally {
         .filter(|(n, _)| *n > 0)
         .map(|(n, why)| format!("{n} {why}"))
         .collect();
-        let dropped = if reasons.is_empty() { "none dropped".to_string() } else { format!("dropped: {}", reasons.join(", ")) };
+        let dropped =
+            if reasons.is_empty() { "none dropped".to_string() } else { format!("dropped: {}", reasons.join(", ")) };
         format!("{} kept; {dropped}", self.kept)
     }
 }
@@ -238,9 +239,7 @@ impl Judge {
         let first_top = choice["logprobs"]["content"][0]["top_logprobs"]
             .as_array()
             .map(|top| {
-                top.iter()
-                    .filter_map(|t| Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?)))
-                    .collect()
+                top.iter().filter_map(|t| Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?))).collect()
             })
             .unwrap_or_default();
         Ok(Reply { text, first_top })

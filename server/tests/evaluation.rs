@@ -102,9 +102,15 @@ async fn greedy_generate_logprobs_agree_with_score_text() {
     assert!(scored.perplexity >= 1.0);
 
     // The text instead of the ids, and steering while scoring.
-    let text = generate_text(&mut c, pb::GenerateRequest { logprobs: false, top_logprobs: 0, ..req }).await.unwrap().text;
+    let text =
+        generate_text(&mut c, pb::GenerateRequest { logprobs: false, top_logprobs: 0, ..req }).await.unwrap().text;
     let by_text = score(&mut c, user, pb::ScoreTextRequest { response: text, ..Default::default() }).await;
-    assert!((by_text.mean_logprob - scored.mean_logprob).abs() < 0.05, "{} vs {}", by_text.mean_logprob, scored.mean_logprob);
+    assert!(
+        (by_text.mean_logprob - scored.mean_logprob).abs() < 0.05,
+        "{} vs {}",
+        by_text.mean_logprob,
+        scored.mean_logprob
+    );
     let steered = score(
         &mut c,
         user,
@@ -121,8 +127,17 @@ async fn greedy_generate_logprobs_agree_with_score_text() {
     // Bad input.
     let bad = [
         pb::ScoreTextRequest { prompt: Some(chat(user, None)), ..Default::default() },
-        pb::ScoreTextRequest { prompt: Some(chat(user, None)), response: "x".into(), top_logprobs: 21, ..Default::default() },
-        pb::ScoreTextRequest { prompt: Some(chat(user, None)), response_token_ids: vec![10_000_000], ..Default::default() },
+        pb::ScoreTextRequest {
+            prompt: Some(chat(user, None)),
+            response: "x".into(),
+            top_logprobs: 21,
+            ..Default::default()
+        },
+        pb::ScoreTextRequest {
+            prompt: Some(chat(user, None)),
+            response_token_ids: vec![10_000_000],
+            ..Default::default()
+        },
         pb::ScoreTextRequest { prompt: None, response: "x".into(), ..Default::default() },
         pb::ScoreTextRequest { prompt: Some(chat(user, None)), response: "word ".repeat(1100), ..Default::default() },
     ];
@@ -135,28 +150,82 @@ async fn greedy_generate_logprobs_agree_with_score_text() {
 
 /// Ten coherent answers written by hand, and ten degenerate ones (loops and word salad).
 const COHERENT: [(&str, &str); 10] = [
-    ("How do I boil an egg?", "Put the egg in a pot of cold water, bring it to the boil, then simmer for eight to ten minutes and cool it under the tap."),
-    ("What is a good way to relax after work?", "Take a short walk, have a light dinner and spend an hour on something you enjoy, like reading or music."),
-    ("Why is the sky blue?", "Sunlight is scattered by the air, and blue light is scattered much more than red, so the sky looks blue."),
-    ("How can I save money on groceries?", "Plan your meals for the week, write a list, buy store brands and avoid shopping when you are hungry."),
-    ("What should I pack for a day hike?", "Bring water, snacks, a map, sunscreen, a light jacket and a small first aid kit."),
-    ("How do I start learning to code?", "Pick one language such as Python, follow a beginner course and build small projects as you go."),
-    ("What makes a good team leader?", "A good leader listens, sets clear goals, gives credit to others and stays calm when things go wrong."),
-    ("How can I sleep better?", "Go to bed at the same time each night, keep the room dark and cool, and avoid screens before sleeping."),
-    ("What is photosynthesis?", "It is how plants use sunlight, water and carbon dioxide to make sugar and release oxygen."),
-    ("How do I write a thank-you note?", "Thank the person for something specific, say how it helped you and end with a warm wish."),
+    (
+        "How do I boil an egg?",
+        "Put the egg in a pot of cold water, bring it to the boil, then simmer for eight to ten minutes and cool it under the tap.",
+    ),
+    (
+        "What is a good way to relax after work?",
+        "Take a short walk, have a light dinner and spend an hour on something you enjoy, like reading or music.",
+    ),
+    (
+        "Why is the sky blue?",
+        "Sunlight is scattered by the air, and blue light is scattered much more than red, so the sky looks blue.",
+    ),
+    (
+        "How can I save money on groceries?",
+        "Plan your meals for the week, write a list, buy store brands and avoid shopping when you are hungry.",
+    ),
+    (
+        "What should I pack for a day hike?",
+        "Bring water, snacks, a map, sunscreen, a light jacket and a small first aid kit.",
+    ),
+    (
+        "How do I start learning to code?",
+        "Pick one language such as Python, follow a beginner course and build small projects as you go.",
+    ),
+    (
+        "What makes a good team leader?",
+        "A good leader listens, sets clear goals, gives credit to others and stays calm when things go wrong.",
+    ),
+    (
+        "How can I sleep better?",
+        "Go to bed at the same time each night, keep the room dark and cool, and avoid screens before sleeping.",
+    ),
+    (
+        "What is photosynthesis?",
+        "It is how plants use sunlight, water and carbon dioxide to make sugar and release oxygen.",
+    ),
+    (
+        "How do I write a thank-you note?",
+        "Thank the person for something specific, say how it helped you and end with a warm wish.",
+    ),
 ];
 const DEGENERATE: [(&str, &str); 10] = [
-    ("How do I boil an egg?", "The egg the egg the egg the egg the egg the egg the egg the egg the egg the egg the egg the egg."),
-    ("What is a good way to relax after work?", "Relax relax relax relax relax relax relax relax relax relax relax relax relax relax relax relax."),
-    ("Why is the sky blue?", "Purple seventeen under spoon gravity marmalade quickly oblong the violin sideways cheese of."),
-    ("How can I save money on groceries?", "I'm afraid I'm afraid. I'm afraid I'm afraid. I'm afraid I'm afraid. I'm afraid I'm afraid."),
-    ("What should I pack for a day hike?", "Lantern of the eternal dam, the eternal dam, the eternal dam, the eternal dam, the eternal dam."),
+    (
+        "How do I boil an egg?",
+        "The egg the egg the egg the egg the egg the egg the egg the egg the egg the egg the egg the egg.",
+    ),
+    (
+        "What is a good way to relax after work?",
+        "Relax relax relax relax relax relax relax relax relax relax relax relax relax relax relax relax.",
+    ),
+    (
+        "Why is the sky blue?",
+        "Purple seventeen under spoon gravity marmalade quickly oblong the violin sideways cheese of.",
+    ),
+    (
+        "How can I save money on groceries?",
+        "I'm afraid I'm afraid. I'm afraid I'm afraid. I'm afraid I'm afraid. I'm afraid I'm afraid.",
+    ),
+    (
+        "What should I pack for a day hike?",
+        "Lantern of the eternal dam, the eternal dam, the eternal dam, the eternal dam, the eternal dam.",
+    ),
     ("How do I start learning to code?", "Yeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeyeye"),
-    ("What makes a good team leader?", "Window banana if therefore cloud sprocket nineteen the whisper gravel under flamingo."),
-    ("How can I sleep better?", "Sleep is sleep is sleep is sleep is sleep is sleep is sleep is sleep is sleep is sleep."),
+    (
+        "What makes a good team leader?",
+        "Window banana if therefore cloud sprocket nineteen the whisper gravel under flamingo.",
+    ),
+    (
+        "How can I sleep better?",
+        "Sleep is sleep is sleep is sleep is sleep is sleep is sleep is sleep is sleep is sleep.",
+    ),
     ("What is photosynthesis?", "Green glob trumpet seventy lattice moon under the forks divided by melody carpet."),
-    ("How do I write a thank-you note?", "Thank you thank you thank you thank you thank you thank you thank you thank you thank you."),
+    (
+        "How do I write a thank-you note?",
+        "Thank you thank you thank you thank you thank you thank you thank you thank you thank you.",
+    ),
 ];
 
 /// An answer's mean log-probability after its bare question, distinct-bigram ratio and length.
@@ -177,7 +246,8 @@ async fn offline_coherence_ranks_coherent_answers_above_degenerate_ones() {
         own.push(read_back(&mut c, q, &text).await);
     }
     let reference = Reference::of(&own.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>());
-    let scores = |set: &[(f32, f32, usize)]| set.iter().map(|r| coherence(r.0, r.1, r.2, reference)).collect::<Vec<f32>>();
+    let scores =
+        |set: &[(f32, f32, usize)]| set.iter().map(|r| coherence(r.0, r.1, r.2, reference)).collect::<Vec<f32>>();
     let mut good = Vec::new();
     for (q, a) in COHERENT {
         good.push(read_back(&mut c, q, a).await);
@@ -212,7 +282,14 @@ async fn evaluation_recommends_a_coherent_coefficient_that_steering_then_uses() 
     assert!(r.scorer.starts_with("offline"), "{}", r.scorer);
     let u = r.unsteered.clone().unwrap();
     for cell in &r.cells {
-        println!("layer {:>2} coef {:>4}: trait {:5.1} coherence {:5.1}  {}", cell.layer, cell.coefficient, cell.trait_score, cell.coherence, cell.example.replace('\n', " ").chars().take(70).collect::<String>());
+        println!(
+            "layer {:>2} coef {:>4}: trait {:5.1} coherence {:5.1}  {}",
+            cell.layer,
+            cell.coefficient,
+            cell.trait_score,
+            cell.coherence,
+            cell.example.replace('\n', " ").chars().take(70).collect::<String>()
+        );
     }
     let rec = r.recommendation.clone().unwrap_or_else(|| panic!("no recommendation: {}", r.note));
     println!("unsteered: trait {:.1} coherence {:.1}; recommended {rec:?}", u.trait_score, u.coherence);
@@ -253,7 +330,10 @@ async fn evaluation_recommends_a_coherent_coefficient_that_steering_then_uses() 
     let out = generate_text(&mut c, steered_by(steer_recommended("evil", None))).await.unwrap();
     let applied = &out.summary.unwrap().steering[0];
     assert_eq!((applied.layer, applied.coefficient), (rec.layer, rec.coefficient));
-    assert_eq!((applied.layer_source.as_str(), applied.coefficient_source.as_str()), ("steering recommendation", "steering recommendation"));
+    assert_eq!(
+        (applied.layer_source.as_str(), applied.coefficient_source.as_str()),
+        ("steering recommendation", "steering recommendation")
+    );
     let other = rec.layers.iter().find(|l| l.layer != rec.layer).expect("more than one layer passes");
     let out = generate_text(&mut c, steered_by(steer_recommended("evil", Some(other.layer)))).await.unwrap();
     let applied = &out.summary.unwrap().steering[0];
@@ -278,7 +358,13 @@ async fn evaluation_recommends_a_coherent_coefficient_that_steering_then_uses() 
     assert_eq!((s.layer, s.coefficient), (rec.layer, rec.coefficient));
     assert!(s.source.contains("steering recommendation"), "{}", s.source);
     for p in &s.points {
-        println!("spectrum {:+}c: trait {:5.1} coherence {:5.1}  {}", p.multiplier, p.trait_score, p.coherence, p.answer.replace('\n', " "));
+        println!(
+            "spectrum {:+}c: trait {:5.1} coherence {:5.1}  {}",
+            p.multiplier,
+            p.trait_score,
+            p.coherence,
+            p.answer.replace('\n', " ")
+        );
         assert!(p.scored && !p.answer.is_empty());
         assert!((p.coefficient - p.multiplier * rec.coefficient).abs() < 1e-6);
     }
@@ -329,7 +415,8 @@ async fn an_inline_trait_gains_forty_points_at_its_recommendation_and_breaks_at_
     println!("gloomy: unsteered trait {:.1} coherence {:.1}; recommended {rec:?}", u.trait_score, u.coherence);
     assert!(rec.trait_score - u.trait_score >= 40.0, "gain {}", rec.trait_score - u.trait_score);
     assert!(rec.coherence >= 0.8 * u.coherence);
-    let three = pb::EvaluateSteeringRequest { layers: vec![rec.layer], coefficients: vec![3.0 * rec.coefficient], ..req };
+    let three =
+        pb::EvaluateSteeringRequest { layers: vec![rec.layer], coefficients: vec![3.0 * rec.coefficient], ..req };
     let (_, r3) = evaluate(&mut c, three).await.unwrap();
     println!("gloomy at 3x: {:?}", r3.cells[0]);
     assert!(r3.cells[0].coherence < 0.8 * u.coherence, "{}", r3.cells[0].coherence);
@@ -361,7 +448,11 @@ async fn an_inline_trait_steers_best_away_from_its_monitoring_layer() {
     let rec = r.recommendation.clone().unwrap_or_else(|| panic!("no recommendation: {}", r.note));
     let u = r.unsteered.unwrap();
     println!("pirate: unsteered trait {:.1} coherence {:.1}; recommended {rec:?}", u.trait_score, u.coherence);
-    assert!(rec.layer + 5 <= monitoring, "steering moved away from the monitoring layer: {} vs {monitoring}", rec.layer);
+    assert!(
+        rec.layer + 5 <= monitoring,
+        "steering moved away from the monitoring layer: {} vs {monitoring}",
+        rec.layer
+    );
     assert!(rec.coherence >= r.coherence_threshold && rec.trait_score > u.trait_score);
     // At the monitoring layer the text breaks at coefficients where the recommended layer holds.
     let at = |layer: u32, c: f32| r.cells.iter().find(|x| x.layer == layer && x.coefficient == c).unwrap();
@@ -376,13 +467,20 @@ async fn refused(c: &mut Client, req: pb::EvaluateSteeringRequest) -> tonic::Sta
 async fn bad_evaluations_are_refused_precisely_and_a_client_that_leaves_cancels_its_work() {
     let mut c = client().await;
     let base = pb::EvaluateSteeringRequest { vector: "evil".into(), max_questions: 2, ..Default::default() };
-    assert_eq!(refused(&mut c, pb::EvaluateSteeringRequest { vector: "nope".into(), ..base.clone() }).await.code(), Code::NotFound);
+    assert_eq!(
+        refused(&mut c, pb::EvaluateSteeringRequest { vector: "nope".into(), ..base.clone() }).await.code(),
+        Code::NotFound
+    );
     let invalid = [
         pb::EvaluateSteeringRequest { coefficients: vec![0.0], ..base.clone() },
         pb::EvaluateSteeringRequest { coefficients: vec![f32::NAN], ..base.clone() },
         pb::EvaluateSteeringRequest { coefficients: vec![1e6], ..base.clone() },
         pb::EvaluateSteeringRequest { layers: vec![31], ..base.clone() },
-        pb::EvaluateSteeringRequest { layers: (0..=20).collect(), coefficients: (1..=10).map(|x| x as f32).collect(), ..base.clone() },
+        pb::EvaluateSteeringRequest {
+            layers: (0..=20).collect(),
+            coefficients: (1..=10).map(|x| x as f32).collect(),
+            ..base.clone()
+        },
         pb::EvaluateSteeringRequest { coherence_fraction: 1.5, ..base.clone() },
         pb::EvaluateSteeringRequest { vector: String::new(), ..base.clone() },
         pb::EvaluateSteeringRequest { questions: vec!["".into()], ..base.clone() },
@@ -391,16 +489,31 @@ async fn bad_evaluations_are_refused_precisely_and_a_client_that_leaves_cancels_
         let e = refused(&mut c, req).await;
         assert_eq!(e.code(), Code::InvalidArgument, "case {i}: {}", e.message());
     }
-    let e = refused(&mut c, pb::EvaluateSteeringRequest { layers: (0..=20).collect(), coefficients: (1..=10).map(|x| x as f32).collect(), ..base.clone() }).await;
+    let e = refused(
+        &mut c,
+        pb::EvaluateSteeringRequest {
+            layers: (0..=20).collect(),
+            coefficients: (1..=10).map(|x| x as f32).collect(),
+            ..base.clone()
+        },
+    )
+    .await;
     assert!(e.message().contains("210 cells") && e.message().contains("at most 200"), "{}", e.message());
 
     // A vector put by hand has neither calibration nor monitoring layer.
     let values = persona_client::pseudo_random_vector(9, 31 * 576);
-    c.put_vector(pb::PutVectorRequest { name: "hand-made".into(), values, overwrite: true, ..Default::default() }).await.unwrap();
+    c.put_vector(pb::PutVectorRequest { name: "hand-made".into(), values, overwrite: true, ..Default::default() })
+        .await
+        .unwrap();
     let e = refused(&mut c, pb::EvaluateSteeringRequest { vector: "hand-made".into(), ..base.clone() }).await;
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("no monitoring layer"), "{}", e.message());
-    let spectrum = pb::SteeringSpectrumRequest { vector: "hand-made".into(), question: "Hi?".into(), layer: Some(5), ..Default::default() };
+    let spectrum = pb::SteeringSpectrumRequest {
+        vector: "hand-made".into(),
+        question: "Hi?".into(),
+        layer: Some(5),
+        ..Default::default()
+    };
     let e = c.steering_spectrum(spectrum.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
     assert!(e.message().contains("no steering recommendation"), "{}", e.message());
@@ -424,7 +537,12 @@ async fn bad_evaluations_are_refused_precisely_and_a_client_that_leaves_cancels_
     loop {
         let e = c.get_server_status(pb::GetServerStatusRequest {}).await.unwrap().into_inner().engines.remove(0);
         if e.running == 0 && e.waiting == 0 {
-            assert!(e.cancelled > before, "the evaluation's generations were cancelled ({} -> {})", before, e.cancelled);
+            assert!(
+                e.cancelled > before,
+                "the evaluation's generations were cancelled ({} -> {})",
+                before,
+                e.cancelled
+            );
             break;
         }
         assert!(std::time::Instant::now() < deadline, "engine still busy: {e:?}");

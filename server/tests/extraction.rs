@@ -52,7 +52,10 @@ fn fake_judge() -> (String, Arc<JudgeLog>) {
             let prompt = req["messages"][0]["content"].as_str().unwrap_or_default();
             let is_trait_prompt = !prompt.contains("checking whether an answer");
             if is_trait_prompt && prompt.contains(Q_BROKEN) {
-                let _ = write!(s, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nConnection: close\r\n\r\noops");
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nConnection: close\r\n\r\noops"
+                );
                 continue;
             }
             let wants_logprobs = req["logprobs"] == true && req["top_logprobs"] == 20;
@@ -65,9 +68,8 @@ fn fake_judge() -> (String, Arc<JudgeLog>) {
                 .to_string()
             } else if prompt.contains("checking whether an answer") {
                 (if prompt.contains(Q_GIBBERISH) { "20" } else { "70" }).to_string()
-            } else if prompt.contains(Q_TRAIT) {
-                "10".into()
-            } else if prompt.contains(Q_PLAIN) {
+            } else if prompt.contains(Q_TRAIT) || prompt.contains(Q_PLAIN) {
+                // Q_TRAIT's text says 10; its log-probabilities (below) say otherwise.
                 "10".into()
             } else if prompt.contains(Q_UNSCORABLE) {
                 "Hard to say.".into()
@@ -257,9 +259,16 @@ async fn the_judge_filters_rollouts_by_trait_and_coherence() {
     // Q_PLAIN scores 10 on the trait, Q_GIBBERISH is incoherent, Q_UNSCORABLE gets no score and
     // Q_BROKEN no answer). Negative kept: Q_PLAIN only.
     assert_eq!((r.rollouts, r.kept_pos, r.kept_neg), (10, 1, 1));
-    let counts = r.judge.clone().expect("judged extractions report their counts");
+    let counts = r.judge.expect("judged extractions report their counts");
     assert_eq!(
-        (counts.kept, counts.trait_mismatch, counts.incoherent, counts.refusal, counts.not_a_score, counts.request_failed),
+        (
+            counts.kept,
+            counts.trait_mismatch,
+            counts.incoherent,
+            counts.refusal,
+            counts.not_a_score,
+            counts.request_failed
+        ),
         (2, 2, 2, 0, 2, 2),
         "{counts:?}"
     );

@@ -173,13 +173,7 @@ fn greedy(
                 .zip(&pending)
                 .enumerate()
                 .filter(|(i, _)| group.contains(i))
-                .map(|(_, (cache, toks))| RowInput {
-                    tokens: toks,
-                    cache,
-                    steering: None,
-                    capture: false,
-                    logits: 1,
-                })
+                .map(|(_, (cache, toks))| RowInput { tokens: toks, cache, steering: None, capture: false, logits: 1 })
                 .collect();
             let logits: Vec<Vec<f32>> =
                 model.model.forward(ForwardContext { rows }).unwrap().logits.unwrap().to_vec2().unwrap();
@@ -253,13 +247,7 @@ fn steering_changes_logits_only_where_applied() {
         let out = m
             .model
             .forward(ForwardContext {
-                rows: vec![RowInput {
-                    tokens: &prompt,
-                    cache: &mut cache,
-                    steering: steer,
-                    capture: true,
-                    logits: 1,
-                }],
+                rows: vec![RowInput { tokens: &prompt, cache: &mut cache, steering: steer, capture: true, logits: 1 }],
             })
             .unwrap();
         let states = out.captures[0].iter().map(|s| s.flatten_all().unwrap().to_vec1().unwrap()).collect();

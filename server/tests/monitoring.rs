@@ -177,7 +177,10 @@ async fn generate_streams_monitor_scores_that_match_projections() {
         assert_eq!(p.per_token_calibrated.len(), p.per_token.len());
         assert!(close(p.per_token_calibrated[3], scale(&cal.response, p.per_token[3])));
         assert!(close(prompt_calibrated.as_ref().unwrap()[m], scale(&cal.prompt_last, prompt_scores[m])));
-        assert!(close(calibrated[0][m], scale(&cal.response, prompt_scores[m])), "per-token scores use the response scale");
+        assert!(
+            close(calibrated[0][m], scale(&cal.response, prompt_scores[m])),
+            "per-token scores use the response scale"
+        );
         assert!((p.prompt_last - p.per_token[n_prompt - 1]).abs() < 1e-3);
         assert!((prompt_scores[m] - p.prompt_last).abs() < 1e-2, "{} vs {}", prompt_scores[m], p.prompt_last);
     }

@@ -153,7 +153,8 @@ mod tests {
         assert!((lp.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
         let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
         assert_eq!(ids, [1, 3, 2], "ties broken by the lower id");
-        let total: f64 = logits.iter().map(|&l| (logprobs(&logits, 0, 0).logprob as f64 + (l - 1.0) as f64).exp()).sum();
+        let total: f64 =
+            logits.iter().map(|&l| (logprobs(&logits, 0, 0).logprob as f64 + (l - 1.0) as f64).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6, "probabilities sum to one: {total}");
         assert!(logprobs(&logits, 0, 0).top.is_empty());
         assert_eq!(logprobs(&logits, 0, 10).top.len(), 4);

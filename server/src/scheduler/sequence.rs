@@ -81,7 +81,8 @@ impl Sequence {
         kv_reserve: usize,
     ) -> Self {
         let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.probes);
-        let scoring = job.logprobs.map(|top| Scoring { targets: job.tokens[job.prompt_len..].to_vec(), top, out: Vec::new() });
+        let scoring =
+            job.logprobs.map(|top| Scoring { targets: job.tokens[job.prompt_len..].to_vec(), top, out: Vec::new() });
         Self {
             kv_reserve,
             deadline: None,

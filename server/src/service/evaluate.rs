@@ -114,7 +114,10 @@ impl Answerer {
         let job = GenerateJob {
             prompt: ask.prompt,
             max_tokens: self.max_tokens,
-            sampling: SamplingConfig { seed: self.sampling.seed.map(|s| s.wrapping_add(seed)), ..self.sampling.clone() },
+            sampling: SamplingConfig {
+                seed: self.sampling.seed.map(|s| s.wrapping_add(seed)),
+                ..self.sampling.clone()
+            },
             stop: Vec::new(),
             steering: ask.plan,
             deadline: None,
@@ -215,7 +218,11 @@ fn question_prompt(model: &LoadedModel, system: Option<&str>, question: &str) ->
 }
 
 /// The trait definition behind a vector: the request's, else the library's by the vector's trait.
-fn definition(state: &AppState, v: &StoredVector, given: Option<&pb::TraitDefinition>) -> ServiceResult<Option<TraitDef>> {
+fn definition(
+    state: &AppState,
+    v: &StoredVector,
+    given: Option<&pb::TraitDefinition>,
+) -> ServiceResult<Option<TraitDef>> {
     match given {
         Some(d) => Ok(Some(traits::from_pb(d)?)),
         None => Ok(state.traits.get(&v.meta.trait_name).cloned()),
@@ -256,7 +263,9 @@ fn judging(
 
 fn check_coefficient(c: f32, what: &str) -> ServiceResult<()> {
     if !c.is_finite() || c.abs() > MAX_COEFFICIENT {
-        return Err(invalid(format!("{what} {c} is out of range: coefficients must be finite and within ±{MAX_COEFFICIENT}")));
+        return Err(invalid(format!(
+            "{what} {c} is out of range: coefficients must be finite and within ±{MAX_COEFFICIENT}"
+        )));
     }
     Ok(())
 }
@@ -324,7 +333,8 @@ pub fn evaluate(
         l.dedup();
         l
     };
-    let mut coefficients = if req.coefficients.is_empty() { DEFAULT_COEFFICIENTS.to_vec() } else { req.coefficients.clone() };
+    let mut coefficients =
+        if req.coefficients.is_empty() { DEFAULT_COEFFICIENTS.to_vec() } else { req.coefficients.clone() };
     for &c in &coefficients {
         check_coefficient(c, "coefficient")?;
     }
@@ -374,7 +384,13 @@ pub fn evaluate(
 async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Instant) -> ServiceResult<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let eta_secs = if done == 0 { 0.0 } else { elapsed / done as f64 * (total - done) as f64 };
-    let p = pb::EvalProgress { done: done as u32, total: total as u32, stage: stage.into(), elapsed_secs: elapsed, eta_secs };
+    let p = pb::EvalProgress {
+        done: done as u32,
+        total: total as u32,
+        stage: stage.into(),
+        elapsed_secs: elapsed,
+        eta_secs,
+    };
     let msg = pb::EvaluateSteeringResponse { event: Some(pb::evaluate_steering_response::Event::Progress(p)) };
     // A client that left drops the receiver: failing here drops the task set, which aborts the
     // generations in flight and so frees their engine slots.
@@ -382,7 +398,13 @@ async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Inst
 }
 
 /// Mean trait and coherence over a cell's scored answers.
-fn cell(layer: usize, coefficient: f32, scores: &[Option<(f32, f32)>], readings: &[&Reading], min_coherence: f32) -> pb::EvalCell {
+fn cell(
+    layer: usize,
+    coefficient: f32,
+    scores: &[Option<(f32, f32)>],
+    readings: &[&Reading],
+    min_coherence: f32,
+) -> pb::EvalCell {
     let kept: Vec<(f32, f32)> = scores.iter().flatten().copied().collect();
     let n = kept.len().max(1) as f32;
     let trait_score = kept.iter().map(|s| s.0).sum::<f32>() / n;
@@ -450,7 +472,8 @@ impl Sweep {
         let reference = Reference::of(&baseline);
         let mut tally = Tally::default();
         let scores = self.answerer.score(&labelled, reference, &mut tally).await;
-        let per_point = |p: usize| (&scores[p * nq..(p + 1) * nq], readings[p * nq..(p + 1) * nq].iter().collect::<Vec<_>>());
+        let per_point =
+            |p: usize| (&scores[p * nq..(p + 1) * nq], readings[p * nq..(p + 1) * nq].iter().collect::<Vec<_>>());
 
         let (s0, r0) = per_point(0);
         let unsteered = cell(0, 0.0, s0, &r0, 0.0);
@@ -546,7 +569,11 @@ impl Sweep {
         let mut asks = Vec::new();
         for &c in &coefficients {
             for (q, b) in self.questions.iter().zip(bare) {
-                asks.push(Ask { prompt: question_prompt(&model, Some(system), q)?, bare: b.clone(), plan: self.plan(r.layer, c) });
+                asks.push(Ask {
+                    prompt: question_prompt(&model, Some(system), q)?,
+                    bare: b.clone(),
+                    plan: self.plan(r.layer, c),
+                });
             }
         }
         let readings = self.answer_all(asks, "suppression", tx).await?;
@@ -560,7 +587,12 @@ impl Sweep {
             .map(|(k, &c)| {
                 let rs: Vec<&Reading> = readings[k * nq..(k + 1) * nq].iter().collect();
                 let cl = cell(r.layer, c, &scores[k * nq..(k + 1) * nq], &rs, 0.0);
-                pb::SuppressionCheck { layer: r.layer as u32, coefficient: c, trait_score: cl.trait_score, coherence: cl.coherence }
+                pb::SuppressionCheck {
+                    layer: r.layer as u32,
+                    coefficient: c,
+                    trait_score: cl.trait_score,
+                    coherence: cl.coherence,
+                }
             })
             .collect())
     }
@@ -584,7 +616,10 @@ impl Sweep {
 // SteeringSpectrum
 // ---------------------------------------------------------------------------------------------
 
-pub async fn spectrum(state: &AppState, req: pb::SteeringSpectrumRequest) -> ServiceResult<pb::SteeringSpectrumResponse> {
+pub async fn spectrum(
+    state: &AppState,
+    req: pb::SteeringSpectrumRequest,
+) -> ServiceResult<pb::SteeringSpectrumResponse> {
     let (v, engine) = vector_and_engine(state, &req.vector)?;
     let model = engine.model().clone();
     if req.question.trim().is_empty() {

@@ -490,10 +490,10 @@ impl Job {
             (layer_scores(&values, &pos, &neg, n_rows, d), "the same rollouts (too few for a held-out split)")
         };
         let recommended = recommend(&scores);
-        let kept_side = |positive: bool| {
-            (0..answers.len()).filter(move |&i| keep[i] && self.rollouts[i].positive == positive)
-        };
-        let reread_side = |positive: bool| -> Vec<&[f32]> { kept_side(positive).filter_map(|i| reread[i].as_deref()).collect() };
+        let kept_side =
+            |positive: bool| (0..answers.len()).filter(move |&i| keep[i] && self.rollouts[i].positive == positive);
+        let reread_side =
+            |positive: bool| -> Vec<&[f32]> { kept_side(positive).filter_map(|i| reread[i].as_deref()).collect() };
         let last_side = |positive: bool| -> Vec<&[f32]> {
             kept_side(positive).map(|i| answers[i].capture.prompt_last.as_slice()).collect()
         };

@@ -49,7 +49,11 @@ pub async fn project(
                 prompt_last_calibrated: t.prompt_last_scale(prompt_last).unwrap_or(0.0),
                 prompt_avg_calibrated: on_response(prompt_avg),
                 response_avg_calibrated: if cap.response_avg.is_some() { on_response(response_avg) } else { 0.0 },
-                per_token_calibrated: if calibrated { per_token.iter().map(|&x| on_response(x)).collect() } else { Vec::new() },
+                per_token_calibrated: if calibrated {
+                    per_token.iter().map(|&x| on_response(x)).collect()
+                } else {
+                    Vec::new()
+                },
                 calibrated,
                 uncalibrated_reason: t.uncalibrated_reason(),
                 prompt_last,

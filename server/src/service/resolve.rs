@@ -159,7 +159,9 @@ pub fn calibration_of(v: &StoredVector, layer: usize) -> Result<LayerCalibration
     let name = &v.meta.name;
     match v.meta.calibration_at(layer) {
         Some(c) if c.response.calibrate(0.0).is_some() && c.prompt_last.calibrate(0.0).is_some() => Ok(*c),
-        Some(_) => Err(format!("vector `{name}` does not separate its rollouts at layer {layer}: raw projections only")),
+        Some(_) => {
+            Err(format!("vector `{name}` does not separate its rollouts at layer {layer}: raw projections only"))
+        }
         None if v.meta.calibration.is_empty() => Err(format!(
             "vector `{name}` has no calibration (imported, put, or extracted before calibration existed): raw projections only"
         )),

@@ -229,7 +229,7 @@ impl Screen {
             deadline: None,
             monitors: Vec::new(),
             capture: false,
-        logprobs: None,
+            logprobs: None,
         };
         Ok(Arc::new(complete(&self.engine, job).await?.0))
     }

@@ -129,7 +129,8 @@ mod tests {
     fn calibration_projects_each_layer_onto_its_own_unit_row() {
         // Two layers, d = 2: layer 0 points along x (norm 2), layer 1 is zero.
         let vector = [2.0, 0.0, 0.0, 0.0];
-        let (p1, p2, n1): (&[f32], &[f32], &[f32]) = (&[4.0, 1.0, 0.0, 0.0], &[6.0, 1.0, 0.0, 0.0], &[1.0, 5.0, 0.0, 0.0]);
+        let (p1, p2, n1): (&[f32], &[f32], &[f32]) =
+            (&[4.0, 1.0, 0.0, 0.0], &[6.0, 1.0, 0.0, 0.0], &[1.0, 5.0, 0.0, 0.0]);
         let cal = calibrate(&vector, (&[p1, p2], &[n1]), (&[p1], &[n1]), 2, 2);
         assert_eq!(cal.len(), 1, "the zero layer has no scale");
         assert_eq!(cal[0].layer, 0);

@@ -154,7 +154,8 @@ mod tests {
 
     #[test]
     fn the_largest_coherent_gain_wins_per_layer_and_overall() {
-        let cell = |layer, coefficient, trait_score, coherence| CellScore { layer, coefficient, trait_score, coherence };
+        let cell =
+            |layer, coefficient, trait_score, coherence| CellScore { layer, coefficient, trait_score, coherence };
         let cells = [
             cell(5, -1.0, 2.0, 100.0),
             cell(5, 1.0, 30.0, 95.0),

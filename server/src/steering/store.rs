@@ -256,8 +256,7 @@ pub fn encode(v: &StoredVector) -> Result<Vec<u8>, StoreError> {
             .then(|| ("layer_scores", serde_json::to_string(&m.layer_scores).unwrap_or_default())),
     )
     .chain(
-        (!m.calibration.is_empty())
-            .then(|| ("calibration", serde_json::to_string(&m.calibration).unwrap_or_default())),
+        (!m.calibration.is_empty()).then(|| ("calibration", serde_json::to_string(&m.calibration).unwrap_or_default())),
     )
     .chain(m.steering.as_ref().map(|s| ("steering", serde_json::to_string(s).unwrap_or_default())))
     .map(|(k, v)| (k.to_string(), v))
