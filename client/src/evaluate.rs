@@ -110,7 +110,7 @@ pub async fn eval(c: &mut Client, a: EvalArgs) -> Result<()> {
         questions: Vec::new(),
     };
     let mut stream = c.evaluate_steering(req).await?.into_inner();
-    while let Some(msg) = stream.message().await? {
+    while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
         match msg.event {
             Some(pb::evaluate_steering_response::Event::Progress(p)) => {
                 crate::print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)

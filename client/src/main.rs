@@ -458,7 +458,8 @@ async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
         coherence_threshold: a.coherence_threshold,
     };
     let mut stream = c.extract_vector(req).await?.into_inner();
-    while let Some(msg) = stream.message().await? {
+    // A failure ends the progress line first, so the error starts a line of its own.
+    while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
         match msg.event {
             Some(pb::extract_vector_response::Event::Progress(p)) => {
                 print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)

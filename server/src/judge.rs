@@ -53,12 +53,25 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// A judge reply: its text and, when the endpoint returned them, the first position's top
-/// alternatives as `(token, logprob)`.
+/// A judge reply: its text and, when the endpoint returned them, the first generated token and
+/// the first position's top alternatives as `(token, logprob)`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Reply {
     pub text: String,
+    pub first_token: Option<String>,
     pub first_top: Vec<(String, f64)>,
+}
+
+/// Whether the judge's tokenizer splits numbers into several tokens: its reply starts with an
+/// integer longer than its first token (SmolLM2 and Llama write "85" as "8", "5"). The first
+/// position's alternatives are then leading digits, not scores.
+fn splits_numbers(reply: &Reply) -> bool {
+    let Some(first) = reply.first_token.as_deref().map(str::trim) else { return false };
+    let leading: String = reply.text.trim().chars().take_while(char::is_ascii_digit).collect();
+    !first.is_empty()
+        && first.chars().all(|c| c.is_ascii_digit())
+        && leading.len() > first.len()
+        && leading.starts_with(first)
 }
 
 /// The probability-weighted mean over the integer tokens 0-100 among the first position's top
@@ -78,9 +91,12 @@ pub fn logprob_score(first_top: &[(String, f64)]) -> Option<f32> {
     (mass >= MIN_SCORE_MASS).then(|| (weighted / mass) as f32)
 }
 
-/// Reads a reply: the log-probability score when there is one, else the text.
+/// Reads a reply: the log-probability score when there is one (and the judge writes whole
+/// numbers as single tokens), else the text.
 pub fn read_reply(reply: &Reply) -> Outcome {
-    if let Some(value) = logprob_score(&reply.first_top) {
+    if !splits_numbers(reply)
+        && let Some(value) = logprob_score(&reply.first_top)
+    {
         return Outcome::Score { value, from_logprobs: true };
     }
     match parse_verdict(&reply.text) {
@@ -91,8 +107,10 @@ pub fn read_reply(reply: &Reply) -> Outcome {
 }
 
 /// Counts of what the judge did with a set of answers, by reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Tally {
+    /// The first reply that was not a score, quoted in [`Tally::describe`].
+    pub example_not_a_score: Option<String>,
     pub kept: u32,
     pub trait_mismatch: u32,
     pub incoherent: u32,
@@ -123,7 +141,10 @@ impl Tally {
     pub fn drop_for(&mut self, o: &Outcome) {
         match o {
             Outcome::Refusal => self.refusal += 1,
-            Outcome::NotAScore(_) => self.not_a_score += 1,
+            Outcome::NotAScore(reply) => {
+                self.not_a_score += 1;
+                self.example_not_a_score.get_or_insert_with(|| reply.clone());
+            }
             Outcome::Failed(_) => self.request_failed += 1,
             Outcome::Score { .. } => {}
         }
@@ -144,7 +165,10 @@ impl Tally {
         ]
         .into_iter()
         .filter(|(n, _)| *n > 0)
-        .map(|(n, why)| format!("{n} {why}"))
+        .map(|(n, why)| match (why, &self.example_not_a_score) {
+            ("reply not a score", Some(e)) => format!("{n} {why}, e.g. `{e}`"),
+            _ => format!("{n} {why}"),
+        })
         .collect();
         let dropped =
             if reasons.is_empty() { "none dropped".to_string() } else { format!("dropped: {}", reasons.join(", ")) };
@@ -235,14 +259,15 @@ impl Judge {
             .as_str()
             .map(str::to_string)
             .ok_or_else(|| http("reply has no choices[0].message.content".into()))?;
-        // OpenAI's shape: logprobs.content[0].top_logprobs = [{token, logprob}, ...].
+        // OpenAI's shape: logprobs.content[0] = {token, logprob, top_logprobs: [{token, logprob}, ...]}.
+        let first_token = choice["logprobs"]["content"][0]["token"].as_str().map(str::to_string);
         let first_top = choice["logprobs"]["content"][0]["top_logprobs"]
             .as_array()
             .map(|top| {
                 top.iter().filter_map(|t| Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?))).collect()
             })
             .unwrap_or_default();
-        Ok(Reply { text, first_top })
+        Ok(Reply { text, first_token, first_top })
     }
 
     /// Scores an answer for the trait, then — only when that gave a score — for coherence (an
@@ -318,12 +343,20 @@ mod tests {
         let s = logprob_score(&top(&[("80", 0.5), (" 90", 0.3), ("REF", 0.1), ("150", 0.1)])).unwrap();
         assert!((s - 83.75).abs() < 1e-4, "{s}");
         assert_eq!(logprob_score(&top(&[("80", 0.2), ("Sure", 0.8)])), None, "too little mass on integers");
-        let reply = Reply { text: "REFUSAL".into(), first_top: top(&[("RE", 0.9), ("5", 0.05)]) };
+        let reply = Reply { text: "REFUSAL".into(), first_token: None, first_top: top(&[("RE", 0.9), ("5", 0.05)]) };
         assert_eq!(read_reply(&reply), Outcome::Refusal, "falls back to the text");
-        let reply = Reply { text: "42".into(), first_top: Vec::new() };
+        let reply = Reply { text: "42".into(), ..Default::default() };
         assert_eq!(read_reply(&reply), Outcome::Score { value: 42.0, from_logprobs: false });
-        let reply = Reply { text: "no idea".into(), first_top: Vec::new() };
+        let reply = Reply { text: "no idea".into(), ..Default::default() };
         assert!(matches!(read_reply(&reply), Outcome::NotAScore(_)));
+        // A whole-number token first: the alternatives are scores.
+        let whole =
+            Reply { text: "85".into(), first_token: Some("85".into()), first_top: top(&[("85", 0.6), ("90", 0.4)]) };
+        assert_eq!(read_reply(&whole), Outcome::Score { value: 87.0, from_logprobs: true });
+        // A judge that writes "85" as "8", "5": its alternatives are leading digits; read the text.
+        let split =
+            Reply { text: "85".into(), first_token: Some("8".into()), first_top: top(&[("8", 0.6), ("9", 0.4)]) };
+        assert_eq!(read_reply(&split), Outcome::Score { value: 85.0, from_logprobs: false });
     }
 
     #[test]
@@ -336,6 +369,12 @@ mod tests {
         t.kept = 3;
         assert_eq!((t.from_logprobs, t.dropped()), (1, 2));
         assert_eq!(t.describe(), "3 kept; dropped: 1 refusal, 1 request failed");
+        t.drop_for(&Outcome::NotAScore("The answer is".into()));
+        t.drop_for(&Outcome::NotAScore("Maybe".into()));
+        assert_eq!(
+            t.describe(),
+            "3 kept; dropped: 1 refusal, 2 reply not a score, e.g. `The answer is`, 1 request failed"
+        );
     }
 
     #[test]

@@ -406,9 +406,11 @@ fn cell(
     min_coherence: f32,
 ) -> pb::EvalCell {
     let kept: Vec<(f32, f32)> = scores.iter().flatten().copied().collect();
-    let n = kept.len().max(1) as f32;
-    let trait_score = kept.iter().map(|s| s.0).sum::<f32>() / n;
-    let coherence = kept.iter().map(|s| s.1).sum::<f32>() / n;
+    // An empty f32 sum is -0.0; a cell without scored answers reads 0.
+    let mean = |f: fn(&(f32, f32)) -> f32| {
+        if kept.is_empty() { 0.0 } else { kept.iter().map(f).sum::<f32>() / kept.len() as f32 }
+    };
+    let (trait_score, coherence) = (mean(|s| s.0), mean(|s| s.1));
     let m = readings.len().max(1) as f32;
     pb::EvalCell {
         layer: layer as u32,
@@ -515,6 +517,10 @@ impl Sweep {
         };
         let note = match &recommendation {
             Some(_) => String::new(),
+            None if unsteered.answers == 0 => format!(
+                "the judge scored none of the {nq} unsteered answers ({}); nothing to compare with, nothing recommended",
+                tally.describe()
+            ),
             None => format!(
                 "no positive coefficient raised the trait score above the unsteered {:.1} while keeping coherence at \
                  or above {min_coherence:.1} ({}% of the unsteered {:.1}); nothing recommended",

@@ -275,7 +275,8 @@ impl Job {
             |positive: bool| (0..answers.len()).filter(|&i| keep[i] && self.rollouts[i].positive == positive).count();
         let (kept_pos, kept_neg) = (kept(true), kept(false));
         if kept_pos == 0 || kept_neg == 0 {
-            let why = tally.map(|t| format!(" ({} of {} answers: {})", t.dropped(), answers.len(), t.describe()));
+            let why =
+                tally.as_ref().map(|t| format!(" ({} of {} answers: {})", t.dropped(), answers.len(), t.describe()));
             return Err(ServiceError::FailedPrecondition(format!(
                 "after judge filtering {kept_pos} positive and {kept_neg} negative rollouts remain{}; \
                  both sides need at least one (lower the thresholds or add pairs and questions)",
