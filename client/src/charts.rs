@@ -302,7 +302,13 @@ pub fn spectrum_html(question: &str, r: &pb::SteeringSpectrumResponse) -> String
     );
     s += "<table><tr>";
     for p in &r.points {
-        let label = if p.multiplier == 0.0 { "unsteered".to_string() } else { format!("{}c", fmt_coef(p.multiplier)) };
+        let label = match p.multiplier {
+            0.0 => "unsteered".to_string(),
+            1.0 => "+c".to_string(),
+            -1.0 => "−c".to_string(),
+            m if m > 0.0 => format!("+{}c", fmt_coef(m)),
+            m => format!("−{}c", fmt_coef(-m)),
+        };
         let _ = write!(s, "<th>{label}<br><span class=\"meta\">coefficient {}</span></th>", fmt_coef(p.coefficient));
     }
     s += "</tr><tr>";
@@ -399,5 +405,15 @@ mod tests {
         };
         let html = spectrum_html("Why?", &r);
         assert!(html.contains("&lt;b&gt;hi&lt;/b&gt;") && html.contains("unsteered"));
+        let labels = |m: f32| {
+            spectrum_html(
+                "q",
+                &pb::SteeringSpectrumResponse {
+                    points: vec![pb::SpectrumPoint { multiplier: m, ..Default::default() }],
+                    ..r.clone()
+                },
+            )
+        };
+        assert!(labels(-2.0).contains("<th>−2c<br>") && labels(1.0).contains("<th>+c<br>"));
     }
 }
