@@ -68,17 +68,11 @@ pub struct SpectrumArgs {
 
 #[derive(Args)]
 pub struct ScoreArgs {
-    /// The user message (or the raw prompt with --raw).
-    prompt: String,
+    #[command(flatten)]
+    prompt: crate::PromptArgs,
     /// The response to score.
     #[arg(long)]
     response: String,
-    #[arg(long)]
-    system: Option<String>,
-    #[arg(long)]
-    raw: bool,
-    #[arg(long, default_value = "")]
-    model: String,
     /// Alternatives per token (0-20).
     #[arg(long, default_value_t = 0)]
     top_logprobs: u32,
@@ -252,15 +246,10 @@ pub async fn spectrum(c: &mut Client, a: SpectrumArgs) -> Result<()> {
 }
 
 pub async fn score(c: &mut Client, a: ScoreArgs) -> Result<()> {
-    let prompt = if a.raw {
-        pb::Prompt { kind: Some(pb::prompt::Kind::Raw(a.prompt.clone())) }
-    } else {
-        persona_client::chat(&a.prompt, a.system.as_deref())
-    };
     let r = c
         .score_text(pb::ScoreTextRequest {
-            model: a.model,
-            prompt: Some(prompt),
+            model: a.prompt.model.clone(),
+            prompt: Some(a.prompt.to_pb()),
             response: a.response,
             response_token_ids: Vec::new(),
             steering: a.steer.iter().map(|s| persona_client::parse_steer(s)).collect::<Result<_>>()?,

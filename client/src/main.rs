@@ -55,8 +55,9 @@ enum Cmd {
     Score(evaluate::ScoreArgs),
 }
 
+/// The prompt of a generation or a scoring call.
 #[derive(Args)]
-struct GenerateArgs {
+struct PromptArgs {
     /// The user message (or the raw prompt with --raw).
     prompt: String,
     #[arg(long)]
@@ -66,6 +67,22 @@ struct GenerateArgs {
     raw: bool,
     #[arg(long, default_value = "")]
     model: String,
+}
+
+impl PromptArgs {
+    fn to_pb(&self) -> pb::Prompt {
+        if self.raw {
+            pb::Prompt { kind: Some(pb::prompt::Kind::Raw(self.prompt.clone())) }
+        } else {
+            persona_client::chat(&self.prompt, self.system.as_deref())
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    prompt: PromptArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Watch a vector: NAME[:LAYER]; repeatable. Scores are summarised on stderr at the end.
@@ -352,14 +369,9 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 async fn generate(c: &mut Client, a: GenerateArgs) -> Result<()> {
-    let prompt = if a.raw {
-        pb::Prompt { kind: Some(pb::prompt::Kind::Raw(a.prompt.clone())) }
-    } else {
-        persona_client::chat(&a.prompt, a.system.as_deref())
-    };
     let req = pb::GenerateRequest {
-        model: a.model.clone(),
-        prompt: Some(prompt),
+        model: a.prompt.model.clone(),
+        prompt: Some(a.prompt.to_pb()),
         sampling: Some(a.sampling.to_pb()),
         steering: a.steer.iter().map(|s| persona_client::parse_steer(s)).collect::<Result<_>>()?,
         monitors: a.monitors.iter().map(|m| persona_client::parse_target(m)).collect::<Result<_>>()?,

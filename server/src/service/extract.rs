@@ -188,8 +188,7 @@ async fn send(tx: &Tx, event: pb::extract_vector_response::Event) -> ServiceResu
 }
 
 async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Instant) -> ServiceResult<()> {
-    let elapsed = started.elapsed().as_secs_f64();
-    let eta_secs = if done == 0 { 0.0 } else { elapsed / done as f64 * (total - done) as f64 };
+    let (elapsed, eta_secs) = super::elapsed_and_eta(started, done, total);
     let p = pb::ExtractProgress {
         done: done as u32,
         total: total as u32,

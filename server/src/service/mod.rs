@@ -51,6 +51,13 @@ impl AppState {
     }
 }
 
+/// Seconds since `started`, and the seconds left at the pace so far (0 until something is done).
+fn elapsed_and_eta(started: std::time::Instant, done: usize, total: usize) -> (f64, f64) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let eta = if done == 0 { 0.0 } else { elapsed / done as f64 * total.saturating_sub(done) as f64 };
+    (elapsed, eta)
+}
+
 /// The call's deadline from its `grpc-timeout` header ("<digits><H|M|S|m|u|n>"), which tonic
 /// does not enforce once a response stream has started.
 fn deadline_of<T>(req: &Request<T>) -> Result<Option<std::time::Instant>, Status> {
