@@ -154,18 +154,20 @@ impl Answerer {
         })
     }
 
-    /// Trait and coherence 0-100 of each reading (`None`: the judge dropped it). Offline coherence
-    /// is measured against `reference`, the unsteered answers' own figures.
+    /// Trait and coherence 0-100 of each reading (`None`: the judge dropped it); `question(i)` is
+    /// the question reading `i` answers. Offline coherence is measured against `reference`, the
+    /// unsteered answers' own figures.
     async fn score(
         &self,
-        readings: &[(String, Reading)],
+        readings: &[Reading],
+        question: impl Fn(usize) -> String,
         reference: Reference,
         tally: &mut Tally,
     ) -> Vec<Option<(f32, f32)>> {
         match &self.judging {
             Judging::Offline { scale, .. } => readings
                 .iter()
-                .map(|(_, r)| {
+                .map(|r| {
                     if r.tokens == 0 {
                         return Some((0.0, 0.0));
                     }
@@ -175,8 +177,9 @@ impl Answerer {
                 .collect(),
             Judging::Judge { judge, def } => {
                 let mut tasks = JoinSet::new();
-                for (i, (question, r)) in readings.iter().enumerate() {
-                    let prompts = [def.eval_prompt_for(question, &r.text), coherence_prompt(question, &r.text)];
+                for (i, r) in readings.iter().enumerate() {
+                    let q = question(i);
+                    let prompts = [def.eval_prompt_for(&q, &r.text), coherence_prompt(&q, &r.text)];
                     let judge = judge.clone();
                     tasks.spawn(async move {
                         let [t, c] = prompts;
@@ -466,13 +469,11 @@ impl Sweep {
             asks.extend(bare.iter().map(|b| Ask { prompt: b.clone(), bare: b.clone(), plan: self.plan(l, c) }));
         }
         let readings = self.answer_all(asks, "sweep", tx).await?;
-        let labelled: Vec<(String, Reading)> =
-            readings.iter().enumerate().map(|(i, r)| (self.questions[i % nq].clone(), r.clone())).collect();
         let baseline: Vec<(f32, f32)> =
             readings[..nq].iter().filter(|r| r.tokens > 0).map(|r| (r.mean_logprob, r.distinct)).collect();
         let reference = Reference::of(&baseline);
         let mut tally = Tally::default();
-        let scores = self.answerer.score(&labelled, reference, &mut tally).await;
+        let scores = self.answerer.score(&readings, |i| self.questions[i % nq].clone(), reference, &mut tally).await;
         let per_point =
             |p: usize| (&scores[p * nq..(p + 1) * nq], readings[p * nq..(p + 1) * nq].iter().collect::<Vec<_>>());
 
@@ -583,9 +584,7 @@ impl Sweep {
         }
         let readings = self.answer_all(asks, "suppression", tx).await?;
         let nq = self.questions.len();
-        let labelled: Vec<(String, Reading)> =
-            readings.iter().enumerate().map(|(i, x)| (self.questions[i % nq].clone(), x.clone())).collect();
-        let scores = self.answerer.score(&labelled, reference, tally).await;
+        let scores = self.answerer.score(&readings, |i| self.questions[i % nq].clone(), reference, tally).await;
         Ok(coefficients
             .iter()
             .enumerate()
@@ -668,9 +667,8 @@ pub async fn spectrum(
         .position(|&m| m == 0.0)
         .filter(|&i| readings[i].tokens > 0)
         .map_or(Reference::DEFAULT, |i| Reference::of(&[(readings[i].mean_logprob, readings[i].distinct)]));
-    let labelled: Vec<(String, Reading)> = readings.iter().map(|r| (req.question.clone(), r.clone())).collect();
     let mut tally = Tally::default();
-    let scores = answerer.score(&labelled, reference, &mut tally).await;
+    let scores = answerer.score(&readings, |_| req.question.clone(), reference, &mut tally).await;
     let points = multipliers
         .iter()
         .zip(readings)

@@ -171,10 +171,7 @@ impl Screen {
                 let (sample_projection, own_projection) =
                     (t.probe.score_at_layer(&sample_acts), t.probe.score_at_layer(&own_acts));
                 let difference = sample_projection - own_projection;
-                let scale = t.response_calibration();
-                let on = |f: fn(&crate::steering::calibration::Scale, f32) -> Option<f32>, x: f32| {
-                    scale.and_then(|c| f(c, x)).unwrap_or(0.0)
-                };
+
                 pb::ScreenScore {
                     vector: t.vector.clone(),
                     layer: t.layer as u32,
@@ -182,9 +179,9 @@ impl Screen {
                     own_projection,
                     difference,
                     calibrated: t.calibration.is_ok(),
-                    sample_calibrated: on(crate::steering::calibration::Scale::calibrate, sample_projection),
-                    own_calibrated: on(crate::steering::calibration::Scale::calibrate, own_projection),
-                    difference_calibrated: on(crate::steering::calibration::Scale::points, difference),
+                    sample_calibrated: t.response_scale(sample_projection).unwrap_or(0.0),
+                    own_calibrated: t.response_scale(own_projection).unwrap_or(0.0),
+                    difference_calibrated: t.response_calibration().and_then(|c| c.points(difference)).unwrap_or(0.0),
                 }
             })
             .collect();
