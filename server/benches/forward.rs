@@ -1,11 +1,12 @@
 //! Engine-free forward-pass benchmark on the embedded model: prefill and decode tok/s for one
 //! sequence and packed batches, steered and unsteered. `cargo bench -p persona-server --bench forward`
-//! (`BENCH_BATCHES=1,4,16`, `BENCH_DECODE_STEPS=64` after a 128-token prompt).
+//! (`BENCH_BATCHES=1,4,16`, `BENCH_DECODE_STEPS=64` after a 128-token prompt, `BENCH_REQUANTIZE`,
+//! `BENCH_PRECISION=fast|balanced|exact`).
 
-use persona_server::model::LoadedModel;
 use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput};
 use persona_server::model::source::{ensure_embedded, local_files};
-use persona_server::model::weights::Requantize;
+use persona_server::model::weights::{Precision, Requantize};
+use persona_server::model::{LoadOptions, LoadedModel};
 use std::time::Instant;
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -25,10 +26,16 @@ fn main() -> anyhow::Result<()> {
         Ok("q8_0") => Requantize::Q8_0,
         _ => Requantize::Int8,
     };
+    let precision = std::env::var("BENCH_PRECISION").ok().and_then(|p| Precision::parse(&p)).unwrap_or_default();
     let files = local_files(&ensure_embedded(&dir, true)?)?;
-    let m = LoadedModel::from_files("bench", &files, &candle_core::Device::Cpu, requantize, Some(4096))?;
+    let m = LoadedModel::from_files(
+        "bench",
+        &files,
+        &candle_core::Device::Cpu,
+        &LoadOptions { precision, ..LoadOptions::new(requantize, 4096) },
+    )?;
     let c = m.config().clone();
-    println!("weights: {}  threads: {}", m.weights, candle_core::utils::get_num_threads());
+    println!("weights: {}  precision: {precision:?}  threads: {}", m.weights, candle_core::utils::get_num_threads());
     let prompt: Vec<u32> = m.tokenizer.encode(&"The lighthouse keeper found a bottle on the shore. ".repeat(12))?;
     let prompt = &prompt[..128.min(prompt.len())];
     let mut steer: Vec<Option<Vec<f32>>> = vec![None; c.n_residual_rows()];

@@ -7,7 +7,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use persona_server::model::int8::QLinear;
+use persona_server::model::cpu::QLinear;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

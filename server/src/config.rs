@@ -3,7 +3,7 @@
 
 use crate::judge::JudgeSettings;
 use crate::model::source::{EMBEDDED_ID, ModelSource};
-use crate::model::weights::Requantize;
+use crate::model::weights::{Precision, Requantize};
 use crate::model::{DeviceKind, LoadSpec};
 use crate::scheduler::EngineConfig;
 use anyhow::{Context, Result, bail};
@@ -45,6 +45,10 @@ pub struct ModelSettings {
     /// `int8` (default: batched int8 CPU kernel), `q8_0`, `q4_0` or `none`: what weights become
     /// at load. `q8_0`/`q4_0` re-quantize only formats without a fast candle kernel (Q4_1, Q5_x).
     pub requantize: String,
+    /// Activation precision of the int8 CPU kernels: `balanced` (default: two-level quantization
+    /// for q/k/v and the output head), `fast` (one level everywhere) or `exact` (two levels
+    /// everywhere; the f32 reference's outputs at about half the prefill speed).
+    pub precision: String,
     /// `cpu`, `cuda` or `metal`.
     pub device: String,
     pub device_ordinal: usize,
@@ -102,6 +106,7 @@ impl Default for ModelSettings {
             id: EMBEDDED_ID.into(),
             source: "embedded".into(),
             requantize: "int8".into(),
+            precision: "balanced".into(),
             device: "cpu".into(),
             device_ordinal: 0,
             max_context: 0,
@@ -193,6 +198,9 @@ impl ModelSettings {
             "f32" => Requantize::F32,
             other => bail!("model `{}`: requantize `{other}` (expected int8, q8_0, q4_0, none or f32)", self.id),
         };
+        let precision = Precision::parse(&self.precision).with_context(|| {
+            format!("model `{}`: precision `{}` (expected balanced, fast or exact)", self.id, self.precision)
+        })?;
         let device = match self.device.to_lowercase().as_str() {
             "cpu" | "" => DeviceKind::Cpu,
             "cuda" => DeviceKind::Cuda,
@@ -203,6 +211,7 @@ impl ModelSettings {
             id: self.id.clone(),
             source: ModelSource::parse(&self.source)?,
             requantize,
+            precision,
             device,
             device_ordinal: self.device_ordinal,
             max_context: Some(if self.max_context == 0 { DEFAULT_MAX_CONTEXT } else { self.max_context }),

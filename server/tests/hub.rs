@@ -121,6 +121,7 @@ fn spec(source: ModelSource, cache: Option<&Path>, requantize: Requantize) -> Lo
         id: "tiny".into(),
         source,
         requantize,
+        precision: Default::default(),
         device: DeviceKind::Cpu,
         device_ordinal: 0,
         max_context: None,

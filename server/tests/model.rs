@@ -125,6 +125,52 @@ fn served_block_kernels_drift_like_the_reference() {
     assert!(same_top * 10 >= steps * 9, "top token agrees with the reference at only {same_top} of {steps} positions");
 }
 
+/// Logits at every position of `tokens`, prefilled at once.
+fn all_logits(m: &persona_server::model::LoadedModel, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new(m.config());
+    let rows = vec![RowInput { tokens, cache: &mut cache, steering: None, capture: false, logits: tokens.len() }];
+    let logits = m.model.forward(ForwardContext { rows }).unwrap().logits.unwrap();
+    logits.to_vec2().unwrap()
+}
+
+fn mean_kl(reference: &[Vec<f32>], got: &[Vec<f32>]) -> f64 {
+    let kl = persona_server::model::sampling::kl_divergence;
+    reference.iter().zip(got).map(|(p, q)| kl(p, q)).sum::<f64>() / reference.len() as f64
+}
+
+/// Fidelity to the reference weights (the GGUF dequantized to f32) on a fixed chat exchange:
+/// the served kernels' mean KL divergence per position stays under a bound the default meets
+/// with margin (measured 1.2e-3 here, where one-level activations measure 2.4e-3 and fail it;
+/// llama.cpp measures 3.0e-3 on scripts/bench-fidelity's corpus), the precision setting orders
+/// the three levels, and `exact` is the reference to rounding.
+#[test]
+fn served_kernels_stay_close_to_the_f32_reference() {
+    use persona_server::model::weights::Precision;
+    let text = "<|im_start|>user\nWhat is 17 times 3?<|im_end|>\n<|im_start|>assistant\n17 times 3 is 51. You can \
+                check it by adding 17 three times: 17 + 17 = 34, and 34 + 17 = 51.<|im_end|>\n<|im_start|>user\nAnd \
+                17 times 4?<|im_end|>\n<|im_start|>assistant\nThat is 68, one more 17 on top of 51.<|im_end|>\n";
+    let reference = common::load(Requantize::F32);
+    let tokens = reference.tokenizer.encode(text).unwrap();
+    let want = all_logits(&reference, &tokens);
+    let kl = |precision| {
+        let files = persona_server::model::source::local_files(&common::embedded_gguf()).unwrap();
+        let opts = persona_server::model::LoadOptions {
+            precision,
+            ..persona_server::model::LoadOptions::new(Requantize::Int8, 4096)
+        };
+        let m = persona_server::model::LoadedModel::from_files("m", &files, &Device::Cpu, &opts).unwrap();
+        mean_kl(&want, &all_logits(&m, &tokens))
+    };
+    let (balanced, fast, exact) = (kl(Precision::Balanced), kl(Precision::Fast), kl(Precision::Exact));
+    eprintln!(
+        "mean KL vs f32 over {} positions: balanced {balanced:.3e}, fast {fast:.3e}, exact {exact:.3e}",
+        tokens.len()
+    );
+    assert!(balanced < 2e-3, "served (balanced) kernels drift from the f32 reference: mean KL {balanced}");
+    assert!(balanced < fast, "two-level activations ({balanced}) are no closer than one level ({fast})");
+    assert!(exact < 1e-5, "exact precision strays from the f32 reference: mean KL {exact}");
+}
+
 /// Whole-prompt prefill: activations are quantized to 8 bits inside every matmul, so a float
 /// rounding difference of ~1e-7 in attention (different matmul shapes) can flip a quantization
 /// bucket and move logits by a few tenths. The reference shows the same spread between its own

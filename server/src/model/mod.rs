@@ -1,10 +1,8 @@
 //! Resident models: loading from a source onto a device, tokenizer and chat template.
 
 pub mod arch;
-pub mod attention;
 pub mod chat;
-pub mod elementwise;
-pub mod int8;
+pub mod cpu;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;
@@ -18,7 +16,7 @@ use serde::Deserialize;
 use source::{ModelFiles, ModelSource};
 use std::path::Path;
 use tokenizer::TextTokenizer;
-use weights::{GgufSource, HfConfig, Requantize, SafetensorsSource};
+use weights::{GgufSource, HfConfig, Precision, Requantize, SafetensorsSource};
 
 /// Compute device named in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -48,6 +46,7 @@ pub struct LoadSpec {
     pub id: String,
     pub source: ModelSource,
     pub requantize: Requantize,
+    pub precision: Precision,
     pub device: DeviceKind,
     pub device_ordinal: usize,
     /// Cap on the context window (the model's own is used when larger or unset).
@@ -57,6 +56,22 @@ pub struct LoadSpec {
     pub hub_cache_dir: Option<std::path::PathBuf>,
     pub model_dir: std::path::PathBuf,
     pub auto_fetch: bool,
+}
+
+/// What weights and kernels become at load, beside the files themselves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub requantize: Requantize,
+    pub precision: Precision,
+    /// Cap on the context window (the model's own is used when larger or unset).
+    pub max_context: Option<usize>,
+}
+
+impl LoadOptions {
+    /// The served defaults with another re-quantization and a context cap.
+    pub fn new(requantize: Requantize, max_context: usize) -> Self {
+        Self { requantize, max_context: Some(max_context), ..Default::default() }
+    }
 }
 
 pub struct LoadedModel {
@@ -87,17 +102,14 @@ impl LoadedModel {
                 spec.hub_gguf_file.as_deref(),
             )?,
         };
-        let loaded = Self::from_files(&spec.id, &files, &device, spec.requantize, spec.max_context)?;
+        let opts =
+            LoadOptions { requantize: spec.requantize, precision: spec.precision, max_context: spec.max_context };
+        let loaded = Self::from_files(&spec.id, &files, &device, &opts)?;
         Ok(Self { source: spec.source.describe(), ..loaded })
     }
 
-    pub fn from_files(
-        id: &str,
-        files: &ModelFiles,
-        device: &Device,
-        requantize: Requantize,
-        max_context: Option<usize>,
-    ) -> Result<Self> {
+    pub fn from_files(id: &str, files: &ModelFiles, device: &Device, opts: &LoadOptions) -> Result<Self> {
+        let LoadOptions { requantize, precision, max_context } = *opts;
         let cap = |mut cfg: LlamaConfig| {
             if let Some(m) = max_context {
                 cfg.context_length = cfg.context_length.min(m);
@@ -106,7 +118,7 @@ impl LoadedModel {
         };
         let (model, tokenizer, template_src, weights) = match files {
             ModelFiles::Gguf { file, tokenizer } => {
-                let mut src = GgufSource::open(file, device, requantize)
+                let mut src = GgufSource::open(file, device, requantize, precision)
                     .with_context(|| format!("opening {}", file.display()))?;
                 let cfg = cap(src.config()?);
                 let tok = match tokenizer {
@@ -126,7 +138,7 @@ impl LoadedModel {
                 let hf: HfConfig = serde_json::from_str(&std::fs::read_to_string(config)?)
                     .with_context(|| format!("parsing {}", config.display()))?;
                 let cfg = cap(hf.to_llama()?);
-                let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings, requantize)?;
+                let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings, requantize, precision)?;
                 let model = Llama::load(&mut src, cfg)?;
                 let format = format!("{} (stored dense)", model.weight_formats());
                 let tok = TextTokenizer::from_file(tokenizer)?;

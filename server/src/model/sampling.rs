@@ -87,9 +87,7 @@ pub struct Logprobs {
 /// Log-softmax of `logits` read at `token`, plus the `top` most likely tokens (ties: lower id
 /// first). The normaliser is summed in f64, so long vocabularies lose no precision.
 pub fn logprobs(logits: &[f32], token: u32, top: usize) -> Logprobs {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
+    let lse = log_sum_exp(logits);
     let lp = |l: f32| (l as f64 - lse) as f32;
     let mut best: Vec<(u32, f32)> = Vec::new();
     if top > 0 {
@@ -107,6 +105,28 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> Logprobs {
     Logprobs { token, logprob, top: best }
 }
 
+/// `log Σ exp(logits)`, summed in f64.
+fn log_sum_exp(logits: &[f32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max as f64 + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln()
+}
+
+/// KL(P ‖ Q) in nats between the softmax distributions of two logit vectors over one
+/// vocabulary: how far `q` (an engine under test) strays from `p` (the reference).
+pub fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
+    assert_eq!(p.len(), q.len(), "KL divergence of distributions over different vocabularies");
+    let (lp, lq) = (log_sum_exp(p), log_sum_exp(q));
+    let kl: f64 = p
+        .iter()
+        .zip(q)
+        .map(|(&a, &b)| {
+            let log_p = a as f64 - lp;
+            log_p.exp() * (log_p - (b as f64 - lq))
+        })
+        .sum();
+    kl.max(0.0)
+}
+
 pub fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in xs.iter().enumerate() {
@@ -120,6 +140,22 @@ pub fn argmax(xs: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kl_divergence_is_zero_for_equal_distributions_and_matches_the_formula() {
+        let p = [1.0f32, 2.0, 3.0];
+        assert!(kl_divergence(&p, &p) < 1e-12);
+        // A constant shift leaves the softmax unchanged.
+        assert!(kl_divergence(&p, &[11.0, 12.0, 13.0]) < 1e-12);
+        let q = [3.0f32, 2.0, 1.0];
+        let soft = |v: &[f32]| {
+            let z: f64 = v.iter().map(|&x| (x as f64).exp()).sum();
+            v.iter().map(|&x| (x as f64).exp() / z).collect::<Vec<_>>()
+        };
+        let (sp, sq) = (soft(&p), soft(&q));
+        let want: f64 = sp.iter().zip(&sq).map(|(a, b)| a * (a / b).ln()).sum();
+        assert!((kl_divergence(&p, &q) - want).abs() < 1e-9);
+    }
 
     #[test]
     fn greedy_picks_the_largest_and_first_on_ties() {

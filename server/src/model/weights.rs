@@ -40,13 +40,62 @@ impl Requantize {
     }
 }
 
+/// How finely the CPU block kernels quantize activations (the weights stay as loaded).
+///
+/// A matmul's input is quantized to int8 blocks of 32 with one scale each; one level loses up
+/// to half a step per value. `two levels` adds a second int8 row holding the first's rounding
+/// error, so the pair carries ~15 bits per value for twice the integer arithmetic on the same
+/// weight loads. Attention's q/k/v projections and the output head are where the error shows
+/// most in the next-token distribution (scripts/bench-fidelity measures it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// One level everywhere: the fastest, and the furthest from the float reference.
+    Fast,
+    /// Two levels for the q/k/v projections and the output head, one elsewhere.
+    #[default]
+    Balanced,
+    /// Two levels everywhere: matches the f32 reference to rounding, ~half the prefill speed.
+    Exact,
+}
+
+/// Which matmul of a block a weight is, for [`Precision::two_levels`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulRole {
+    /// The attention's q/k/v projection.
+    Attention,
+    /// The output head (logits).
+    Output,
+    /// Everything else: attention output, MLP.
+    Other,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_lowercase().as_str() {
+            "fast" => Some(Self::Fast),
+            "balanced" | "" => Some(Self::Balanced),
+            "exact" => Some(Self::Exact),
+            _ => None,
+        }
+    }
+
+    pub fn two_levels(self, role: MatmulRole) -> bool {
+        match self {
+            Self::Fast => false,
+            Self::Balanced => matches!(role, MatmulRole::Attention | MatmulRole::Output),
+            Self::Exact => true,
+        }
+    }
+}
+
 pub fn dtype_name(d: GgmlDType) -> String {
     format!("{d:?}").to_lowercase()
 }
 
 /// `Int8` only where the int8 kernel can run; `Q8_0` elsewhere.
 fn effective(r: Requantize, device: &Device) -> Requantize {
-    if r == Requantize::Int8 && !(device.is_cpu() && super::int8::supported()) { Requantize::Q8_0 } else { r }
+    if r == Requantize::Int8 && !(device.is_cpu() && super::cpu::supported()) { Requantize::Q8_0 } else { r }
 }
 
 /// A GGUF file opened for loading.
@@ -55,16 +104,17 @@ pub struct GgufSource {
     file: File,
     device: Device,
     requantize: Requantize,
+    precision: Precision,
     /// (original, loaded) formats of matmul weights seen so far, for reporting.
     pub formats: std::collections::BTreeSet<(String, String)>,
 }
 
 impl GgufSource {
-    pub fn open(path: &Path, device: &Device, requantize: Requantize) -> Result<Self> {
+    pub fn open(path: &Path, device: &Device, requantize: Requantize, precision: Precision) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| candle_core::Error::from(e).with_path(path))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| e.with_path(path))?;
         let requantize = effective(requantize, device);
-        Ok(Self { content, file, device: device.clone(), requantize, formats: Default::default() })
+        Ok(Self { content, file, device: device.clone(), requantize, precision, formats: Default::default() })
     }
 
     pub fn content(&self) -> &gguf_file::Content {
@@ -151,6 +201,10 @@ impl WeightSource for GgufSource {
         self.requantize == Requantize::Int8
     }
 
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
     fn device(&self) -> &Device {
         &self.device
     }
@@ -215,15 +269,22 @@ pub struct SafetensorsSource {
     device: Device,
     tied: bool,
     int8: bool,
+    precision: Precision,
 }
 
 impl SafetensorsSource {
-    pub fn open(files: &[std::path::PathBuf], device: &Device, tied: bool, requantize: Requantize) -> Result<Self> {
+    pub fn open(
+        files: &[std::path::PathBuf],
+        device: &Device,
+        tied: bool,
+        requantize: Requantize,
+        precision: Precision,
+    ) -> Result<Self> {
         // SAFETY: the files are opened read-only and not modified while the model is loading;
         // every tensor is copied out of the mapping before it is dropped.
         let st = unsafe { MmapedSafetensors::multi(files)? };
         let int8 = effective(requantize, device) == Requantize::Int8;
-        Ok(Self { st, device: device.clone(), tied, int8 })
+        Ok(Self { st, device: device.clone(), tied, int8, precision })
     }
 
     pub fn is_int8(&self) -> bool {
@@ -283,6 +344,10 @@ impl WeightSource for SafetensorsSource {
 
     fn wants_int8(&self) -> bool {
         self.int8
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn device(&self) -> &Device {

@@ -2,9 +2,9 @@
 #![allow(dead_code)]
 
 use persona_server::config::Settings;
-use persona_server::model::LoadedModel;
 use persona_server::model::source::{ensure_embedded, local_files};
 use persona_server::model::weights::Requantize;
+use persona_server::model::{LoadOptions, LoadedModel};
 use persona_server::server::{build_state, serve};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,8 +32,13 @@ pub fn load_with_tensor_attention(requantize: Requantize) -> LoadedModel {
 
 pub fn load(requantize: Requantize) -> LoadedModel {
     let files = local_files(&embedded_gguf()).expect("model files");
-    LoadedModel::from_files("smollm2-135m-instruct", &files, &candle_core::Device::Cpu, requantize, Some(4096))
-        .expect("loading the embedded model")
+    LoadedModel::from_files(
+        "smollm2-135m-instruct",
+        &files,
+        &candle_core::Device::Cpu,
+        &LoadOptions::new(requantize, 4096),
+    )
+    .expect("loading the embedded model")
 }
 
 /// The embedded model as served (default re-quantization: int4/int8 blocks), shared by the tests of one binary.

@@ -10,9 +10,10 @@
 //! row against that row's own [`KvCache`]. Two hooks act on the residual stream, row by row:
 //! steering (add a vector after block L) and capture (keep the hidden state after every block).
 
-use super::super::attention::{self, Heads, HostKv, RowSpan};
-use super::super::elementwise::SiluMul;
-use super::super::int8::QLinear;
+use super::super::cpu::QLinear;
+use super::super::cpu::attention::{self, Heads, HostKv, RowSpan};
+use super::super::cpu::elementwise::SiluMul;
+use super::super::weights::{MatmulRole, Precision};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use std::collections::HashMap;
@@ -58,6 +59,10 @@ pub trait WeightSource {
     fn wants_int8(&self) -> bool {
         false
     }
+    /// Activation precision of the block kernels (only used with [`Self::wants_int8`]).
+    fn precision(&self) -> Precision {
+        Precision::default()
+    }
     /// The stored quantized tensor, for sources that have one (GGUF).
     fn raw(&mut self, _name: &str) -> Result<Option<candle_core::quantized::QTensor>> {
         Ok(None)
@@ -92,7 +97,7 @@ struct Linear {
 impl Linear {
     /// Loads one or more weights (concatenated along the output dimension when several, so
     /// q/k/v or gate/up run as one matmul on the int8 path).
-    fn load(src: &mut dyn WeightSource, names: &[String], with_bias: bool) -> Result<Self> {
+    fn load(src: &mut dyn WeightSource, names: &[String], with_bias: bool, role: MatmulRole) -> Result<Self> {
         let weight = if src.wants_int8() {
             let parts = names.iter().map(|n| block_weight(src, &format!("{n}.weight"))).collect::<Result<Vec<_>>>()?;
             let fused = if parts.len() > 1 && parts.iter().any(|p| p.is_int4() != parts[0].is_int4()) {
@@ -102,7 +107,9 @@ impl Linear {
             } else {
                 QLinear::concat(parts)?
             };
-            Weight::Blocks(fused.for_this_cpu())
+            let mut fused = fused.for_this_cpu();
+            fused.set_two_levels(src.precision().two_levels(role));
+            Weight::Blocks(fused)
         } else {
             match names {
                 [one] => Weight::Quantized(src.matmul(&format!("{one}.weight"))?),
@@ -146,13 +153,19 @@ enum Projections {
 }
 
 impl Projections {
-    fn load(src: &mut dyn WeightSource, names: &[String], sizes: Vec<usize>, with_bias: bool) -> Result<Self> {
+    fn load(
+        src: &mut dyn WeightSource,
+        names: &[String],
+        sizes: Vec<usize>,
+        with_bias: bool,
+        role: MatmulRole,
+    ) -> Result<Self> {
         if src.wants_int8() {
-            Ok(Self::Fused { linear: Linear::load(src, names, with_bias)?, sizes })
+            Ok(Self::Fused { linear: Linear::load(src, names, with_bias, role)?, sizes })
         } else {
             let parts = names
                 .iter()
-                .map(|n| Linear::load(src, std::slice::from_ref(n), with_bias))
+                .map(|n| Linear::load(src, std::slice::from_ref(n), with_bias, role))
                 .collect::<Result<Vec<_>>>()?;
             Ok(Self::Separate(parts))
         }
@@ -212,8 +225,8 @@ impl Mlp {
     fn load(src: &mut dyn WeightSource, prefix: &str, cfg: &LlamaConfig) -> Result<Self> {
         let names = [format!("{prefix}.ffn_gate"), format!("{prefix}.ffn_up")];
         Ok(Self {
-            gate_up: Projections::load(src, &names, vec![cfg.intermediate_size; 2], false)?,
-            down: Linear::load(src, &[format!("{prefix}.ffn_down")], false)?,
+            gate_up: Projections::load(src, &names, vec![cfg.intermediate_size; 2], false, MatmulRole::Other)?,
+            down: Linear::load(src, &[format!("{prefix}.ffn_down")], false, MatmulRole::Other)?,
         })
     }
 
@@ -373,8 +386,14 @@ impl Attention {
         let names = [format!("{prefix}.attn_q"), format!("{prefix}.attn_k"), format!("{prefix}.attn_v")];
         let kv = cfg.n_kv_heads * cfg.head_dim;
         Ok(Self {
-            qkv: Projections::load(src, &names, vec![cfg.n_heads * cfg.head_dim, kv, kv], cfg.qkv_bias)?,
-            o: Linear::load(src, &[format!("{prefix}.attn_output")], false)?,
+            qkv: Projections::load(
+                src,
+                &names,
+                vec![cfg.n_heads * cfg.head_dim, kv, kv],
+                cfg.qkv_bias,
+                MatmulRole::Attention,
+            )?,
+            o: Linear::load(src, &[format!("{prefix}.attn_output")], false, MatmulRole::Other)?,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
@@ -520,7 +539,7 @@ impl Llama {
         let device = src.device().clone();
         let embed = src.dense("token_embd.weight")?;
         let head = if src.contains("output.weight") { "output" } else { "token_embd" };
-        let lm_head = Linear::load(src, &[head.to_string()], false)?;
+        let lm_head = Linear::load(src, &[head.to_string()], false, MatmulRole::Output)?;
         let blocks = (0..cfg.n_layers).map(|i| Block::load(src, i, &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(src, "output_norm.weight", cfg.rms_norm_eps)?;
         let (cos, sin) = rope_tables(&cfg, &device)?;

@@ -84,7 +84,7 @@ pub fn rope(h: &Heads, qkv: &mut [f32], cos: &[f32], sin: &[f32], interleaved: b
 }
 
 /// One row of a packed pass, as attention sees it.
-pub struct RowSpan<'a> {
+pub(crate) struct RowSpan<'a> {
     /// Offset of the row's first token in the packed batch, its token count, and the
     /// position of its first new token (= tokens already cached).
     pub off: usize,
@@ -100,10 +100,26 @@ pub fn append(kv: &mut HostKv, h: &Heads, qkv: &[f32], span_off: usize, t: usize
 }
 
 /// Causal attention for all rows: returns `[n_tokens, n_heads * head_dim]`.
-pub fn attend(h: &Heads, qkv: &[f32], rows: &[RowSpan<'_>], n_tokens: usize) -> Vec<f32> {
+///
+/// The kernels below read through raw pointers; this is the safe boundary, so it checks what
+/// they rely on: every row's tokens lie in `qkv`, the rows' token ranges do not overlap (each
+/// task writes its own rows' outputs), and every row's cache holds the positions it attends to.
+pub(crate) fn attend(h: &Heads, qkv: &[f32], rows: &[RowSpan<'_>], n_tokens: usize) -> Vec<f32> {
+    assert!(qkv.len() >= n_tokens * h.qkv_width(), "attend: qkv holds fewer than {n_tokens} tokens");
+    let mut next_free = 0;
+    for (i, row) in rows.iter().enumerate() {
+        assert!(
+            row.off >= next_free && row.off + row.t <= n_tokens,
+            "attend: row {i} span out of bounds or overlapping"
+        );
+        assert!(row.start + row.t <= row.kv.cap, "attend: row {i} attends past its cache capacity");
+        let cache_floats = h.n_kv_heads * row.kv.cap * h.head_dim;
+        assert!(row.kv.k.len() >= cache_floats && row.kv.v.len() >= cache_floats, "attend: row {i} cache is short");
+        next_free = row.off + row.t;
+    }
     let mut out = vec![0f32; n_tokens * h.q_width()];
     // Every task writes a disjoint set of (token, head) slices of the output.
-    let ptr = super::int8::SendPtr(out.as_mut_ptr());
+    let ptr = super::SendPtr(out.as_mut_ptr());
     let items = rows.len() * h.n_kv_heads;
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
         let ptr = &ptr;
@@ -111,7 +127,7 @@ pub fn attend(h: &Heads, qkv: &[f32], rows: &[RowSpan<'_>], n_tokens: usize) -> 
         for item in range {
             let (row, kv_head) = (&rows[item / h.n_kv_heads], item % h.n_kv_heads);
             #[cfg(target_arch = "x86_64")]
-            if super::int8::supported() {
+            if super::supported() {
                 // SAFETY: AVX2/FMA detected; outputs are disjoint per (row, kv head).
                 unsafe { attend_avx2(h, qkv, row, kv_head, &mut scores, &mut acc, ptr.0) };
                 continue;

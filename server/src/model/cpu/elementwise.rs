@@ -5,7 +5,7 @@
 //! took a few percent of every step while the matmul workers spun idle; here it is one pass,
 //! eight values per instruction, split over the same worker pool as the matmuls.
 
-use super::int8::{SendPtr, contiguous_f32};
+use super::{SendPtr, contiguous_f32};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `silu(g) · u` for a `[t, 2·inter]` tensor holding gate and up side by side: `[t, inter]`.
@@ -53,7 +53,7 @@ impl CustomOp1 for SiluMul {
 /// `o = silu(g) · u = g / (1 + e^-g) · u`.
 pub fn silu_mul(g: &[f32], u: &[f32], o: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::int8::supported() {
+    if super::supported() {
         // SAFETY: AVX2/FMA detected.
         unsafe { avx2::silu_mul(g, u, o) };
         return;
@@ -66,7 +66,7 @@ pub fn silu_mul(g: &[f32], u: &[f32], o: &mut [f32]) {
 /// Softmax in place.
 pub fn softmax(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::int8::supported() {
+    if super::supported() {
         // SAFETY: AVX2/FMA detected.
         unsafe { avx2::softmax(v) };
         return;

@@ -1,0 +1,218 @@
+//! AVX-512 VNNI kernels: one instruction adds four u8·i8 products to each of 16 lanes, and the
+//! 32 vector registers hold a whole tile of accumulators.
+
+use super::avx2::{ROWS, check, dot_f32, hsum, udot};
+use super::{ActRows, BLOCK, GROUP, OUT_W, TILE};
+use std::arch::x86_64::*;
+
+/// Four weight rows against every activation row, four rows at a time, two blocks per
+/// 512-bit step: 16 accumulators, four weight block pairs and their scales fit in the 32
+/// registers AVX-512 brings, and one VNNI instruction does 64 products. Weights are 4-bit
+/// (`FOUR`) or unsigned 8-bit blocks, both with an offset per block. A row's result depends
+/// only on its own values, not on the rows beside it.
+///
+/// # Safety
+/// AVX2, FMA, AVX-512F/VL and AVX-512 VNNI must be available.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+pub unsafe fn tile_vnni_wide<const FOUR: bool>(
+    w: [(&[u8], &[f32], &[f32]); TILE],
+    a: &ActRows<'_>,
+    out: &mut [[f32; OUT_W]],
+) {
+    check(a, out.len(), &w.map(|(q, _, _)| q.len()), if FOUR { 16 } else { BLOCK });
+    assert!(w.iter().all(|(_, d, m)| d.len() >= a.nb && m.len() >= a.nb));
+    let mut r = 0;
+    while r + ROWS <= a.rows {
+        // SAFETY: rows r..r + ROWS are in bounds (checked above); features enabled above.
+        unsafe { wide_rows::<FOUR, ROWS>(&w, a, r, out) };
+        r += ROWS;
+    }
+    // SAFETY: as above, for the remaining rows.
+    unsafe {
+        match a.rows - r {
+            1 => wide_rows::<FOUR, 1>(&w, a, r, out),
+            2 => wide_rows::<FOUR, 2>(&w, a, r, out),
+            3 => wide_rows::<FOUR, 3>(&w, a, r, out),
+            _ => {}
+        }
+    }
+}
+
+/// Two adjacent floats at `p` as `[p[0]; 8] ++ [p[1]; 8]`: the scales of a block pair.
+#[inline(always)]
+unsafe fn pair_scales(p: *const f32) -> __m512 {
+    // SAFETY: the caller guarantees two floats at p and AVX-512F.
+    unsafe {
+        let two = _mm_castpd_ps(_mm_load_sd(p as *const f64));
+        _mm512_permutexvar_ps(
+            _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+            _mm512_castps128_ps512(two),
+        )
+    }
+}
+
+/// Rows `r..r + R` of [`tile_vnni_wide`].
+///
+/// # Safety
+/// The caller checked the bounds of every view for rows `r..r + R` and enabled AVX-512
+/// VNNI.
+#[inline(always)]
+#[allow(unsafe_op_in_unsafe_fn)]
+unsafe fn wide_rows<const FOUR: bool, const R: usize>(
+    w: &[(&[u8], &[f32], &[f32]); TILE],
+    a: &ActRows<'_>,
+    r: usize,
+    out: &mut [[f32; OUT_W]],
+) {
+    let nb = a.nb;
+    let k = nb * BLOCK;
+    let low = _mm512_set1_epi8(0x0F);
+    // A pair of 16-byte packed blocks [P0, P1] is spread to [P0, P0, P1, P1] and the copies
+    // in the odd 128-bit lanes shifted down a nibble: after masking, the lanes hold block
+    // b's elements 0..16 and 16..32, then block b + 1's — the activations' own order.
+    let spread = _mm512_set_epi64(3, 2, 3, 2, 1, 0, 1, 0);
+    let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+    let wq = w.map(|(q, _, _)| q.as_ptr());
+    let wd = w.map(|(_, d, _)| d.as_ptr());
+    let aq = a.q.as_ptr().add(r * k);
+    let ad = a.d.as_ptr().add(r * nb);
+    let mut acc = [[_mm512_setzero_ps(); TILE]; R];
+    let mut b = 0;
+    while b + 2 <= nb {
+        let mut wv = [_mm512_setzero_si512(); TILE];
+        let mut ws = [_mm512_setzero_ps(); TILE];
+        for c in 0..TILE {
+            wv[c] = if FOUR {
+                let packed = _mm512_castsi256_si512(_mm256_loadu_si256(wq[c].add(b * 16) as *const __m256i));
+                let spread = _mm512_permutexvar_epi64(spread, packed);
+                _mm512_and_si512(_mm512_srlv_epi64(spread, shift), low)
+            } else {
+                _mm512_loadu_si512(wq[c].add(b * BLOCK) as *const __m512i)
+            };
+            ws[c] = pair_scales(wd[c].add(b));
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let av = _mm512_loadu_si512(aq.add(t * k + b * BLOCK) as *const __m512i);
+            let adv = pair_scales(ad.add(t * nb + b));
+            for c in 0..TILE {
+                let dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[c], av));
+                acc[c] = _mm512_fmadd_ps(dot, _mm512_mul_ps(ws[c], adv), acc[c]);
+            }
+        }
+        b += 2;
+    }
+    let mut sums = [[0f32; TILE]; R];
+    for (t, acc) in acc.iter().enumerate() {
+        for c in 0..TILE {
+            sums[t][c] = _mm512_reduce_add_ps(acc[c]);
+        }
+    }
+    if b < nb {
+        // An odd last block, 256 bits wide.
+        let low = _mm256_set1_epi8(0x0F);
+        let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+        for c in 0..TILE {
+            let wv = if FOUR {
+                let packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(wq[c].add(b * 16) as *const __m128i));
+                _mm256_and_si256(_mm256_srlv_epi32(packed, shift), low)
+            } else {
+                _mm256_loadu_si256(wq[c].add(b * BLOCK) as *const __m256i)
+            };
+            for (t, sums) in sums.iter_mut().enumerate() {
+                let av = _mm256_loadu_si256(aq.add(t * k + b * BLOCK) as *const __m256i);
+                sums[c] += hsum(udot::<true>(wv, av)) * (*wd[c].add(b) * *ad.add(t * nb + b));
+            }
+        }
+    }
+    for (t, sums) in sums.iter().enumerate() {
+        let offsets = &a.s[(r + t) * nb..(r + t + 1) * nb];
+        for c in 0..TILE {
+            // The offset term, as in the other kernels.
+            out[r + t][c] = sums[c] + dot_f32(w[c].2, offsets);
+        }
+    }
+}
+
+/// [`super::Blocks::Packed16`] weights (one group of 16 rows: its bytes, scales and
+/// offsets) against every activation row, four at a time. Per row and block: eight VNNI
+/// instructions, each adding four products to all 16 rows' sums, then one conversion and
+/// two FMAs apply the 16 rows' scales and offsets at once.
+///
+/// # Safety
+/// AVX-512F/VL and AVX-512 VNNI must be available.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+pub unsafe fn tile_packed16<const FOUR: bool>(w: (&[u8], &[f32], &[f32]), a: &ActRows<'_>, out: &mut [[f32; OUT_W]]) {
+    let nb = a.nb;
+    let k = nb * BLOCK;
+    assert!(a.q.len() >= a.rows * k && a.d.len() >= a.rows * nb && a.s.len() >= a.rows * nb);
+    assert!(out.len() >= a.rows);
+    assert!(w.0.len() >= nb * if FOUR { 256 } else { 512 } && w.1.len() >= nb * GROUP && w.2.len() >= nb * GROUP);
+    let mut r = 0;
+    while r + ROWS <= a.rows {
+        // SAFETY: bounds checked above; features enabled above.
+        unsafe { packed16_rows::<FOUR, ROWS>(w, a, r, out) };
+        r += ROWS;
+    }
+    // SAFETY: as above, for the remaining rows.
+    unsafe {
+        match a.rows - r {
+            1 => packed16_rows::<FOUR, 1>(w, a, r, out),
+            2 => packed16_rows::<FOUR, 2>(w, a, r, out),
+            3 => packed16_rows::<FOUR, 3>(w, a, r, out),
+            _ => {}
+        }
+    }
+}
+
+/// Rows `r..r + R` of [`tile_packed16`].
+///
+/// # Safety
+/// The caller checked every view's bounds for these rows and enabled AVX-512 VNNI.
+#[inline(always)]
+#[allow(unsafe_op_in_unsafe_fn)]
+unsafe fn packed16_rows<const FOUR: bool, const R: usize>(
+    w: (&[u8], &[f32], &[f32]),
+    a: &ActRows<'_>,
+    r: usize,
+    out: &mut [[f32; OUT_W]],
+) {
+    let nb = a.nb;
+    let k = nb * BLOCK;
+    let low = _mm512_set1_epi8(0x0F);
+    let block_bytes = if FOUR { 256 } else { 512 };
+    let (wq, wd, wm) = (w.0.as_ptr(), w.1.as_ptr(), w.2.as_ptr());
+    let aq = a.q.as_ptr().add(r * k);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let base = wq.add(b * block_bytes);
+        let mut wv = [_mm512_setzero_si512(); 8];
+        for (v, wv) in wv.iter_mut().enumerate() {
+            *wv = if FOUR {
+                let packed = _mm512_loadu_si512(base.add(v / 2 * 64) as *const __m512i);
+                if v % 2 == 0 {
+                    _mm512_and_si512(packed, low)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16(packed, 4), low)
+                }
+            } else {
+                _mm512_loadu_si512(base.add(v * 64) as *const __m512i)
+            };
+        }
+        let (scales, offsets) = (_mm512_loadu_ps(wd.add(b * GROUP)), _mm512_loadu_ps(wm.add(b * GROUP)));
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let row = aq.add(t * k + b * BLOCK);
+            let mut dot = _mm512_setzero_si512();
+            for (v, wv) in wv.iter().enumerate() {
+                let four_values = (row.add(4 * v) as *const i32).read_unaligned();
+                dot = _mm512_dpbusd_epi32(dot, *wv, _mm512_set1_epi32(four_values));
+            }
+            let ad = _mm512_set1_ps(*a.d.get_unchecked((r + t) * nb + b));
+            let sums = _mm512_set1_ps(*a.s.get_unchecked((r + t) * nb + b));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, ad), *acc);
+            *acc = _mm512_fmadd_ps(offsets, sums, *acc);
+        }
+    }
+    for (t, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out[r + t].as_mut_ptr(), *acc);
+    }
+}
