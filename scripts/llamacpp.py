@@ -25,16 +25,13 @@ def _avx512() -> bool:
     return all(f in flags for f in ("avx512f", "avx512_vnni", "avx512vbmi", "avx512_bf16"))
 
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("PERSONA_CACHE", Path.home() / ".cache" / "persona-steer"))
-VENV = CACHE / "llamacpp-venv"
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 # The host's SIMD up to AVX-512 (VNNI, BF16), but not AMX: with -march=native on a Sapphire Rapids
 # VM, ggml's AMX matmul crashed (SIGSEGV in ggml_backend_amx_mul_mat) on any multi-token batch.
 # Our kernels use no AMX either, so both engines compare on the same instruction sets.
 CMAKE_ARGS = ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON "
               "-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" + ("" if not _avx512() else
               " -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON"))
+
 
 def ensure_venv() -> None:
     """Re-runs this script inside the venv that has llama_cpp, creating it when needed."""

@@ -69,7 +69,7 @@ pub struct SpectrumArgs {
 #[derive(Args)]
 pub struct ScoreArgs {
     #[command(flatten)]
-    prompt: crate::PromptArgs,
+    prompt: crate::generate::PromptArgs,
     /// The response to score.
     #[arg(long)]
     response: String,
@@ -107,7 +107,7 @@ pub async fn eval(c: &mut Client, a: EvalArgs) -> Result<()> {
     while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
         match msg.event {
             Some(pb::evaluate_steering_response::Event::Progress(p)) => {
-                crate::print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
+                crate::extract::print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
             }
             Some(pb::evaluate_steering_response::Event::Result(r)) => {
                 eprintln!();

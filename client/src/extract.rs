@@ -1,0 +1,161 @@
+//! `persona extract`: extraction with progress, and the vector summaries it prints.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use persona_client::{Client, pb};
+use std::path::PathBuf;
+
+use crate::library::print_vector;
+
+#[derive(Args)]
+pub(crate) struct ExtractArgs {
+    /// A trait of the server's library (see `persona traits list`).
+    #[arg(long = "trait", conflicts_with = "file")]
+    pub(crate) trait_ref: Option<String>,
+    /// A trait definition file (the traits/ JSON schema), sent with the request.
+    #[arg(long)]
+    pub(crate) file: Option<PathBuf>,
+    /// Name to store the vector under (default: the trait's name).
+    #[arg(long, default_value = "")]
+    pub(crate) name: String,
+    /// Explicit mode: full positive system prompt; pair each --pos with a --neg.
+    #[arg(long)]
+    pub(crate) pos: Vec<String>,
+    #[arg(long)]
+    pub(crate) neg: Vec<String>,
+    #[arg(long)]
+    pub(crate) question: Vec<String>,
+    /// Explicit mode: trait label kept in the vector's metadata.
+    #[arg(long, default_value = "")]
+    pub(crate) label: String,
+    #[arg(long, default_value = "")]
+    pub(crate) model: String,
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) temperature: f32,
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Answers per (pair, question).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) samples: u32,
+    /// Use only the first N instruction pairs / questions (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) max_pairs: u32,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) max_questions: u32,
+    /// Do not filter answers with the server's judge.
+    #[arg(long)]
+    pub(crate) no_judge: bool,
+    /// Judge thresholds, 0-100 (0 = the server's default, 50).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) trait_threshold: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) coherence_threshold: f32,
+    #[arg(long)]
+    pub(crate) overwrite: bool,
+}
+
+pub(crate) async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
+    if a.pos.len() != a.neg.len() {
+        bail!("give as many --neg as --pos prompts");
+    }
+    let trait_source = match (&a.trait_ref, &a.file) {
+        (Some(t), _) => Some(pb::extract_vector_request::TraitSource::TraitRef(t.clone())),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let def = persona_client::trait_from_json(&text).with_context(|| format!("parsing {}", f.display()))?;
+            Some(pb::extract_vector_request::TraitSource::Definition(def))
+        }
+        (None, None) => None,
+    };
+    let req = pb::ExtractVectorRequest {
+        model: a.model,
+        name: a.name,
+        trait_name: a.label,
+        pairs: a.pos.iter().zip(&a.neg).map(|(p, n)| pb::InstructionPair { pos: p.clone(), neg: n.clone() }).collect(),
+        questions: a.question,
+        sampling: Some(pb::SamplingParams {
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            seed: a.seed,
+            ..Default::default()
+        }),
+        overwrite: a.overwrite,
+        trait_source,
+        samples_per_question: a.samples,
+        max_pairs: a.max_pairs,
+        max_questions: a.max_questions,
+        skip_judge: a.no_judge,
+        trait_threshold: a.trait_threshold,
+        coherence_threshold: a.coherence_threshold,
+    };
+    let mut stream = c.extract_vector(req).await?.into_inner();
+    // A failure ends the progress line first, so the error starts a line of its own.
+    while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
+        match msg.event {
+            Some(pb::extract_vector_response::Event::Progress(p)) => {
+                print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
+            }
+            Some(pb::extract_vector_response::Event::Result(r)) => {
+                eprintln!();
+                println!(
+                    "{} rollouts ({} tokens) in {:.1} s; kept {} positive / {} negative; {}",
+                    r.rollouts, r.generated_tokens, r.elapsed_secs, r.kept_pos, r.kept_neg, r.filtering
+                );
+                for v in r.vector.iter().chain(&r.variants) {
+                    print_vector(v);
+                }
+                if let Some(v) = &r.vector {
+                    print_layer_scores(v);
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn print_calibration(v: &pb::VectorInfo) {
+    match &v.steering {
+        Some(s) => println!(
+            "steering recommendation: layer {}, coefficient {} (trait {:.1} vs {:.1} unsteered, coherence {:.1} vs {:.1}; {})",
+            s.layer,
+            s.coefficient,
+            s.trait_score,
+            s.unsteered_trait_score,
+            s.coherence,
+            s.unsteered_coherence,
+            s.scorer
+        ),
+        None => println!("steering recommendation: none (run `persona eval --vector {}`)", v.name),
+    }
+    if v.calibration.is_empty() {
+        println!("calibration: none (raw projections only)");
+        return;
+    }
+    println!("layer\tresponse helpful (0)\tresponse trait (100)\tprompt_last helpful (0)\tprompt_last trait (100)");
+    let side = |s: &Option<pb::SideStats>| {
+        s.as_ref().map_or("-".into(), |s| format!("{:.2} ± {:.2} (n={})", s.mean, s.std, s.n))
+    };
+    for c in &v.calibration {
+        let (r, p) = (c.response.unwrap_or_default(), c.prompt_last.unwrap_or_default());
+        println!("{}\t{}\t{}\t{}\t{}", c.layer, side(&r.neg), side(&r.pos), side(&p.neg), side(&p.pos));
+    }
+}
+
+/// One progress line of a long call, rewritten in place on stderr.
+pub(crate) fn print_progress(stage: &str, done: u32, total: u32, elapsed: f64, eta: f64) {
+    eprint!("\r{stage:<11} {done:>5}/{total:<5} elapsed {elapsed:>6.1}s  eta {eta:>6.1}s   ");
+}
+
+pub(crate) fn print_layer_scores(v: &pb::VectorInfo) {
+    if v.layer_scores.is_empty() {
+        return;
+    }
+    println!("layer\tcohens_d\tauroc");
+    for s in &v.layer_scores {
+        let mark = if Some(s.layer) == v.recommended_layer { "\t<- recommended" } else { "" };
+        println!("{}\t{:.3}\t{:.3}{mark}", s.layer, s.cohens_d, s.auroc);
+    }
+}

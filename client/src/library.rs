@@ -1,0 +1,287 @@
+//! The trait and vector libraries: `persona traits`, `persona vectors` and `persona project`.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use persona_client::{Client, pb};
+use std::path::PathBuf;
+
+use crate::extract::print_calibration;
+
+#[derive(Subcommand)]
+pub(crate) enum TraitsCmd {
+    /// One line per trait.
+    List,
+    /// A trait's definition as JSON.
+    Show { name: String },
+    /// Draft a definition from a name and a description; writes JSON to --out or stdout.
+    New {
+        name: String,
+        #[arg(long)]
+        description: String,
+        /// Ask the server's judge model to write it instead of the built-in templates.
+        #[arg(long)]
+        llm: bool,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct ProjectArgs {
+    /// The user message.
+    pub(crate) user: String,
+    #[arg(long)]
+    pub(crate) system: Option<String>,
+    /// Assistant answer to score.
+    #[arg(long, default_value = "")]
+    pub(crate) response: String,
+    /// VECTOR[:LAYER]; repeatable. Without a layer, the vector's recommended one.
+    #[arg(long = "vector", value_name = "VECTOR[:LAYER]", required = true)]
+    pub(crate) vectors: Vec<String>,
+    #[arg(long, default_value = "")]
+    pub(crate) model: String,
+    /// Also print the projection at every token.
+    #[arg(long)]
+    pub(crate) per_token: bool,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum VectorsCmd {
+    List {
+        #[arg(long, default_value = "")]
+        model: String,
+    },
+    Get {
+        name: String,
+        /// Write the values as JSON ({"info":…, "values":[[…]…]}) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Store a vector from a JSON file holding a list of rows ([[f32; d_model]; n_layers+1]).
+    Put {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long = "trait", default_value = "")]
+        trait_name: String,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    Rm {
+        name: String,
+    },
+    /// Store a vector from a llama.cpp/repeng control-vector GGUF, a persona_vectors .pt file or
+    /// our safetensors file (format detected from the bytes unless --format says).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// auto, gguf, pt or safetensors.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        #[arg(long, default_value = "")]
+        model: String,
+        #[arg(long = "trait", default_value = "")]
+        trait_name: String,
+        /// Recommended layer to record with the vector.
+        #[arg(long)]
+        layer: Option<u32>,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Write a stored vector as a control-vector GGUF (llama.cpp --control-vector) or safetensors.
+    Export {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// gguf or safetensors.
+        #[arg(long, default_value = "gguf")]
+        format: String,
+    },
+}
+
+pub(crate) async fn traits(c: &mut Client, cmd: TraitsCmd) -> Result<()> {
+    match cmd {
+        TraitsCmd::List => {
+            for t in c.list_traits(pb::ListTraitsRequest {}).await?.into_inner().traits {
+                println!(
+                    "{}\t{} pairs, {} questions\t{}",
+                    t.trait_name,
+                    t.instruction.len(),
+                    t.questions.len(),
+                    t.description
+                );
+            }
+        }
+        TraitsCmd::Show { name } => {
+            let all = c.list_traits(pb::ListTraitsRequest {}).await?.into_inner().traits;
+            let known: Vec<String> = all.iter().map(|t| t.trait_name.clone()).collect();
+            let t = all
+                .into_iter()
+                .find(|t| t.trait_name == name)
+                .with_context(|| format!("no trait `{name}` (known: {})", known.join(", ")))?;
+            println!("{}", persona_client::trait_to_json(&t));
+        }
+        TraitsCmd::New { name, description, llm, out } => {
+            let r = c
+                .draft_trait(pb::DraftTraitRequest { trait_name: name, description, use_llm: llm })
+                .await?
+                .into_inner();
+            let json = persona_client::trait_to_json(&r.definition.context("server sent no definition")?);
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, json + "\n")?;
+                    eprintln!("wrote {} (generator: {})", path.display(), r.generator);
+                }
+                None => println!("{json}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn print_vector(v: &pb::VectorInfo) {
+    let kind = pb::VectorKind::try_from(v.kind).map(|k| k.as_str_name()).unwrap_or("?");
+    let (best, norm) =
+        v.row_norms.iter().enumerate().fold((0, 0f32), |acc, (i, n)| if *n > acc.1 { (i, *n) } else { acc });
+    let layer = v.recommended_layer.map_or("-".to_string(), |l| l.to_string());
+    println!(
+        "{}\tmodel={} trait={} kind={kind} shape=[{}, {}] recommended layer={layer} largest-norm row={best} ({norm:.2}) {}",
+        v.name, v.model, v.trait_name, v.n_rows, v.d_model, v.description
+    );
+}
+
+pub(crate) async fn project(c: &mut Client, a: ProjectArgs) -> Result<()> {
+    let targets = a
+        .vectors
+        .iter()
+        .map(|s| {
+            Ok(match s.rsplit_once(':') {
+                Some((v, l)) => {
+                    pb::ProjectionTarget { vector: v.to_string(), layer: Some(l.parse().context("layer")?) }
+                }
+                None => pb::ProjectionTarget { vector: s.clone(), layer: None },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let Some(pb::prompt::Kind::Chat(conversation)) = persona_client::chat(&a.user, a.system.as_deref()).kind else {
+        unreachable!("chat() builds a conversation")
+    };
+    let r = c
+        .project_activation(pb::ProjectActivationRequest {
+            model: a.model,
+            conversation: Some(conversation),
+            response: a.response,
+            targets,
+            per_token: a.per_token,
+        })
+        .await?
+        .into_inner();
+    println!(
+        "vector\tlayer\tprompt_last\tprompt_avg\tresponse_avg\t(calibrated 0-100: helpful rollouts 0, trait rollouts 100)"
+    );
+    for p in &r.projections {
+        let resp = if p.has_response { format!("{:.4}", p.response_avg) } else { "-".into() };
+        let cal = if !p.calibrated {
+            p.uncalibrated_reason.clone()
+        } else if p.has_response {
+            format!("{:.0}\t{:.0}\t{:.0}", p.prompt_last_calibrated, p.prompt_avg_calibrated, p.response_avg_calibrated)
+        } else {
+            format!("{:.0}\t{:.0}\t-", p.prompt_last_calibrated, p.prompt_avg_calibrated)
+        };
+        println!("{}\t{}\t{:.4}\t{:.4}\t{resp}\t{cal}", p.vector, p.layer, p.prompt_last, p.prompt_avg);
+    }
+    if a.per_token {
+        let names: Vec<String> = r.projections.iter().map(|p| format!("{}@{}", p.vector, p.layer)).collect();
+        println!("\n#\tpart\ttoken\t{}", names.join("\t"));
+        for (i, t) in r.tokens.iter().enumerate() {
+            let part = if i < r.prompt_tokens as usize { "prompt" } else { "response" };
+            let vals: Vec<String> = r.projections.iter().map(|p| format!("{:.3}", p.per_token[i])).collect();
+            println!("{i}\t{part}\t{t:?}\t{}", vals.join("\t"));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
+    match cmd {
+        VectorsCmd::List { model } => {
+            for v in c.list_vectors(pb::ListVectorsRequest { model }).await?.into_inner().vectors {
+                print_vector(&v);
+            }
+        }
+        VectorsCmd::Get { name, out } => {
+            let r = c.get_vector(pb::GetVectorRequest { name, include_values: out.is_some() }).await?.into_inner();
+            let info = r.info.context("server sent no vector info")?;
+            print_vector(&info);
+            print_calibration(&info);
+            if let Some(path) = out {
+                let rows: Vec<&[f32]> = r.values.chunks(info.d_model.max(1) as usize).collect();
+                let json = serde_json::json!({ "name": info.name, "model": info.model, "trait": info.trait_name, "values": rows });
+                std::fs::write(&path, serde_json::to_vec_pretty(&json)?)?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        VectorsCmd::Put { name, file, model, trait_name, overwrite } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let rows = v.get("values").unwrap_or(&v);
+            let rows: Vec<Vec<f32>> =
+                serde_json::from_value(rows.clone()).context("expected a list of rows of floats")?;
+            let r = c
+                .put_vector(pb::PutVectorRequest {
+                    name,
+                    model,
+                    trait_name,
+                    kind: pb::VectorKind::ResponseAvg as i32,
+                    values: rows.concat(),
+                    description: format!("imported from {}", file.display()),
+                    overwrite,
+                })
+                .await?
+                .into_inner();
+            print_vector(&r.info.context("server sent no vector info")?);
+        }
+        VectorsCmd::Rm { name } => {
+            c.delete_vector(pb::DeleteVectorRequest { name: name.clone() }).await?;
+            println!("deleted {name}");
+        }
+        VectorsCmd::Import { file, name, format, model, trait_name, layer, overwrite } => {
+            let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = c
+                .import_vector(pb::ImportVectorRequest {
+                    name,
+                    model,
+                    format: vector_format(&format)? as i32,
+                    data,
+                    trait_name,
+                    kind: pb::VectorKind::ResponseAvg as i32,
+                    description: format!("imported from {}", file.display()),
+                    overwrite,
+                    recommended_layer: layer,
+                })
+                .await?
+                .into_inner();
+            print_vector(&r.info.context("server sent no vector info")?);
+        }
+        VectorsCmd::Export { name, out, format } => {
+            let r = c.export_vector(pb::ExportVectorRequest { name, format: vector_format(&format)? as i32 }).await?;
+            let r = r.into_inner();
+            std::fs::write(&out, &r.data).with_context(|| format!("writing {}", out.display()))?;
+            eprintln!("wrote {} ({} bytes, {})", out.display(), r.data.len(), r.extension);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn vector_format(s: &str) -> Result<pb::VectorFormat> {
+    Ok(match s {
+        "auto" => pb::VectorFormat::Unspecified,
+        "gguf" => pb::VectorFormat::Gguf,
+        "pt" | "torch" => pb::VectorFormat::Torch,
+        "safetensors" => pb::VectorFormat::Safetensors,
+        other => bail!("unknown format `{other}` (auto, gguf, pt or safetensors)"),
+    })
+}
