@@ -68,6 +68,10 @@ pub struct EngineSettings {
     pub max_queue: usize,
     /// KV cache memory per model in MiB, shared by the running sequences.
     pub kv_cache_mb: usize,
+    /// Fault injection for tests (see `EngineConfig::panic_on_token`); no file or variable sets it.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub panic_on_token: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +128,7 @@ impl Default for EngineSettings {
             max_step_tokens: e.max_step_tokens,
             max_queue: e.max_queue,
             kv_cache_mb: e.kv_cache_bytes >> 20,
+            panic_on_token: None,
         }
     }
 }
@@ -181,6 +186,7 @@ impl Settings {
             max_step_tokens: self.engine.max_step_tokens,
             max_queue: self.engine.max_queue,
             kv_cache_bytes: self.engine.kv_cache_mb << 20,
+            panic_on_token: self.engine.panic_on_token,
         }
     }
 }

@@ -22,8 +22,18 @@ pub enum ServiceError {
     /// A service the request depends on did not answer properly (e.g. the judge endpoint).
     #[error("{0}")]
     Unavailable(String),
+    /// The client went away (a streaming call's receiver is gone); nothing failed.
+    #[error("{0}")]
+    Cancelled(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl ServiceError {
+    /// The error of a streamed message that could not be delivered: the client left.
+    pub fn client_left() -> Self {
+        Self::Cancelled("the client went away".into())
+    }
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
@@ -48,10 +58,11 @@ impl From<ServiceError> for Status {
                 EngineError::QueueFull(_) | EngineError::TooLarge { .. } => Code::ResourceExhausted,
                 EngineError::DeadlineExceeded(_) => Code::DeadlineExceeded,
                 EngineError::Stopped => Code::Unavailable,
-                EngineError::Compute(_) => Code::Internal,
+                EngineError::Compute(_) | EngineError::Panicked(_) => Code::Internal,
             },
             ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
             ServiceError::Unavailable(_) => Code::Unavailable,
+            ServiceError::Cancelled(_) => Code::Cancelled,
             ServiceError::Internal(_) => Code::Internal,
         };
         if code == Code::Internal {
@@ -64,6 +75,12 @@ impl From<ServiceError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_leaving_is_a_cancellation() {
+        let s: Status = ServiceError::client_left().into();
+        assert_eq!(s.code(), Code::Cancelled);
+    }
 
     #[test]
     fn codes_are_precise() {

@@ -72,6 +72,34 @@ async fn warm_up(engine: &EngineHandle) -> Result<()> {
 
 type Persona = pb::persona_service_server::PersonaServiceServer<PersonaSvc>;
 
+/// The health service name of one model's engine.
+pub fn model_health_name(model: &str) -> String {
+    format!("persona.v1.PersonaService/{model}")
+}
+
+/// Publishes every engine's health: each model as its own health service
+/// ([`model_health_name`]), SERVING or NOT_SERVING; and `persona.v1.PersonaService` NOT_SERVING
+/// while any model's engine is down (recovering from a panic, or given up after a crash loop),
+/// so a probe on the service sees a replica that cannot serve all its models.
+async fn watch_engines(state: &AppState, reporter: &tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus;
+    let status = |serving: bool| if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+    let all: Vec<_> = state.engines.values().map(EngineHandle::health).collect();
+    for (id, engine) in &state.engines {
+        let mut rx = engine.health();
+        reporter.set_service_status(model_health_name(id), status(rx.borrow().serving)).await;
+        let (reporter, all, id) = (reporter.clone(), all.clone(), id.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let serving = rx.borrow_and_update().serving;
+                reporter.set_service_status(model_health_name(&id), status(serving)).await;
+                let every = all.iter().all(|h| h.borrow().serving);
+                reporter.set_service_status(<Persona as tonic::server::NamedService>::NAME, status(every)).await;
+            }
+        });
+    }
+}
+
 /// Serves already loaded models on `listener` until `shutdown` resolves, then drains in-flight
 /// calls for up to `grace`.
 pub async fn serve(
@@ -82,6 +110,7 @@ pub async fn serve(
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<Persona>().await;
+    watch_engines(&state, &reporter).await;
     serve_service(PersonaSvc::new(state), reporter, health, listener, shutdown, grace).await
 }
 
@@ -102,6 +131,7 @@ pub async fn load_and_serve(
     tokio::pin!(server);
     let load = async {
         let state = build_state(settings).await?;
+        watch_engines(&state, &reporter).await;
         svc.set_ready(state);
         reporter.set_serving::<Persona>().await;
         tracing::info!("models loaded; serving");

@@ -236,15 +236,29 @@ fn greedy(
     (out, last_logits)
 }
 
+/// The device path (what CUDA and Metal run: candle's matmuls and tensor-op attention, no host
+/// kernels), exercised on the CPU so every CI run covers the code a GPU would execute.
+fn device_path_model() -> persona_server::model::LoadedModel {
+    common::load_with_tensor_attention(Requantize::None)
+}
+
 #[test]
 fn packed_rows_match_solo_runs() {
-    let m = common::served_model();
+    packed_rows_match_solo_runs_on(&common::served_model());
+}
+
+#[test]
+fn packed_rows_match_solo_runs_on_the_device_path() {
+    packed_rows_match_solo_runs_on(&device_path_model());
+}
+
+fn packed_rows_match_solo_runs_on(m: &persona_server::model::LoadedModel) {
     let texts =
         ["The capital of France is", "1, 2, 3, 4,", "Once upon a time, in a small village by the sea, there lived"];
     let prompts: Vec<Vec<u32>> = texts.iter().map(|t| m.tokenizer.encode(t).unwrap()).collect();
     assert!(prompts.iter().map(Vec::len).collect::<std::collections::HashSet<_>>().len() > 1, "lengths differ");
-    let (solo, solo_logits) = greedy(&m, &prompts, 8, false);
-    let (packed, packed_logits) = greedy(&m, &prompts, 8, true);
+    let (solo, solo_logits) = greedy(m, &prompts, 8, false);
+    let (packed, packed_logits) = greedy(m, &prompts, 8, true);
     assert_eq!(solo, packed);
     for (a, b) in solo_logits.iter().zip(&packed_logits) {
         let d = max_abs_diff(a, b);
@@ -283,7 +297,15 @@ fn chat_template_renders_chatml() {
 
 #[test]
 fn steering_changes_logits_only_where_applied() {
-    let m = common::served_model();
+    steering_changes_logits_only_where_applied_on(&common::served_model());
+}
+
+#[test]
+fn steering_and_capture_work_the_same_on_the_device_path() {
+    steering_changes_logits_only_where_applied_on(&device_path_model());
+}
+
+fn steering_changes_logits_only_where_applied_on(m: &persona_server::model::LoadedModel) {
     let c = m.config();
     let prompt = m.tokenizer.encode("The weather today is").unwrap();
     let mut addends: Vec<Option<Vec<f32>>> = vec![None; c.n_residual_rows()];

@@ -408,6 +408,44 @@ async fn screening_ranks_trait_laden_samples_above_neutral_ones() {
     assert_eq!((again.samples, again.cached_own_responses), (12, 12));
 }
 
+/// A prompt so long that the model's own response stops at the context limit: that response
+/// ends with a token sampled at the last position, one more than prompt + response can hold
+/// in a capture. Screening reads what fits instead of failing the sample.
+#[tokio::test]
+async fn screening_a_prompt_whose_own_response_reaches_the_context_limit() {
+    let m = common::served_model();
+    let render = |text: &str| {
+        let chat = m.template.render(&[persona_server::model::chat::Message::new("user", text)]).unwrap();
+        m.tokenizer.encode(&chat).unwrap().len()
+    };
+    let story = "the keeper climbed the stairs of the old lighthouse, lit the lamp and watched the ships pass";
+    let mut words = story.split(' ').cycle();
+    let mut text = String::from("Write a long story that begins like this:");
+    while render(&text) < common::TEST_CONTEXT - 6 {
+        text.push(' ');
+        text.push_str(words.next().unwrap());
+    }
+    assert!(render(&text) < common::TEST_CONTEXT, "the prompt itself must fit");
+    let sample = pb::ScreenSample {
+        id: "long".into(),
+        prompt: conversation(vec![message("user", &text)]),
+        response: "Fine.".into(),
+    };
+    let config = pb::ScreenConfig {
+        targets: evil(),
+        sampling: Some(pb::SamplingParams { max_tokens: 32, ..Default::default() }),
+        include_own_response: true,
+        ..Default::default()
+    };
+    let requests = vec![
+        pb::ScreenRequest { kind: Some(pb::screen_request::Kind::Config(config)) },
+        pb::ScreenRequest { kind: Some(pb::screen_request::Kind::Sample(sample)) },
+    ];
+    let (results, summary) = screen(&mut client().await, requests).await;
+    assert_eq!(summary.failed, 0, "{results:?}");
+    assert!(results[0].error_code == 0 && !results[0].own_response.is_empty(), "{:?}", results[0]);
+}
+
 #[tokio::test]
 async fn screening_needs_a_valid_config_first() {
     let mut c = client().await;

@@ -195,3 +195,46 @@ fn a_capturing_generation_matches_a_capture_pass_over_what_it_fed() {
         close(live.response_avg.as_ref().unwrap(), offline.response_avg.as_ref().unwrap(), "response_avg");
     });
 }
+
+/// The engine's health reaches gRPC health checks and the status report: a panic fails the
+/// request that was running with INTERNAL and a message; after a crash loop the model's health
+/// service and `persona.v1.PersonaService` turn NOT_SERVING and calls get UNAVAILABLE.
+#[test]
+fn engine_panics_reach_health_checks_and_the_status() {
+    let tok = &common::served_model().tokenizer;
+    let poison = *tok.encode(" zebra").unwrap().last().unwrap();
+    let (srv, _dir) = server(|s| s.engine.panic_on_token = Some(poison));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = persona_client::connect(&srv.addr.to_string()).await.unwrap();
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{}", srv.addr)).unwrap().connect().await.unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let check = |service: String| tonic_health::pb::HealthCheckRequest { service };
+        let model = persona_server::server::model_health_name("smollm2-135m-instruct");
+        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+        let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+        assert_eq!(health.check(check(model.clone())).await.unwrap().into_inner().status, serving);
+
+        for i in 0..5 {
+            let status = generate_text(&mut c, greedy("Tell me about the zebra.", 8)).await.unwrap_err();
+            assert_eq!(status.code(), Code::Internal, "panic {i}: {status:?}");
+            assert!(
+                status.message().contains("injected fault") && status.message().contains("restarted"),
+                "{status:?}"
+            );
+        }
+        let s = wait_for(&mut c, "the crash loop", |s| !s.serving).await;
+        assert_eq!((s.restarts, s.failed), (5, 5), "{s:?}");
+        assert!(s.last_panic.contains("injected fault"), "{s:?}");
+        for service in [model, "persona.v1.PersonaService".to_string()] {
+            assert_eq!(
+                health.check(check(service.clone())).await.unwrap().into_inner().status,
+                not_serving,
+                "{service}"
+            );
+        }
+        let e = c.generate(greedy("Hello?", 4)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    });
+}

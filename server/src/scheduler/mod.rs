@@ -29,12 +29,33 @@ pub struct EngineConfig {
     /// Memory for the key/value caches of running sequences. A sequence reserves room for
     /// its prompt plus `max_tokens` when it joins the batch; requests wait until that fits.
     pub kv_cache_bytes: usize,
+    /// Fault injection for tests: a step carrying this token id panics inside the engine
+    /// thread, as a kernel bug would. Never set from configuration.
+    #[doc(hidden)]
+    pub panic_on_token: Option<u32>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 16, max_step_tokens: 512, max_queue: 256, kv_cache_bytes: 1 << 30 }
+        Self { max_batch: 16, max_step_tokens: 512, max_queue: 256, kv_cache_bytes: 1 << 30, panic_on_token: None }
     }
+}
+
+/// Panics within this window count towards [`CRASH_LOOP`].
+const CRASH_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// After this many engine panics within [`CRASH_WINDOW`] the engine stops restarting: it stays
+/// NOT_SERVING and refuses work, so a supervisor replaces the process.
+const CRASH_LOOP: usize = 5;
+
+/// Whether an engine serves, published to health checks and status reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineHealth {
+    /// False after a crash loop (and for the instant of a restart).
+    pub serving: bool,
+    /// Times the engine thread panicked and restarted since start.
+    pub restarts: u64,
+    /// The last panic's message.
+    pub last_panic: Option<String>,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -51,6 +72,8 @@ pub enum EngineError {
     Stopped,
     #[error("model computation failed: {0}")]
     Compute(String),
+    #[error("the engine failed while running this request ({0}); it restarted and serves new requests")]
+    Panicked(String),
 }
 
 /// Why a generation ended.
@@ -150,8 +173,12 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     /// KV cache bytes reserved by running sequences.
     pub kv_reserved_bytes: AtomicUsize,
+    /// Admitted and not yet gone: waiting plus running (bounds admission to batch + queue).
+    pub in_flight: AtomicUsize,
     pub completed: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Ended by an error (a row the model could not run, an engine panic).
+    pub failed: AtomicU64,
     pub rejected: AtomicU64,
     pub generated_tokens: AtomicU64,
 }
@@ -165,8 +192,11 @@ pub struct EngineStatus {
     pub kv_budget_bytes: usize,
     pub completed: u64,
     pub cancelled: u64,
+    pub failed: u64,
     pub rejected: u64,
     pub generated_tokens: u64,
+    pub restarts: u64,
+    pub serving: bool,
 }
 
 /// Cloneable handle to a model's engine thread.
@@ -176,6 +206,7 @@ pub struct EngineHandle {
     model: Arc<LoadedModel>,
     cfg: EngineConfig,
     stats: Arc<EngineStats>,
+    health: tokio::sync::watch::Receiver<EngineHealth>,
 }
 
 /// KV cache bytes one token occupies across all layers (f32 keys and values).
@@ -187,9 +218,10 @@ pub fn kv_bytes_per_token(model: &LoadedModel) -> usize {
 impl EngineHandle {
     /// Starts the engine thread for `model`.
     pub fn spawn(model: Arc<LoadedModel>, cfg: EngineConfig) -> std::io::Result<Self> {
-        // The channel never holds more than max_queue commands: `waiting` is checked first.
-        let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
+        // The channel never holds more than batch + queue commands: `in_flight` is checked first.
+        let (tx, rx) = mpsc::channel((cfg.max_queue + cfg.max_batch).max(1));
         let stats = Arc::new(EngineStats::default());
+        let (health_tx, health) = tokio::sync::watch::channel(EngineHealth { serving: true, ..Default::default() });
         let engine = Engine {
             model: model.clone(),
             cfg: cfg.clone(),
@@ -198,9 +230,16 @@ impl EngineHandle {
             waiting: VecDeque::new(),
             stats: stats.clone(),
             bytes_per_token: kv_bytes_per_token(&model),
+            health: health_tx,
+            panics: VecDeque::new(),
         };
         std::thread::Builder::new().name(format!("engine-{}", model.id)).spawn(move || engine.run())?;
-        Ok(Self { tx, model, cfg, stats })
+        Ok(Self { tx, model, cfg, stats, health })
+    }
+
+    /// The engine's health; changes when it panics, restarts or gives up.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<EngineHealth> {
+        self.health.clone()
     }
 
     /// Sequences the engine decodes together at most.
@@ -217,23 +256,33 @@ impl EngineHandle {
             kv_budget_bytes: self.cfg.kv_cache_bytes,
             completed: s.completed.load(Ordering::Relaxed),
             cancelled: s.cancelled.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
             rejected: s.rejected.load(Ordering::Relaxed),
             generated_tokens: s.generated_tokens.load(Ordering::Relaxed),
+            restarts: self.health.borrow().restarts,
+            serving: self.health.borrow().serving,
         }
     }
 
-    /// Refuses work that could never fit the KV budget, or that would overflow the queue;
-    /// otherwise takes a queue place (given back when the request starts running or leaves).
+    /// Refuses work that could never fit the KV budget, that would overflow the queue, or that
+    /// arrives while the engine is down; otherwise takes a place (given back when the request
+    /// leaves). Places are the running batch plus `max_queue`: a burst at an idle engine fills
+    /// the batch before anything counts as queued.
     fn admit_check(&self, tokens: usize) -> Result<(), EngineError> {
         let need = tokens * kv_bytes_per_token(&self.model);
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
-        let refused = if need > self.cfg.kv_cache_bytes {
+        let refused = if !self.health.borrow().serving {
+            Some(EngineError::Stopped)
+        } else if need > self.cfg.kv_cache_bytes {
             Some(EngineError::TooLarge { tokens, need_mib: mib(need), budget_mib: mib(self.cfg.kv_cache_bytes) })
         } else {
-            let max = self.cfg.max_queue;
+            let max = self.cfg.max_queue + self.cfg.max_batch;
             let place =
-                self.stats.waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < max).then_some(w + 1));
-            place.is_err().then_some(EngineError::QueueFull(max))
+                self.stats.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w < max).then_some(w + 1));
+            if place.is_ok() {
+                self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+            }
+            place.is_err().then_some(EngineError::QueueFull(self.cfg.max_queue))
         };
         if let Some(e) = refused {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -250,6 +299,7 @@ impl EngineHandle {
     fn submit(&self, cmd: Command) -> Result<(), EngineError> {
         self.tx.try_send(cmd).map_err(|e| {
             self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             match e {
                 mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.cfg.max_queue),
                 mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
@@ -290,24 +340,105 @@ struct Engine {
     waiting: VecDeque<Sequence>,
     stats: Arc<EngineStats>,
     bytes_per_token: usize,
+    health: tokio::sync::watch::Sender<EngineHealth>,
+    /// When recent panics happened (for crash-loop detection).
+    panics: VecDeque<Instant>,
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "unknown panic".to_string(),
+    }
 }
 
 impl Engine {
+    /// The engine loop. A panic anywhere in it (a kernel bug, a poisoned row) is caught: the
+    /// sequences that were running get an error (INTERNAL), their state is dropped, the restart
+    /// is counted, and the engine goes on with the waiting ones. The model's weights are never
+    /// written after loading, so nothing else can be left half-changed. After [`CRASH_LOOP`]
+    /// panics within [`CRASH_WINDOW`] it gives up: NOT_SERVING for good and every request
+    /// refused, so health checks get the process replaced.
     fn run(mut self) {
         tracing::info!(model = %self.model.id, "engine started");
         loop {
-            if !self.admit() {
-                break;
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn())) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(payload) => {
+                    if !self.recover(&panic_message(payload.as_ref())) {
+                        break;
+                    }
+                }
             }
-            self.expire();
-            self.retire();
-            if self.running.is_empty() {
-                continue;
-            }
+        }
+        tracing::info!(model = %self.model.id, "engine stopped");
+    }
+
+    /// One round: take new work, run a step. False once every handle is gone.
+    fn turn(&mut self) -> bool {
+        if !self.admit() {
+            return false;
+        }
+        self.expire();
+        self.retire();
+        if !self.running.is_empty() {
             self.step();
             self.retire();
         }
-        tracing::info!(model = %self.model.id, "engine stopped");
+        true
+    }
+
+    /// Fails the running sequences after a panic; returns whether the engine goes on.
+    fn recover(&mut self, msg: &str) -> bool {
+        let now = Instant::now();
+        self.panics.push_back(now);
+        while self.panics.front().is_some_and(|&t| now.duration_since(t) > CRASH_WINDOW) {
+            self.panics.pop_front();
+        }
+        let crash_loop = self.panics.len() >= CRASH_LOOP;
+        tracing::error!(model = %self.model.id, panic = msg, running = self.running.len(), "engine panicked");
+        self.health.send_modify(|h| {
+            h.serving = false;
+            h.restarts += 1;
+            h.last_panic = Some(msg.to_string());
+        });
+        if !crash_loop {
+            // Serving again before anyone hears of the failure, so a client that retries at
+            // once is admitted.
+            self.health.send_modify(|h| h.serving = true);
+        }
+        let dropped: Vec<Sequence> = if crash_loop {
+            self.running.drain(..).chain(self.waiting.drain(..)).collect()
+        } else {
+            self.running.drain(..).collect()
+        };
+        for mut seq in dropped {
+            if !seq.finished() {
+                seq.fail(EngineError::Panicked(msg.to_string()));
+            }
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.stats.running.store(0, Ordering::Relaxed);
+        self.stats.kv_reserved_bytes.store(0, Ordering::Relaxed);
+        if crash_loop {
+            tracing::error!(model = %self.model.id, panics = self.panics.len(), "engine crash loop: giving up; NOT_SERVING");
+            // Refuse everything still queued in the channel, then stop.
+            self.rx.close();
+            while let Ok(cmd) = self.rx.try_recv() {
+                let mut seq = self.new_sequence(cmd);
+                seq.fail(EngineError::Stopped);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.stats.waiting.store(0, Ordering::Relaxed);
+            return false;
+        }
+        tracing::warn!(model = %self.model.id, "engine restarted");
+        true
     }
 
     fn new_sequence(&self, cmd: Command) -> Sequence {
@@ -356,22 +487,29 @@ impl Engine {
         self.waiting.retain(|s| {
             let keep = !s.cancelled() && !s.finished();
             if !keep {
-                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                let counter = if s.failed() { &stats.failed } else { &stats.cancelled };
+                counter.fetch_add(1, Ordering::Relaxed);
             }
             keep
         });
-        stats.waiting.fetch_sub(before_waiting - self.waiting.len(), Ordering::Relaxed);
+        let left = before_waiting - self.waiting.len();
+        stats.waiting.fetch_sub(left, Ordering::Relaxed);
+        stats.in_flight.fetch_sub(left, Ordering::Relaxed);
+        let before_running = self.running.len();
         self.running.retain(|s| {
-            if s.finished() && !s.aborted() {
-                stats.completed.fetch_add(1, Ordering::Relaxed);
-                false
+            let counter = if s.failed() {
+                &stats.failed
+            } else if s.finished() && !s.aborted() {
+                &stats.completed
             } else if s.finished() || s.cancelled() {
-                stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                false
+                &stats.cancelled
             } else {
-                true
-            }
+                return true;
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            false
         });
+        stats.in_flight.fetch_sub(before_running - self.running.len(), Ordering::Relaxed);
         stats.running.store(self.running.len(), Ordering::Relaxed);
         stats.kv_reserved_bytes.store(self.reserved(), Ordering::Relaxed);
     }
@@ -427,6 +565,7 @@ impl Engine {
             budget = budget.saturating_sub(n);
         }
         let started = Instant::now();
+        let mut rejected = Vec::new();
         let (rows, selected): (Vec<RowInput<'_>>, Vec<usize>) = {
             let mut rows = Vec::new();
             let mut selected = Vec::new();
@@ -434,12 +573,28 @@ impl Engine {
                 if take[i] == 0 {
                     continue;
                 }
-                rows.push(seq.row_input(take[i]));
+                let row = seq.row_input(take[i]);
+                // A row the model cannot run fails alone, before the step.
+                if let Err(e) = self.model.model.check_row(&row) {
+                    rejected.push((i, e));
+                    continue;
+                }
+                rows.push(row);
                 selected.push(i);
             }
             (rows, selected)
         };
-        let result = self.model.model.forward(ForwardContext { rows });
+        if let Some(poison) = self.cfg.panic_on_token
+            && rows.iter().any(|r| r.tokens.contains(&poison))
+        {
+            panic!("injected fault: token {poison} reached the forward pass");
+        }
+        let result = if rows.is_empty() { None } else { Some(self.model.model.forward(ForwardContext { rows })) };
+        for (i, msg) in rejected {
+            tracing::warn!(error = %msg, "row rejected before the step");
+            self.running[i].fail(EngineError::Compute(msg));
+        }
+        let Some(result) = result else { return };
         match result {
             Ok(out) => {
                 if let Err(e) = self.absorb(&selected, &take, out.logits, out.captures) {
@@ -507,8 +662,11 @@ impl Engine {
 
     fn fail(&mut self, selected: &[usize], msg: &str) {
         tracing::error!(error = msg, "forward pass failed");
+        // candle appends a backtrace to its errors when RUST_BACKTRACE is set: the log keeps
+        // it, clients get the message.
+        let first = msg.lines().next().unwrap_or(msg).to_string();
         for &i in selected {
-            self.running[i].fail(EngineError::Compute(msg.to_string()));
+            self.running[i].fail(EngineError::Compute(first.clone()));
         }
     }
 }

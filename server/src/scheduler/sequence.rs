@@ -23,6 +23,8 @@ pub(super) struct Sequence {
     /// KV cache bytes reserved for this sequence while it runs.
     pub kv_reserve: usize,
     pub deadline: Option<Instant>,
+    /// Ended by an error other than its deadline.
+    failed: bool,
 }
 
 /// What a sequence is for. Few exist at a time, so the size difference between variants is moot.
@@ -46,6 +48,7 @@ impl Sequence {
         Self {
             kv_reserve,
             deadline: job.deadline,
+            failed: false,
             cache,
             pending: job.prompt,
             consumed: 0,
@@ -65,6 +68,7 @@ impl Sequence {
                 first_token: None,
                 done: false,
                 aborted: false,
+                failed: false,
                 monitors: job.monitors,
                 acc,
                 logprobs: job.logprobs,
@@ -86,6 +90,7 @@ impl Sequence {
         Self {
             kv_reserve,
             deadline: None,
+            failed: false,
             cache,
             pending: job.tokens,
             consumed: 0,
@@ -177,7 +182,13 @@ impl Sequence {
         }
     }
 
+    /// Ended by an error (not by completing, its client leaving or its deadline).
+    pub fn failed(&self) -> bool {
+        self.failed || matches!(&self.work, Work::Generate(g) if g.failed)
+    }
+
     pub fn fail(&mut self, err: EngineError) {
+        self.failed = !matches!(err, EngineError::DeadlineExceeded(_));
         match &mut self.work {
             Work::Generate(g) => {
                 g.aborted = matches!(err, EngineError::DeadlineExceeded(_));
@@ -209,6 +220,8 @@ pub(super) struct Generation {
     done: bool,
     /// Ended because the client went away (a send failed).
     aborted: bool,
+    /// Ended by an error of its own (the text could not be decoded).
+    failed: bool,
     monitors: Vec<Probe>,
     acc: Option<CaptureAccumulator>,
     /// Report log-probabilities with this many top alternatives.
@@ -253,6 +266,7 @@ impl Generation {
             Err(e) => {
                 let _ = self.tx.send(Err(EngineError::Compute(e.to_string())));
                 self.done = true;
+                self.failed = true;
                 return None;
             }
         }

@@ -376,9 +376,13 @@ pub fn evaluate(
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let name = sweep.vector.meta.name.clone();
-        if let Err(e) = sweep.run(&tx).await {
-            tracing::warn!(vector = %name, error = %e, "steering evaluation failed");
-            let _ = tx.send(Err(Status::from(e))).await;
+        match sweep.run(&tx).await {
+            Ok(()) => {}
+            Err(ServiceError::Cancelled(why)) => tracing::info!(vector = %name, "steering evaluation cancelled: {why}"),
+            Err(e) => {
+                tracing::warn!(vector = %name, error = %e, "steering evaluation failed");
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
         }
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
@@ -396,7 +400,7 @@ async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Inst
     let msg = pb::EvaluateSteeringResponse { event: Some(pb::evaluate_steering_response::Event::Progress(p)) };
     // A client that left drops the receiver: failing here drops the task set, which aborts the
     // generations in flight and so frees their engine slots.
-    tx.send(Ok(msg)).await.map_err(|_| ServiceError::Internal("client went away".into()))
+    tx.send(Ok(msg)).await.map_err(|_| ServiceError::client_left())
 }
 
 /// Mean trait and coherence over a cell's scored answers.
@@ -556,7 +560,7 @@ impl Sweep {
             "steering evaluation done"
         );
         let msg = pb::EvaluateSteeringResponse { event: Some(pb::evaluate_steering_response::Event::Result(result)) };
-        tx.send(Ok(msg)).await.map_err(|_| ServiceError::Internal("client went away".into()))
+        tx.send(Ok(msg)).await.map_err(|_| ServiceError::client_left())
     }
 
     /// The trait's positive system prompt, unsteered and then steered against the trait (−c and

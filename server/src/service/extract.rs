@@ -164,9 +164,13 @@ pub fn extract(
         let job =
             Job { state, engine, spec, rollouts, sampling, judge, thresholds, filtering, overwrite: req.overwrite };
         let name = job.spec.name.clone();
-        if let Err(e) = job.run(tx.clone()).await {
-            tracing::warn!(vector = %name, error = %e, "extraction failed");
-            let _ = tx.send(Err(Status::from(e))).await;
+        match job.run(tx.clone()).await {
+            Ok(()) => {}
+            Err(ServiceError::Cancelled(why)) => tracing::info!(vector = %name, "extraction cancelled: {why}"),
+            Err(e) => {
+                tracing::warn!(vector = %name, error = %e, "extraction failed");
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
         }
     });
     Ok(Box::pin(ReceiverStream::new(rx)))
@@ -184,7 +188,7 @@ type Tx = mpsc::Sender<Result<pb::ExtractVectorResponse, Status>>;
 
 async fn send(tx: &Tx, event: pb::extract_vector_response::Event) -> ServiceResult<()> {
     let msg = pb::ExtractVectorResponse { event: Some(event) };
-    tx.send(Ok(msg)).await.map_err(|_| ServiceError::Internal("client went away".into()))
+    tx.send(Ok(msg)).await.map_err(|_| ServiceError::client_left())
 }
 
 async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Instant) -> ServiceResult<()> {
@@ -553,6 +557,16 @@ pub fn tally_to_pb(t: &Tally) -> pb::JudgeCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that hangs up mid-extraction closes the stream: the job stops as a
+    /// cancellation (CANCELLED, logged at info), not as an internal error.
+    #[tokio::test]
+    async fn a_client_leaving_cancels_the_job() {
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let err = progress(&tx, "rollouts", 1, 2, Instant::now()).await.unwrap_err();
+        assert!(matches!(err, ServiceError::Cancelled(_)), "{err:?}");
+    }
 
     #[test]
     fn every_fifth_question_is_held_out() {

@@ -46,6 +46,7 @@ pub fn status(state: &AppState) -> pb::GetServerStatusResponse {
         .iter()
         .map(|(id, e)| {
             let s = e.status();
+            let last_panic = e.health().borrow().last_panic.clone().unwrap_or_default();
             pb::EngineStatus {
                 model: id.clone(),
                 running: s.running as u32,
@@ -57,6 +58,10 @@ pub fn status(state: &AppState) -> pb::GetServerStatusResponse {
                 rejected: s.rejected,
                 generated_tokens: s.generated_tokens,
                 max_batch: e.max_batch() as u32,
+                failed: s.failed,
+                restarts: s.restarts,
+                serving: s.serving,
+                last_panic,
             }
         })
         .collect();

@@ -232,6 +232,17 @@ impl Screen {
     }
 
     async fn response_avg(&self, prompt: &[u32], response: &[u32]) -> ServiceResult<Vec<f32>> {
+        // A response that stopped at the context limit ends with a token sampled at the last
+        // position, which was never run through the model: prompt + response is one token longer
+        // than the context. Read what fits.
+        let context = self.engine.model().config().context_length;
+        let response = &response[..response.len().min(context.saturating_sub(prompt.len()))];
+        if response.is_empty() {
+            return Err(invalid(format!(
+                "the prompt fills the model's context ({} of {context} tokens); no response token fits after it",
+                prompt.len()
+            )));
+        }
         let job = CaptureJob {
             tokens: [prompt, response].concat(),
             prompt_len: prompt.len(),

@@ -141,14 +141,40 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
+/// How old a temporary file must be before `open` treats it as left by a killed writer. A put
+/// writes, syncs and renames within milliseconds; younger files may belong to a replica sharing
+/// the directory that is writing right now.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A put's temporary file (`.NAME.PID.NANOS.tmp`) older than [`STALE_TMP`]: what a writer killed
+/// between create and rename leaves. Complete vector files never match.
+fn is_stale_partial_write(path: &Path) -> bool {
+    let Some(file) = path.file_name().and_then(|n| n.to_str()) else { return false };
+    if !(file.starts_with('.') && file.ends_with(".tmp")) {
+        return false;
+    }
+    let age = std::fs::metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+    age.is_some_and(|a| a >= STALE_TMP)
+}
+
 impl VectorStore {
     /// Opens (creating if needed) a store directory and indexes the vectors in it. Files that
-    /// cannot be read are reported and left untouched.
+    /// cannot be read are reported and left untouched; temporary files of writes interrupted
+    /// long ago (a kill between write and rename) are removed.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut vectors = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let path = entry.map_err(io(dir))?.path();
+            if is_stale_partial_write(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(path = %path.display(), "removed an interrupted write's temporary file"),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale temporary file")
+                    }
+                }
+                continue;
+            }
             if path.extension().is_none_or(|e| e != EXT) {
                 continue;
             }
@@ -351,6 +377,30 @@ mod tests {
             },
             values: (0..12).map(|i| i as f32 * fill).collect(),
         }
+    }
+
+    /// A put killed between create and rename (kill -9) leaves `.NAME.PID.NANOS.tmp` behind;
+    /// the next start removes it once it is older than any live write, and touches nothing else:
+    /// complete vectors, fresh temporary files (a replica writing now) and unrelated files stay.
+    #[test]
+    fn open_removes_stale_partial_writes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        VectorStore::open(dir.path()).unwrap().put(vector("kept", 1.0), false).unwrap();
+        let old = std::time::SystemTime::now() - STALE_TMP - std::time::Duration::from_secs(60);
+        let write = |name: &str, modified: std::time::SystemTime| {
+            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+            f.set_modified(modified).unwrap();
+        };
+        write(".evil.4242.1700000000000000000.tmp", old);
+        write(".fresh.4243.1700000000000000001.tmp", std::time::SystemTime::now());
+        write("notes.tmp", old);
+        let store = VectorStore::open(dir.path()).unwrap();
+        let left: std::collections::BTreeSet<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let want: std::collections::BTreeSet<String> =
+            ["kept.safetensors", ".fresh.4243.1700000000000000001.tmp", "notes.tmp"].map(String::from).into();
+        assert_eq!(left, want);
+        assert_eq!(store.get("kept").unwrap().values, vector("kept", 1.0).values);
     }
 
     #[test]

@@ -631,6 +631,49 @@ impl Llama {
         Ok(ForwardOutput { logits, captures })
     }
 
+    /// Whether one row can run: the engine checks every row before a step, so a bad row fails
+    /// alone instead of failing the forward pass of every row batched with it.
+    pub fn check_row(&self, row: &RowInput<'_>) -> std::result::Result<(), String> {
+        let t = row.tokens.len();
+        if t == 0 {
+            return Err("the row has no tokens".to_string());
+        }
+        if let Some(&bad) = row.tokens.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(format!("token id {bad} is outside the vocabulary ({} tokens)", self.cfg.vocab_size));
+        }
+        let end = row.cache.len() + t;
+        if end > self.cfg.context_length {
+            return Err(format!("the row needs {end} positions, the context is {}", self.cfg.context_length));
+        }
+        if end > row.cache.max_len {
+            return Err(format!("the row needs {end} positions, its cache reservation holds {}", row.cache.max_len));
+        }
+        if row.logits > t {
+            return Err(format!("the row asks for logits at {} positions but carries {t} tokens", row.logits));
+        }
+        if let Some(addends) = row.steering {
+            if addends.len() > self.cfg.n_residual_rows() {
+                return Err(format!(
+                    "steering names {} residual layers, the model has {}",
+                    addends.len(),
+                    self.cfg.n_residual_rows()
+                ));
+            }
+            if let Some((layer, v)) = addends
+                .iter()
+                .enumerate()
+                .find_map(|(l, a)| a.as_ref().filter(|v| v.len() != self.cfg.hidden_size).map(|v| (l, v)))
+            {
+                return Err(format!(
+                    "steering addend at layer {layer} has {} values, d_model is {}",
+                    v.len(),
+                    self.cfg.hidden_size
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn pack(&self, rows: &[RowInput<'_>]) -> Result<PackedRows> {
         let mut spans = Vec::with_capacity(rows.len());
         let mut positions = Vec::new();
@@ -639,12 +682,7 @@ impl Llama {
         for (i, row) in rows.iter().enumerate() {
             let t = row.tokens.len();
             let start = row.cache.len();
-            if t == 0 {
-                candle_core::bail!("row {i} has no tokens");
-            }
-            if start + t > self.cfg.context_length {
-                candle_core::bail!("row {i} needs {} positions, context is {}", start + t, self.cfg.context_length);
-            }
+            self.check_row(row).map_err(|e| candle_core::Error::msg(format!("row {i}: {e}")))?;
             positions.extend((start..start + t).map(|p| p as u32));
             if t > 1 && !self.host_attention {
                 masks.insert(i, causal_mask(t, start, &self.device)?);
