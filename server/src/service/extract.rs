@@ -8,10 +8,10 @@ use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::judge::{Judge, Outcome, Tally, coherence_prompt};
 use crate::model::chat::Message;
 use crate::scheduler::{CaptureJob, CaptureResult, EngineHandle, GenEvent, GenerateJob, Summary};
-use crate::steering::calibration::calibrate;
+use crate::steering::calibration::calibrate_projections;
 use crate::steering::plan::SteeringPlan;
-use crate::steering::separation::{layer_scores, recommend};
-use crate::steering::store::{StoredVector, VectorKind, VectorMeta, now_unix, validate_name};
+use crate::steering::separation::{auroc, cohens_d, recommend};
+use crate::steering::store::{LayerScore, StoredVector, VectorKind, VectorMeta, now_unix, validate_name};
 use crate::traits::TraitDef;
 use persona_proto::v1 as pb;
 use std::sync::Arc;
@@ -49,10 +49,15 @@ struct Rollout {
     prompt: Vec<u32>,
 }
 
+/// One rollout after generation and judging: its answer (re-read for calibration) and whether it
+/// is kept. Its activation summaries went into the running sums and are gone.
 struct Answer {
-    text: String,
     ids: Vec<u32>,
-    capture: CaptureResult,
+    /// How many of `ids` were run through the model during generation: all but a last token that
+    /// was sampled and then ended the generation (length, context or a stop string). The
+    /// generation's summaries cover these only, and so does the held-out re-reading.
+    fed: usize,
+    kept: bool,
 }
 
 fn spec(state: &AppState, req: &pb::ExtractVectorRequest) -> ServiceResult<Spec> {
@@ -239,16 +244,94 @@ fn activations(c: &CaptureResult, kind: VectorKind) -> Option<&[f32]> {
     }
 }
 
-fn mean_difference(pos: &[&[f32]], neg: &[&[f32]], len: usize) -> Vec<f32> {
-    let mean = |set: &[&[f32]]| {
-        let mut m = vec![0f32; len];
-        for a in set {
-            m.iter_mut().zip(a.iter()).for_each(|(s, v)| *s += v);
+/// Running sums of the three activation summaries (in [`KINDS`] order) over the kept rollouts,
+/// per side, over all questions and over the training (not held-out) ones. Their size depends on
+/// the model, not on how many rollouts an extraction has.
+struct Sums {
+    len: usize,
+    /// `[kind][side]` (side 0: positive), summed in f64.
+    all: Vec<[Vec<f64>; 2]>,
+    train: Vec<[Vec<f64>; 2]>,
+    n_all: Vec<[usize; 2]>,
+    n_train: Vec<[usize; 2]>,
+    n_held: Vec<[usize; 2]>,
+}
+
+fn side(positive: bool) -> usize {
+    usize::from(!positive)
+}
+
+impl Sums {
+    fn new(len: usize) -> Self {
+        let zeros = || -> Vec<[Vec<f64>; 2]> { KINDS.iter().map(|_| [vec![0.0; len], vec![0.0; len]]).collect() };
+        let counts = || vec![[0usize; 2]; KINDS.len()];
+        Self { len, all: zeros(), train: zeros(), n_all: counts(), n_train: counts(), n_held: counts() }
+    }
+
+    fn add(&mut self, capture: &CaptureResult, positive: bool, held: bool) {
+        let s = side(positive);
+        for (k, (kind, _)) in KINDS.iter().enumerate() {
+            let Some(a) = activations(capture, *kind) else { continue };
+            let add = |sum: &mut Vec<f64>| sum.iter_mut().zip(a).for_each(|(t, &v)| *t += f64::from(v));
+            add(&mut self.all[k][s]);
+            self.n_all[k][s] += 1;
+            if held {
+                self.n_held[k][s] += 1;
+            } else {
+                add(&mut self.train[k][s]);
+                self.n_train[k][s] += 1;
+            }
         }
-        m.iter_mut().for_each(|s| *s /= set.len().max(1) as f32);
-        m
-    };
-    mean(pos).iter().zip(mean(neg)).map(|(p, n)| p - n).collect()
+    }
+
+    /// mean(positive) − mean(negative) of kind `k`, over all kept rollouts or the training ones.
+    fn difference(&self, k: usize, train: bool) -> Vec<f32> {
+        let (sums, n) = if train { (&self.train[k], &self.n_train[k]) } else { (&self.all[k], &self.n_all[k]) };
+        let (p, q) = (n[0].max(1) as f64, n[1].max(1) as f64);
+        (0..self.len).map(|i| (sums[0][i] / p - sums[1][i] / q) as f32).collect()
+    }
+
+    /// Whether kind `k` has training and held-out rollouts on both sides.
+    fn splits(&self, k: usize) -> bool {
+        self.n_train[k].iter().chain(&self.n_held[k]).all(|&n| n > 0)
+    }
+}
+
+/// Per layer, the projection of one activation summary onto `vector`'s row at that layer (`None`
+/// where the row is zero, as calibration skips it).
+fn per_layer(vector: &[f32], act: &[f32], n_rows: usize, d: usize) -> Vec<Option<f32>> {
+    (0..n_rows)
+        .map(|l| {
+            let v = &vector[l * d..(l + 1) * d];
+            (!v.iter().all(|&x| x == 0.0)).then(|| crate::steering::projection(&act[l * d..(l + 1) * d], v))
+        })
+        .collect()
+}
+
+/// Per-layer projection lists of one kind, per side: `[side][layer]`.
+type SideProjections = [Vec<Vec<f32>>; 2];
+
+fn empty_projections(n_rows: usize) -> Vec<SideProjections> {
+    KINDS.iter().map(|_| [vec![Vec::new(); n_rows], vec![Vec::new(); n_rows]]).collect()
+}
+
+fn push_projections(into: &mut SideProjections, positive: bool, projections: Vec<Option<f32>>) {
+    for (list, p) in into[side(positive)].iter_mut().zip(projections) {
+        if let Some(p) = p {
+            list.push(p);
+        }
+    }
+}
+
+/// What the second pass over the kept rollouts leaves: projections only, per kind.
+struct Readings {
+    /// Re-read response averages on the stored vector (calibration of response scores).
+    response: Vec<SideProjections>,
+    /// Last prompt tokens on the stored vector (calibration of prompt scores).
+    prompt_last: Vec<SideProjections>,
+    /// Held-out rollouts on the training direction (or, without a split, every kept rollout on
+    /// the stored vector): the layer scores.
+    scored: Vec<SideProjections>,
 }
 
 struct Job {
@@ -266,16 +349,10 @@ struct Job {
 impl Job {
     async fn run(self, tx: Tx) -> ServiceResult<()> {
         let started = Instant::now();
-        let answers = self.roll_out(&tx).await?;
-        let (keep, tally) = match &self.judge {
-            Some(judge) => {
-                let (keep, tally) = self.judge_answers(judge, &answers, &tx).await?;
-                (keep, Some(tally))
-            }
-            None => (vec![true; answers.len()], None),
+        let (answers, sums, tally) = self.roll_out(&tx).await?;
+        let kept = |positive: bool| {
+            (0..answers.len()).filter(|&i| answers[i].kept && self.rollouts[i].positive == positive).count()
         };
-        let kept =
-            |positive: bool| (0..answers.len()).filter(|&i| keep[i] && self.rollouts[i].positive == positive).count();
         let (kept_pos, kept_neg) = (kept(true), kept(false));
         if kept_pos == 0 || kept_neg == 0 {
             let why =
@@ -286,14 +363,15 @@ impl Job {
                 why.unwrap_or_default()
             )));
         }
-        let reread = self.reread(&answers, &keep, &tx).await?;
+        let values: Vec<Vec<f32>> = (0..KINDS.len()).map(|k| sums.difference(k, false)).collect();
+        let readings = self.read_again(&answers, &sums, &values, &tx).await?;
         let stage = Instant::now();
         progress(&tx, "store", 0, KINDS.len(), stage).await?;
         let mut stored = Vec::new();
-        for (i, (kind, suffix)) in KINDS.into_iter().enumerate() {
-            let vector = self.vector(kind, suffix, &answers, &keep, &reread);
+        for (k, (kind, suffix)) in KINDS.into_iter().enumerate() {
+            let vector = self.vector(k, kind, suffix, &sums, values[k].clone(), &readings);
             stored.push(vectors::store_put(&self.state.store, vector, self.overwrite).await?);
-            progress(&tx, "store", i + 1, KINDS.len(), stage).await?;
+            progress(&tx, "store", k + 1, KINDS.len(), stage).await?;
         }
         let mut infos = stored.iter().map(|v| resolve::vector_info(v));
         let result = pb::ExtractResult {
@@ -315,10 +393,14 @@ impl Job {
     }
 
     /// Generates every rollout (at most a batch's worth at once, so other users keep queue room),
-    /// summarising the hidden states of every layer over prompt and answer in the same pass.
-    async fn roll_out(&self, tx: &Tx) -> ServiceResult<Vec<Answer>> {
+    /// summarising the hidden states of every layer over prompt and answer in the same pass; the
+    /// judge, when there is one, scores each answer as soon as it exists. A kept rollout's
+    /// summaries go into running sums and are dropped, so memory does not grow with the number of
+    /// rollouts (only the answers' token ids are kept, for the second pass).
+    async fn roll_out(&self, tx: &Tx) -> ServiceResult<(Vec<Answer>, Sums, Option<Tally>)> {
         let started = Instant::now();
         let model = self.engine.model().clone();
+        let c = model.config();
         let total = self.rollouts.len();
         let permits = Arc::new(Semaphore::new(self.engine.max_batch()));
         let mut tasks = JoinSet::new();
@@ -331,184 +413,262 @@ impl Job {
                     ..self.sampling.config.clone()
                 },
                 stop: self.sampling.stop.clone(),
-                steering: SteeringPlan::new(model.config().n_residual_rows()),
+                steering: SteeringPlan::new(c.n_residual_rows()),
                 deadline: None,
                 monitors: Vec::new(),
                 capture: true,
                 logprobs: None,
             };
+            // The judge's two prompts need the answer; they are built once it exists.
+            let judging = self
+                .judge
+                .clone()
+                .zip(self.spec.def.clone())
+                .map(|(j, d)| (j, d, self.spec.questions[r.question].clone()));
             let (engine, permits) = (self.engine.clone(), permits.clone());
             tasks.spawn(async move {
-                let _permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
+                let permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
                 let (answer, summary) = complete(&engine, job).await?;
+                drop(permit);
+                let summary =
+                    summary.ok_or_else(|| ServiceError::Internal("generation ended without a summary".into()))?;
+                // An end-of-turn token was sampled, stripped and never fed; otherwise the last
+                // kept token ended the generation without being fed.
+                let fed = if summary.completion_tokens > answer.len() {
+                    answer.len()
+                } else {
+                    answer.len().saturating_sub(1)
+                };
                 let capture = summary
-                    .and_then(|s| s.capture)
+                    .capture
                     .ok_or_else(|| ServiceError::Internal("generation ended without its capture".into()))?;
-                let text =
-                    engine.model().tokenizer.decode(&answer).map_err(|e| ServiceError::Internal(e.to_string()))?;
-                Ok::<_, ServiceError>((i, Answer { text, ids: answer, capture }))
+                let judged = match judging {
+                    Some((judge, def, question)) => {
+                        let text = engine
+                            .model()
+                            .tokenizer
+                            .decode(&answer)
+                            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                        let prompts = (def.eval_prompt_for(&question, &text), coherence_prompt(&question, &text));
+                        Some(judge.rate_answer(prompts.0, prompts.1).await)
+                    }
+                    None => None,
+                };
+                Ok::<_, ServiceError>((i, answer, fed, capture, judged))
             });
         }
         progress(tx, "rollouts", 0, total, started).await?;
         let mut answers: Vec<Option<Answer>> = (0..total).map(|_| None).collect();
+        let mut sums = Sums::new(c.n_residual_rows() * c.hidden_size);
+        let mut tally = self.judge.as_ref().map(|_| Tally::default());
+        let mut last_failure = None;
+        let n_q = self.spec.questions.len();
         let mut done = 0;
         while let Some(joined) = tasks.join_next().await {
-            let (i, a) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
-            answers[i] = Some(a);
+            let (i, ids, fed, capture, judged) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
+            let r = &self.rollouts[i];
+            let kept = match (judged, tally.as_mut()) {
+                (Some((trait_score, coherence)), Some(tally)) => {
+                    for o in [&trait_score, &coherence] {
+                        if let Outcome::Failed(e) = o {
+                            last_failure = Some(e.clone());
+                        }
+                    }
+                    self.judge_keeps(r.positive, &trait_score, &coherence, tally)
+                }
+                _ => true,
+            };
+            if kept {
+                sums.add(&capture, r.positive, held_out(r.question, n_q));
+            }
+            answers[i] = Some(Answer { ids, fed, kept });
             done += 1;
             progress(tx, "rollouts", done, total, started).await?;
         }
-        Ok(answers.into_iter().map(|a| a.expect("every rollout task reports once")).collect())
+        if let Some(t) = &tally {
+            if t.request_failed as usize == total
+                && let Some(e) = last_failure
+            {
+                return Err(ServiceError::Unavailable(format!("every judge request failed; the last: {e}")));
+            }
+            tracing::info!(vector = %self.spec.name, judged = %t.describe(), "judge filtering done");
+        }
+        let answers = answers.into_iter().map(|a| a.expect("every rollout task reports once")).collect();
+        Ok((answers, sums, tally))
     }
 
-    /// The kept answers re-read after their bare question, without the system prompt that
-    /// produced them: per rollout, the response average of every layer (`None` when dropped or
-    /// empty). Calibration of response scores uses these, so the system prompt's own effect on the
-    /// activations does not leak into the scale.
-    async fn reread(&self, answers: &[Answer], keep: &[bool], tx: &Tx) -> ServiceResult<Vec<Option<Vec<f32>>>> {
+    /// Whether the judge's scores keep an answer (counted in `tally`): coherent enough, and on
+    /// its side of the trait threshold. A request that failed twice drops its answer.
+    fn judge_keeps(&self, positive: bool, trait_score: &Outcome, coherence: &Outcome, tally: &mut Tally) -> bool {
+        let (trait_min, coherence_min) = self.thresholds;
+        match (tally.read(trait_score), tally.read(coherence)) {
+            (Some(_), Some(c)) if c < coherence_min => {
+                tally.incoherent += 1;
+                false
+            }
+            (Some(t), Some(_)) => {
+                let keep = if positive { t >= trait_min } else { t < trait_min };
+                if keep {
+                    tally.kept += 1;
+                } else {
+                    tally.trait_mismatch += 1;
+                }
+                keep
+            }
+            (None, _) => {
+                tally.drop_for(trait_score);
+                false
+            }
+            (Some(_), None) => {
+                tally.drop_for(coherence);
+                false
+            }
+        }
+    }
+
+    /// The second pass over the kept rollouts, once the stored vectors (`values`, per kind) and
+    /// the training directions are known; it keeps projections only. Per rollout:
+    /// - the answer re-read after its bare question, without the system prompt that produced it
+    ///   (calibration of response scores, so the system prompt's own effect on the activations
+    ///   does not leak into the scale);
+    /// - its prompt (system prompt + question) read again for the last prompt token (calibration
+    ///   of prompt scores), with the answer too where the layer scores need the rollout's
+    ///   activations: held-out rollouts, projected on the direction of the training ones (or
+    ///   every rollout on the stored vector when there is no held-out split).
+    async fn read_again(
+        &self,
+        answers: &[Answer],
+        sums: &Sums,
+        values: &[Vec<f32>],
+        tx: &Tx,
+    ) -> ServiceResult<Readings> {
         let started = Instant::now();
         let model = self.engine.model().clone();
+        let (n_rows, d) = (model.config().n_residual_rows(), model.config().hidden_size);
         let mut bare = Vec::with_capacity(self.spec.questions.len());
         for q in &self.spec.questions {
             let text = resolve::render_chat(&model, &[Message::new("user", q.clone())])?;
             bare.push(resolve::tokenize(&model, &text)?);
         }
-        let todo: Vec<usize> = (0..answers.len()).filter(|&i| keep[i] && !answers[i].ids.is_empty()).collect();
+        let splits: Vec<bool> = (0..KINDS.len()).map(|k| sums.splits(k)).collect();
+        let directions: Arc<Vec<Vec<f32>>> = Arc::new(
+            (0..KINDS.len()).map(|k| if splits[k] { sums.difference(k, true) } else { values[k].clone() }).collect(),
+        );
+        let values = Arc::new(values.to_vec());
+        let n_q = self.spec.questions.len();
+        let todo: Vec<usize> = (0..answers.len()).filter(|&i| answers[i].kept).collect();
         let permits = Arc::new(Semaphore::new(self.engine.max_batch()));
         let mut tasks = JoinSet::new();
         for &i in &todo {
-            let prompt = &bare[self.rollouts[i].question];
-            let job = CaptureJob {
-                tokens: [prompt.as_slice(), &answers[i].ids].concat(),
-                prompt_len: prompt.len(),
-                steering: SteeringPlan::new(model.config().n_residual_rows()),
+            let r = &self.rollouts[i];
+            let ids = &answers[i].ids;
+            let held = held_out(r.question, n_q);
+            // Kinds whose layer scores read this rollout.
+            let scored: Vec<bool> = splits.iter().map(|&split| !split || held).collect();
+            let capture = |tokens: Vec<u32>, prompt_len: usize| CaptureJob {
+                tokens,
+                prompt_len,
+                steering: SteeringPlan::new(n_rows),
                 probes: Vec::new(),
                 logprobs: None,
             };
-            let (engine, permits) = (self.engine.clone(), permits.clone());
+            let prompt = r.prompt.clone();
+            let read = if scored.iter().any(|&s| s) {
+                capture([prompt.as_slice(), &ids[..answers[i].fed]].concat(), prompt.len())
+            } else {
+                capture(prompt.clone(), prompt.len())
+            };
+            let question = &bare[r.question];
+            let reread = (!ids.is_empty()).then(|| capture([question.as_slice(), ids].concat(), question.len()));
+            let (engine, permits, values, directions) =
+                (self.engine.clone(), permits.clone(), values.clone(), directions.clone());
+            let positive = r.positive;
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
-                Ok::<_, ServiceError>((i, engine.capture(job).await?.response_avg))
+                let (read, reread) = tokio::join!(engine.capture(read), async {
+                    match reread {
+                        Some(job) => engine.capture(job).await.map(Some),
+                        None => Ok(None),
+                    }
+                });
+                let (read, reread) = (read?, reread?);
+                // Per kind: re-read response, last prompt token, and (where scored) the layer-score reading.
+                let mut out = Vec::with_capacity(KINDS.len());
+                for (k, (kind, _)) in KINDS.iter().enumerate() {
+                    let response = reread
+                        .as_ref()
+                        .and_then(|c| c.response_avg.as_deref())
+                        .map(|a| per_layer(&values[k], a, n_rows, d));
+                    let last = per_layer(&values[k], &read.prompt_last, n_rows, d);
+                    let score = if scored[k] {
+                        activations(&read, *kind).map(|a| {
+                            (0..n_rows)
+                                .map(|l| {
+                                    let span = l * d..(l + 1) * d;
+                                    Some(crate::steering::projection(&a[span.clone()], &directions[k][span]))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    } else {
+                        None
+                    };
+                    out.push((response, last, score));
+                }
+                Ok::<_, ServiceError>((positive, out))
             });
         }
-        let mut out = vec![None; answers.len()];
+        let mut readings = Readings {
+            response: empty_projections(n_rows),
+            prompt_last: empty_projections(n_rows),
+            scored: empty_projections(n_rows),
+        };
         progress(tx, "calibrate", 0, todo.len(), started).await?;
         let mut done = 0;
         while let Some(joined) = tasks.join_next().await {
-            let (i, acts) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
-            out[i] = acts;
+            let (positive, per_kind) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
+            for (k, (response, last, score)) in per_kind.into_iter().enumerate() {
+                if let Some(p) = response {
+                    push_projections(&mut readings.response[k], positive, p);
+                }
+                push_projections(&mut readings.prompt_last[k], positive, last);
+                if let Some(p) = score {
+                    push_projections(&mut readings.scored[k], positive, p);
+                }
+            }
             done += 1;
             progress(tx, "calibrate", done, todo.len(), started).await?;
         }
-        Ok(out)
+        Ok(readings)
     }
 
-    /// Scores every answer for the trait and for coherence; returns which to keep and why the
-    /// others were dropped. A request that fails twice drops its answer; only when every request
-    /// failed (the endpoint is down) does the extraction fail, with UNAVAILABLE.
-    async fn judge_answers(
-        &self,
-        judge: &Arc<Judge>,
-        answers: &[Answer],
-        tx: &Tx,
-    ) -> ServiceResult<(Vec<bool>, Tally)> {
-        let def = self.spec.def.as_ref().expect("a judge is only chosen for trait definitions");
-        let (trait_min, coherence_min) = self.thresholds;
-        let mut tasks = JoinSet::new();
-        for (i, a) in answers.iter().enumerate() {
-            let question = &self.spec.questions[self.rollouts[i].question];
-            let prompts = [def.eval_prompt_for(question, &a.text), coherence_prompt(question, &a.text)];
-            let judge = judge.clone();
-            tasks.spawn(async move {
-                let [t, c] = prompts;
-                let (trait_score, coherence) = judge.rate_answer(t, c).await;
-                (i, trait_score, coherence)
-            });
-        }
-        let started = Instant::now();
-        let mut keep = vec![false; answers.len()];
-        let mut tally = Tally::default();
-        let mut last_failure = None;
-        let mut done = 0;
-        while let Some(joined) = tasks.join_next().await {
-            let (i, trait_score, coherence) = joined.map_err(|e| ServiceError::Internal(e.to_string()))?;
-            let (t, c) = (tally.read(&trait_score), tally.read(&coherence));
-            match (t, c) {
-                (Some(_), Some(c)) if c < coherence_min => tally.incoherent += 1,
-                (Some(t), Some(_)) => {
-                    keep[i] = if self.rollouts[i].positive { t >= trait_min } else { t < trait_min };
-                    if keep[i] {
-                        tally.kept += 1;
-                    } else {
-                        tally.trait_mismatch += 1;
-                    }
-                }
-                (None, _) => tally.drop_for(&trait_score),
-                (Some(_), None) => tally.drop_for(&coherence),
-            }
-            for o in [&trait_score, &coherence] {
-                if let Outcome::Failed(e) = o {
-                    last_failure = Some(e.clone());
-                }
-            }
-            done += 1;
-            progress(tx, "judge", done, answers.len(), started).await?;
-        }
-        if tally.request_failed as usize == answers.len()
-            && let Some(e) = last_failure
-        {
-            return Err(ServiceError::Unavailable(format!("every judge request failed; the last: {e}")));
-        }
-        tracing::info!(vector = %self.spec.name, judged = %tally.describe(), "judge filtering done");
-        Ok((keep, tally))
-    }
-
-    /// The stored vector of one activation summary, with its layer scores.
+    /// The stored vector of one activation summary (kind `k`), with its layer scores and
+    /// calibration.
     fn vector(
         &self,
+        k: usize,
         kind: VectorKind,
         suffix: &str,
-        answers: &[Answer],
-        keep: &[bool],
-        reread: &[Option<Vec<f32>>],
+        sums: &Sums,
+        values: Vec<f32>,
+        readings: &Readings,
     ) -> StoredVector {
         let c = self.engine.model().config();
         let (n_rows, d) = (c.n_residual_rows(), c.hidden_size);
         let n_q = self.spec.questions.len();
-        let set = |positive: bool, held: Option<bool>| -> Vec<&[f32]> {
-            (0..answers.len())
-                .filter(|&i| keep[i] && self.rollouts[i].positive == positive)
-                .filter(|&i| held.is_none_or(|h| held_out(self.rollouts[i].question, n_q) == h))
-                .filter_map(|i| activations(&answers[i].capture, kind))
-                .collect()
-        };
-        let (pos, neg) = (set(true, None), set(false, None));
-        let values = mean_difference(&pos, &neg, n_rows * d);
-        let (train_pos, train_neg) = (set(true, Some(false)), set(false, Some(false)));
-        let (test_pos, test_neg) = (set(true, Some(true)), set(false, Some(true)));
-        let split = [&train_pos, &train_neg, &test_pos, &test_neg].iter().all(|s| !s.is_empty());
-        let (scores, scored_on) = if split {
-            let direction = mean_difference(&train_pos, &train_neg, n_rows * d);
-            (layer_scores(&direction, &test_pos, &test_neg, n_rows, d), "held-out questions")
-        } else {
-            (layer_scores(&values, &pos, &neg, n_rows, d), "the same rollouts (too few for a held-out split)")
-        };
+        let [pos, neg] = &readings.scored[k];
+        let scores: Vec<LayerScore> = (0..n_rows)
+            .map(|layer| LayerScore {
+                layer,
+                cohens_d: cohens_d(&pos[layer], &neg[layer]),
+                auroc: auroc(&pos[layer], &neg[layer]),
+            })
+            .collect();
+        let scored_on =
+            if sums.splits(k) { "held-out questions" } else { "the same rollouts (too few for a held-out split)" };
         let recommended = recommend(&scores);
-        let kept_side =
-            |positive: bool| (0..answers.len()).filter(move |&i| keep[i] && self.rollouts[i].positive == positive);
-        let reread_side =
-            |positive: bool| -> Vec<&[f32]> { kept_side(positive).filter_map(|i| reread[i].as_deref()).collect() };
-        let last_side = |positive: bool| -> Vec<&[f32]> {
-            kept_side(positive).map(|i| answers[i].capture.prompt_last.as_slice()).collect()
-        };
-        let calibration = calibrate(
-            &values,
-            (&reread_side(true), &reread_side(false)),
-            (&last_side(true), &last_side(false)),
-            n_rows,
-            d,
-        );
+        let calibration = calibrate_projections(&readings.response[k], &readings.prompt_last[k]);
         let s = &self.spec;
+        let [n_pos, n_neg] = sums.n_all[k];
         StoredVector {
             meta: VectorMeta {
                 name: format!("{}{suffix}", s.name),
@@ -521,8 +681,8 @@ impl Job {
                      samples); {}; layers scored on {}",
                     s.origin,
                     kind.as_str(),
-                    pos.len(),
-                    neg.len(),
+                    n_pos,
+                    n_neg,
                     s.pairs.len(),
                     n_q,
                     s.samples,
@@ -576,9 +736,36 @@ mod tests {
         assert!(!held_out(0, 1));
     }
 
+    fn capture(values: [f32; 2]) -> CaptureResult {
+        CaptureResult {
+            n_rows: 1,
+            d_model: 2,
+            prompt_last: values.to_vec(),
+            prompt_avg: values.to_vec(),
+            response_avg: Some(values.to_vec()),
+            per_token: Vec::new(),
+            logprobs: Vec::new(),
+        }
+    }
+
+    /// The running sums give per-element mean differences, over all kept rollouts and over the
+    /// training ones, and know when a held-out split exists on both sides.
     #[test]
-    fn mean_difference_is_per_element() {
-        let (a, b, c): (&[f32], &[f32], &[f32]) = (&[1.0, 2.0], &[3.0, 4.0], &[1.0, 1.0]);
-        assert_eq!(mean_difference(&[a, b], &[c], 2), [1.0, 2.0]);
+    fn running_sums_give_mean_differences_and_the_split() {
+        let mut sums = Sums::new(2);
+        sums.add(&capture([1.0, 2.0]), true, false);
+        sums.add(&capture([3.0, 4.0]), true, true);
+        sums.add(&capture([1.0, 1.0]), false, false);
+        assert_eq!(sums.difference(0, false), [1.0, 2.0]);
+        assert_eq!(sums.difference(0, true), [0.0, 1.0]);
+        assert!(!sums.splits(0), "no held-out negative rollout yet");
+        sums.add(&capture([0.0, 0.0]), false, true);
+        assert!(sums.splits(2));
+        assert_eq!(sums.difference(2, false), [1.5, 2.5]);
+        // An empty answer has no response average: it counts for the prompt kinds only.
+        let mut empty = capture([5.0, 5.0]);
+        empty.response_avg = None;
+        sums.add(&empty, true, false);
+        assert_eq!((sums.n_all[0], sums.n_all[1]), ([2, 2], [3, 2]));
     }
 }

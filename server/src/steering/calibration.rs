@@ -94,8 +94,17 @@ pub fn calibrate(
     d: usize,
 ) -> Vec<LayerCalibration> {
     let per_layer = |set: &[&[f32]]| projections_per_layer(vector, set, n_rows, d);
-    let (rp, rn) = (per_layer(response.0), per_layer(response.1));
-    let (pp, pn) = (per_layer(prompt_last.0), per_layer(prompt_last.1));
+    let response = [per_layer(response.0), per_layer(response.1)];
+    let prompt_last = [per_layer(prompt_last.0), per_layer(prompt_last.1)];
+    calibrate_projections(&response, &prompt_last)
+}
+
+/// [`calibrate`] from projections already taken: per side (positive, negative), per layer, the
+/// re-read response projections and the last-prompt-token projections. A layer without
+/// projections on both sides gets no calibration.
+pub fn calibrate_projections(response: &[Vec<Vec<f32>>; 2], prompt_last: &[Vec<Vec<f32>>; 2]) -> Vec<LayerCalibration> {
+    let n_rows = response[0].len();
+    let (rp, rn, pp, pn) = (&response[0], &response[1], &prompt_last[0], &prompt_last[1]);
     (0..n_rows)
         .filter_map(|l| {
             Some(LayerCalibration {
