@@ -5,7 +5,6 @@ use crate::config::Settings;
 use crate::model::LoadedModel;
 use crate::scheduler::{EngineHandle, GenEvent, GenerateJob};
 use crate::service::{AppState, PersonaSvc};
-use crate::steering::plan::SteeringPlan;
 use crate::steering::store::VectorStore;
 use anyhow::{Context, Result};
 use persona_proto::v1 as pb;
@@ -50,18 +49,7 @@ pub async fn build_state(settings: &Settings) -> Result<Arc<AppState>> {
 /// One short generation so the first real request does not pay for lazy initialisation.
 async fn warm_up(engine: &EngineHandle) -> Result<()> {
     let prompt = engine.model().tokenizer.encode("Hello")?;
-    let job = GenerateJob {
-        prompt,
-        max_tokens: 2,
-        sampling: Default::default(),
-        stop: Vec::new(),
-        steering: SteeringPlan::new(0),
-        deadline: None,
-        monitors: Vec::new(),
-        capture: false,
-        logprobs: None,
-    };
-    let mut rx = engine.generate(job)?;
+    let mut rx = engine.generate(GenerateJob::greedy(prompt, 2))?;
     while let Some(ev) = rx.recv().await {
         if let GenEvent::Done(_) = ev? {
             break;

@@ -3,23 +3,11 @@
 
 mod common;
 
-use persona_server::model::sampling::SamplingConfig;
 use persona_server::scheduler::{EngineConfig, EngineError, EngineHandle, EventStream, GenEvent, GenerateJob};
-use persona_server::steering::plan::SteeringPlan;
 use std::time::Duration;
 
 fn job(prompt: Vec<u32>, max_tokens: usize) -> GenerateJob {
-    GenerateJob {
-        prompt,
-        max_tokens,
-        sampling: SamplingConfig::default(),
-        stop: Vec::new(),
-        steering: SteeringPlan::new(0),
-        deadline: None,
-        monitors: Vec::new(),
-        capture: false,
-        logprobs: None,
-    }
+    GenerateJob::greedy(prompt, max_tokens)
 }
 
 fn prompt(text: &str) -> Vec<u32> {

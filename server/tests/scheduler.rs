@@ -155,17 +155,7 @@ fn a_capturing_generation_matches_a_capture_pass_over_what_it_fed() {
         let engine = EngineHandle::spawn(model.clone(), EngineConfig::default()).unwrap();
         let text = model.template.render(&[persona_server::model::chat::Message::new("user", "Name three rivers.")]);
         let prompt = model.tokenizer.encode(&text.unwrap()).unwrap();
-        let job = GenerateJob {
-            prompt: prompt.clone(),
-            max_tokens: 12,
-            sampling: Default::default(),
-            stop: Vec::new(),
-            steering: SteeringPlan::new(0),
-            deadline: None,
-            monitors: Vec::new(),
-            capture: true,
-            logprobs: None,
-        };
+        let job = GenerateJob { capture: true, ..GenerateJob::greedy(prompt.clone(), 12) };
         let mut rx = engine.generate(job).unwrap();
         let (mut ids, mut summary) = (Vec::new(), None);
         while let Some(ev) = rx.recv().await {

@@ -129,6 +129,24 @@ pub struct GenerateJob {
     pub logprobs: Option<usize>,
 }
 
+impl GenerateJob {
+    /// `max_tokens` greedy tokens after `prompt`, with nothing else: no stop strings, steering,
+    /// deadline, monitors, capture or log-probabilities (set those on the result).
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            sampling: SamplingConfig::default(),
+            stop: Vec::new(),
+            steering: SteeringPlan::new(0),
+            deadline: None,
+            monitors: Vec::new(),
+            capture: false,
+            logprobs: None,
+        }
+    }
+}
+
 /// A forward pass over `tokens` (prompt then optional response) that reports per-layer
 /// activation summaries instead of generating.
 pub struct CaptureJob {

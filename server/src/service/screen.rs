@@ -4,7 +4,6 @@
 use super::extract::complete;
 use super::{AppState, ResponseStream, resolve};
 use crate::error::{ServiceError, ServiceResult, invalid};
-use crate::model::sampling::SamplingConfig;
 use crate::scheduler::{CaptureJob, EngineHandle, GenerateJob};
 use crate::steering::plan::SteeringPlan;
 use persona_proto::v1 as pb;
@@ -218,15 +217,9 @@ impl Screen {
     async fn generate_own(&self, prompt: &[u32]) -> ServiceResult<Arc<Vec<u32>>> {
         let c = &self.sampling.config;
         let job = GenerateJob {
-            prompt: prompt.to_vec(),
-            max_tokens: self.sampling.max_tokens,
-            sampling: SamplingConfig { ..c.clone() },
+            sampling: c.clone(),
             stop: self.sampling.stop.clone(),
-            steering: SteeringPlan::new(0),
-            deadline: None,
-            monitors: Vec::new(),
-            capture: false,
-            logprobs: None,
+            ..GenerateJob::greedy(prompt.to_vec(), self.sampling.max_tokens)
         };
         Ok(Arc::new(complete(&self.engine, job).await?.0))
     }
