@@ -8,7 +8,7 @@ use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::judge::{Judge, Outcome, Tally, coherence_prompt};
 use crate::model::chat::Message;
 use crate::scheduler::{CaptureJob, CaptureResult, EngineHandle, GenEvent, GenerateJob, Summary};
-use crate::steering::calibration::calibrate_projections;
+use crate::steering::calibration::{calibrate_projections, projections_per_layer};
 use crate::steering::plan::SteeringPlan;
 use crate::steering::separation::{auroc, cohens_d, recommend};
 use crate::steering::store::{LayerScore, StoredVector, VectorKind, VectorMeta, now_unix, validate_name};
@@ -297,17 +297,6 @@ impl Sums {
     }
 }
 
-/// Per layer, the projection of one activation summary onto `vector`'s row at that layer (`None`
-/// where the row is zero, as calibration skips it).
-fn per_layer(vector: &[f32], act: &[f32], n_rows: usize, d: usize) -> Vec<Option<f32>> {
-    (0..n_rows)
-        .map(|l| {
-            let v = &vector[l * d..(l + 1) * d];
-            (!v.iter().all(|&x| x == 0.0)).then(|| crate::steering::projection(&act[l * d..(l + 1) * d], v))
-        })
-        .collect()
-}
-
 /// Per-layer projection lists of one kind, per side: `[side][layer]`.
 type SideProjections = [Vec<Vec<f32>>; 2];
 
@@ -315,11 +304,10 @@ fn empty_projections(n_rows: usize) -> Vec<SideProjections> {
     KINDS.iter().map(|_| [vec![Vec::new(); n_rows], vec![Vec::new(); n_rows]]).collect()
 }
 
-fn push_projections(into: &mut SideProjections, positive: bool, projections: Vec<Option<f32>>) {
+/// Adds one rollout's per-layer projections (none at a layer that has none) to its side's lists.
+fn push_projections(into: &mut SideProjections, positive: bool, projections: Vec<Vec<f32>>) {
     for (list, p) in into[side(positive)].iter_mut().zip(projections) {
-        if let Some(p) = p {
-            list.push(p);
-        }
+        list.extend(p);
     }
 }
 
@@ -598,14 +586,14 @@ impl Job {
                     let response = reread
                         .as_ref()
                         .and_then(|c| c.response_avg.as_deref())
-                        .map(|a| per_layer(&values[k], a, n_rows, d));
-                    let last = per_layer(&values[k], &read.prompt_last, n_rows, d);
+                        .map(|a| projections_per_layer(&values[k], &[a], n_rows, d));
+                    let last = projections_per_layer(&values[k], &[&read.prompt_last], n_rows, d);
                     let score = if scored[k] {
                         activations(&read, *kind).map(|a| {
                             (0..n_rows)
                                 .map(|l| {
                                     let span = l * d..(l + 1) * d;
-                                    Some(crate::steering::projection(&a[span.clone()], &directions[k][span]))
+                                    vec![crate::steering::projection(&a[span.clone()], &directions[k][span])]
                                 })
                                 .collect::<Vec<_>>()
                         })
