@@ -3,7 +3,7 @@
 //! (`BENCH_BATCHES=1,4,16`, `BENCH_DECODE_STEPS=64` after a 128-token prompt, `BENCH_REQUANTIZE`,
 //! `BENCH_PRECISION=fast|balanced|exact`).
 
-use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput};
+use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput, SteeringAddends};
 use persona_server::model::source::{ensure_embedded, local_files};
 use persona_server::model::weights::{Precision, Requantize};
 use persona_server::model::{LoadOptions, LoadedModel};
@@ -38,8 +38,9 @@ fn main() -> anyhow::Result<()> {
     println!("weights: {}  precision: {precision:?}  threads: {}", m.weights, candle_core::utils::get_num_threads());
     let prompt: Vec<u32> = m.tokenizer.encode(&"The lighthouse keeper found a bottle on the shore. ".repeat(12))?;
     let prompt = &prompt[..128.min(prompt.len())];
-    let mut steer: Vec<Option<Vec<f32>>> = vec![None; c.n_residual_rows()];
-    steer[c.n_layers / 2] = Some(vec![0.01; c.hidden_size]);
+    let mut layers: Vec<Option<Vec<f32>>> = vec![None; c.n_residual_rows()];
+    layers[c.n_layers / 2] = Some(vec![0.01; c.hidden_size]);
+    let steer = SteeringAddends::new(layers);
     let runs = 5;
     let decode_steps: usize = std::env::var("BENCH_DECODE_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
     let batches: Vec<usize> = std::env::var("BENCH_BATCHES")
@@ -47,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_| vec![1, 4, 16]);
     for batch in batches {
         for steered in [false, true] {
-            let s = steered.then_some(steer.as_slice());
+            let s = steered.then_some(&steer);
             let (mut pre, mut dec) = (Vec::new(), Vec::new());
             for _ in 0..runs {
                 let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(&c)).collect();

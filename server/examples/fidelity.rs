@@ -17,7 +17,7 @@ use candle_core::Device;
 use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput};
 use persona_server::model::chat::Message;
 use persona_server::model::source::{ensure_embedded, local_files};
-use persona_server::model::weights::{Precision, Requantize};
+use persona_server::model::weights::{ComputeDtype, Precision, Requantize};
 use persona_server::model::{LoadOptions, LoadedModel};
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -30,6 +30,8 @@ struct Args {
     window: usize,
     worker: Option<String>,
     limit: usize,
+    /// Also measure the GPU's code path (run here on the CPU).
+    gpu_path: bool,
 }
 
 fn args() -> Result<Args> {
@@ -41,6 +43,7 @@ fn args() -> Result<Args> {
         window: 512,
         worker: None,
         limit: usize::MAX,
+        gpu_path: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +55,7 @@ fn args() -> Result<Args> {
             "--window" => a.window = value()?.parse()?,
             "--worker" => a.worker = Some(value()?),
             "--limit" => a.limit = value()?.parse()?,
+            "--gpu-path" => a.gpu_path = true,
             // `cargo bench`/`cargo test` pass their own flags to harness-less targets.
             "--bench" | "--test" => {}
             other => bail!("unknown argument {other}"),
@@ -92,7 +96,7 @@ impl Tally {
         let mean = 100.0 * self.answer_share.iter().sum::<f64>() / n;
         let whole = self.answer_share.iter().filter(|&&s| s >= 1.0).count();
         format!(
-            "{name:<40} reproduces {mean:>5.1}% of each answer on average, {whole} of {} whole",
+            "{name:<46} reproduces {mean:>5.1}% of each answer on average, {whole} of {} whole",
             self.answer_share.len()
         )
     }
@@ -104,7 +108,7 @@ impl Tally {
         sorted.sort_by(f64::total_cmp);
         let p99 = sorted.get((sorted.len() * 99 / 100).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0.0);
         let top1 = 100.0 * self.same_top as f64 / n as f64;
-        format!("{name:<40} mean KL {mean:>9.2e}   p99 KL {p99:>9.2e}   top-1 agreement {top1:>6.2}%")
+        format!("{name:<46} mean KL {mean:>9.2e}   p99 KL {p99:>9.2e}   top-1 agreement {top1:>6.2}%")
     }
 }
 
@@ -183,16 +187,27 @@ fn main() -> Result<()> {
     let dir = persona_server::model::default_model_dir();
     let gguf = ensure_embedded(&dir, true)?;
     let files = local_files(&gguf)?;
-    let load = |requantize, precision| {
-        let opts = LoadOptions { requantize, precision, max_context: Some(args.window.max(512)) };
+    let load = |requantize, precision, dtype| {
+        let opts = LoadOptions { requantize, precision, dtype, max_context: Some(args.window.max(512)) };
         LoadedModel::from_files("fidelity", &files, &Device::Cpu, &opts)
     };
-    let reference = load(Requantize::F32, Precision::default())?;
-    // The served default first, then the other activation precisions of the same kernels.
-    let precisions = [Precision::Balanced, Precision::Fast, Precision::Exact];
-    let engines = precisions.iter().map(|&p| load(Requantize::Int8, p)).collect::<Result<Vec<_>>>()?;
+    let reference = load(Requantize::F32, Precision::default(), ComputeDtype::F32)?;
+    // The served CPU default first, then the other activation precisions of the same kernels,
+    // then what a GPU runs (dense weights in f16 or bf16, candle ops), here on the CPU.
+    let mut engines = Vec::new();
+    for p in [Precision::Balanced, Precision::Fast, Precision::Exact] {
+        let served = if p == Precision::default() { ", served CPU default" } else { "" };
+        let name = format!("persona-steer ({}{served})", format!("{p:?}").to_lowercase());
+        engines.push((name, load(Requantize::Int8, p, ComputeDtype::F32)?));
+    }
+    if args.gpu_path {
+        for (dtype, name) in [(ComputeDtype::F16, "GPU path, f16, GPU default"), (ComputeDtype::Bf16, "GPU path, bf16")]
+        {
+            engines.push((format!("persona-steer ({name})"), load(Requantize::Dense, Precision::default(), dtype)?));
+        }
+    }
     let vocab = reference.config().vocab_size;
-    println!("model: {}  served weights: {}", gguf.display(), engines[0].weights);
+    println!("model: {}  served weights: {}", gguf.display(), engines[0].1.weights);
 
     let mut docs = Vec::new();
     let text = std::fs::read_to_string(&args.corpus).with_context(|| format!("reading {}", args.corpus.display()))?;
@@ -210,14 +225,14 @@ fn main() -> Result<()> {
     println!("corpus: {} ({} documents, {total} predicted tokens)", args.corpus.display(), docs.len());
 
     let mut worker = args.worker.as_deref().map(|cmd| Worker::start(cmd, vocab)).transpose()?;
-    let mut ours: Vec<Tally> = precisions.iter().map(|_| Tally::default()).collect();
+    let mut ours: Vec<Tally> = engines.iter().map(|_| Tally::default()).collect();
     let mut theirs = Tally::default();
     let mut stderr = std::io::stderr().lock();
     for (i, doc) in docs.iter().enumerate() {
         write!(stderr, "\rdocument {}/{}", i + 1, docs.len())?;
         stderr.flush()?;
         let want = all_logits(&reference, doc)?;
-        let got = engines.iter().map(|m| all_logits(m, doc)).collect::<Result<Vec<_>>>()?;
+        let got = engines.iter().map(|(_, m)| all_logits(m, doc)).collect::<Result<Vec<_>>>()?;
         let other = worker.as_mut().map(|w| w.logits(doc)).transpose()?;
         // Position p's logits predict token p + 1; the last position predicts nothing in the text.
         for p in 0..doc.len() - 1 {
@@ -244,7 +259,7 @@ fn main() -> Result<()> {
         let ids = reference.tokenizer.encode(&text)?;
         let answer = greedy(&reference, &ids, args.answer_tokens)?;
         let seq: Vec<u32> = ids.iter().chain(&answer).copied().collect();
-        for (tally, m) in ours.iter_mut().zip(&engines) {
+        for (tally, (_, m)) in ours.iter_mut().zip(&engines) {
             tally.add_answer(&all_logits(m, &seq)?, vocab, ids.len(), &answer);
         }
         if let Some(w) = worker.as_mut() {
@@ -253,9 +268,8 @@ fn main() -> Result<()> {
     }
     writeln!(stderr)?;
     println!("\nnext-token distributions over the corpus, against the f32 reference:");
-    for (tally, p) in ours.iter().zip(precisions) {
-        let served = if p == Precision::default() { ", served default" } else { "" };
-        println!("{}", tally.line(&format!("persona-steer ({}{served})", format!("{p:?}").to_lowercase())));
+    for (tally, (name, _)) in ours.iter().zip(&engines) {
+        println!("{}", tally.line(name));
     }
     if worker.is_some() {
         println!("{}", theirs.line("llama.cpp"));
@@ -265,8 +279,8 @@ fn main() -> Result<()> {
         args.answer_tokens,
         prompts.len()
     );
-    for (tally, p) in ours.iter().zip(precisions) {
-        println!("{}", tally.answers_line(&format!("persona-steer ({})", format!("{p:?}").to_lowercase())));
+    for (tally, (name, _)) in ours.iter().zip(&engines) {
+        println!("{}", tally.answers_line(name));
     }
     if let Some(w) = worker {
         println!("{}", theirs.answers_line("llama.cpp"));

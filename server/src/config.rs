@@ -3,7 +3,7 @@
 
 use crate::judge::JudgeSettings;
 use crate::model::source::{EMBEDDED_ID, ModelSource};
-use crate::model::weights::{Precision, Requantize};
+use crate::model::weights::{ComputeDtype, Precision, Requantize};
 use crate::model::{DeviceKind, LoadSpec};
 use crate::scheduler::EngineConfig;
 use anyhow::{Context, Result, bail};
@@ -42,13 +42,19 @@ pub struct ModelSettings {
     pub id: String,
     /// `embedded`, a local path (.gguf file or a directory), or `hub:owner/name[@revision]`.
     pub source: String,
-    /// `int8` (default: batched int8 CPU kernel), `q8_0`, `q4_0` or `none`: what weights become
-    /// at load. `q8_0`/`q4_0` re-quantize only formats without a fast candle kernel (Q4_1, Q5_x).
+    /// What weights become at load: `auto` (default: `int8` on the CPU, `dense` on a GPU),
+    /// `int8` (the batched int8 CPU kernel), `dense` (dequantized to `dtype` for the GPU's
+    /// matmuls), `q8_0`, `q4_0`, `none` or `f32`. `q8_0`/`q4_0` re-quantize only formats
+    /// without a fast candle kernel (Q4_1, Q5_x); `none` keeps the file's blocks.
     pub requantize: String,
     /// Activation precision of the int8 CPU kernels: `balanced` (default: two-level quantization
     /// for q/k/v and the output head), `fast` (one level everywhere) or `exact` (two levels
     /// everywhere; the f32 reference's outputs at about half the prefill speed).
     pub precision: String,
+    /// Element type of weights, activations and KV cache on a GPU: `auto` (f16), `f16`, `bf16`
+    /// or `f32`. The residual stream, norms, softmax and logits stay f32. On the CPU, anything
+    /// but f32 runs the GPU's code path there (for testing it).
+    pub dtype: String,
     /// `cpu`, `cuda` or `metal`.
     pub device: String,
     pub device_ordinal: usize,
@@ -109,8 +115,9 @@ impl Default for ModelSettings {
         Self {
             id: EMBEDDED_ID.into(),
             source: "embedded".into(),
-            requantize: "int8".into(),
+            requantize: "auto".into(),
             precision: "balanced".into(),
+            dtype: "auto".into(),
             device: "cpu".into(),
             device_ordinal: 0,
             max_context: 0,
@@ -196,14 +203,15 @@ const DEFAULT_MAX_CONTEXT: usize = 4096;
 
 impl ModelSettings {
     pub fn load_spec(&self, s: &Settings) -> Result<LoadSpec> {
-        let requantize = match self.requantize.to_lowercase().as_str() {
-            "int8" | "" => Requantize::Int8,
-            "q8_0" => Requantize::Q8_0,
-            "q4_0" => Requantize::Q4_0,
-            "none" => Requantize::None,
-            "f32" => Requantize::F32,
-            other => bail!("model `{}`: requantize `{other}` (expected int8, q8_0, q4_0, none or f32)", self.id),
-        };
+        let requantize = Requantize::parse(&self.requantize).with_context(|| {
+            format!(
+                "model `{}`: requantize `{}` (expected auto, int8, dense, q8_0, q4_0, none or f32)",
+                self.id, self.requantize
+            )
+        })?;
+        let dtype = ComputeDtype::parse(&self.dtype).with_context(|| {
+            format!("model `{}`: dtype `{}` (expected auto, f16, bf16 or f32)", self.id, self.dtype)
+        })?;
         let precision = Precision::parse(&self.precision).with_context(|| {
             format!("model `{}`: precision `{}` (expected balanced, fast or exact)", self.id, self.precision)
         })?;
@@ -218,6 +226,7 @@ impl ModelSettings {
             source: ModelSource::parse(&self.source)?,
             requantize,
             precision,
+            dtype,
             device,
             device_ordinal: self.device_ordinal,
             max_context: Some(if self.max_context == 0 { DEFAULT_MAX_CONTEXT } else { self.max_context }),
@@ -240,7 +249,7 @@ mod tests {
         assert_eq!(s.default_model_id(), EMBEDDED_ID);
         let spec = s.models[0].load_spec(&s).unwrap();
         assert_eq!(spec.source, ModelSource::Embedded);
-        assert_eq!(spec.requantize, Requantize::Int8);
+        assert_eq!(spec.requantize, Requantize::Auto);
     }
 
     #[test]

@@ -122,6 +122,7 @@ fn spec(source: ModelSource, cache: Option<&Path>, requantize: Requantize) -> Lo
         source,
         requantize,
         precision: Default::default(),
+        dtype: Default::default(),
         device: DeviceKind::Cpu,
         device_ordinal: 0,
         max_context: None,

@@ -39,7 +39,29 @@ fn server(configure: impl FnOnce(&mut persona_server::config::Settings)) -> (com
 
 #[test]
 fn greedy_output_is_the_same_alone_and_in_a_batch_of_eight_differently_steered_sequences() {
-    let (srv, _dir) = server(|_| {});
+    let s = batch_invariance_under_mixed_steering(|_| {});
+    assert_eq!(s.kv_pool_bytes, 0, "the CPU's host kernels keep caches per sequence");
+}
+
+/// The same through the GPU's code path (dense f16 weights, pooled f16 KV cache, batched
+/// attention, device argmax), run on the CPU.
+#[test]
+fn batch_invariance_holds_in_the_gpu_configuration() {
+    let s = batch_invariance_under_mixed_steering(|s| {
+        s.models[0].requantize = "dense".into();
+        s.models[0].dtype = "f16".into();
+    });
+    // Eight sequences at once: eight slots of (at least) the longest sequence's 128 positions,
+    // 30 layers × keys and values × 3 kv heads × 64 dims × 2 bytes each.
+    assert!(s.kv_pool_bytes >= 8 * 128 * 30 * 2 * 3 * 64 * 2, "{s:?}");
+}
+
+/// Runs one greedy probe alone, then with seven differently steered sequences in one batch, and
+/// requires the same tokens; returns the engine's status afterwards.
+fn batch_invariance_under_mixed_steering(
+    configure: impl FnOnce(&mut persona_server::config::Settings),
+) -> pb::EngineStatus {
+    let (srv, _dir) = server(configure);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let mut c = persona_client::connect(&srv.addr.to_string()).await.unwrap();
@@ -73,7 +95,8 @@ fn greedy_output_is_the_same_alone_and_in_a_batch_of_eight_differently_steered_s
         assert_eq!(batched.token_ids, alone.token_ids, "{:?} vs {:?}", batched.text, alone.text);
         assert_eq!(batched.text, alone.text);
         assert!(others.iter().all(|o| !o.token_ids.is_empty()));
-    });
+        status(&mut c).await
+    })
 }
 
 #[test]

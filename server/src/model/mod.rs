@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod chat;
 pub mod cpu;
+pub mod device;
 pub mod sampling;
 pub mod source;
 pub mod tokenizer;
@@ -16,7 +17,7 @@ use serde::Deserialize;
 use source::{ModelFiles, ModelSource};
 use std::path::Path;
 use tokenizer::TextTokenizer;
-use weights::{GgufSource, HfConfig, Precision, Requantize, SafetensorsSource};
+use weights::{ComputeDtype, GgufSource, HfConfig, Precision, Requantize, SafetensorsSource};
 
 /// Compute device named in the configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -47,6 +48,7 @@ pub struct LoadSpec {
     pub source: ModelSource,
     pub requantize: Requantize,
     pub precision: Precision,
+    pub dtype: ComputeDtype,
     pub device: DeviceKind,
     pub device_ordinal: usize,
     /// Cap on the context window (the model's own is used when larger or unset).
@@ -63,6 +65,8 @@ pub struct LoadSpec {
 pub struct LoadOptions {
     pub requantize: Requantize,
     pub precision: Precision,
+    /// Element type of the device path (f16 on a GPU unless set).
+    pub dtype: ComputeDtype,
     /// Cap on the context window (the model's own is used when larger or unset).
     pub max_context: Option<usize>,
 }
@@ -102,24 +106,27 @@ impl LoadedModel {
                 spec.hub_gguf_file.as_deref(),
             )?,
         };
-        let opts =
-            LoadOptions { requantize: spec.requantize, precision: spec.precision, max_context: spec.max_context };
+        let opts = LoadOptions {
+            requantize: spec.requantize,
+            precision: spec.precision,
+            dtype: spec.dtype,
+            max_context: spec.max_context,
+        };
         let loaded = Self::from_files(&spec.id, &files, &device, &opts)?;
         Ok(Self { source: spec.source.describe(), ..loaded })
     }
 
     pub fn from_files(id: &str, files: &ModelFiles, device: &Device, opts: &LoadOptions) -> Result<Self> {
-        let LoadOptions { requantize, precision, max_context } = *opts;
         let cap = |mut cfg: LlamaConfig| {
-            if let Some(m) = max_context {
+            if let Some(m) = opts.max_context {
                 cfg.context_length = cfg.context_length.min(m);
             }
             cfg
         };
         let (model, tokenizer, template_src, weights) = match files {
             ModelFiles::Gguf { file, tokenizer } => {
-                let mut src = GgufSource::open(file, device, requantize, precision)
-                    .with_context(|| format!("opening {}", file.display()))?;
+                let mut src =
+                    GgufSource::open(file, device, opts).with_context(|| format!("opening {}", file.display()))?;
                 let cfg = cap(src.config()?);
                 let tok = match tokenizer {
                     Some(t) => TextTokenizer::from_file(t)?,
@@ -138,7 +145,7 @@ impl LoadedModel {
                 let hf: HfConfig = serde_json::from_str(&std::fs::read_to_string(config)?)
                     .with_context(|| format!("parsing {}", config.display()))?;
                 let cfg = cap(hf.to_llama()?);
-                let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings, requantize, precision)?;
+                let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings, opts)?;
                 let model = Llama::load(&mut src, cfg)?;
                 let format = format!("{} (stored dense)", model.weight_formats());
                 let tok = TextTokenizer::from_file(tokenizer)?;
@@ -157,15 +164,23 @@ impl LoadedModel {
             bail!("tokenizer has {} tokens but the model only {vocab}", tokenizer.vocab_size());
         }
         let template = ChatTemplate::new(template_src, tokenizer.bos_token(), tokenizer.eos_token())?;
-        Ok(Self {
-            id: id.to_string(),
-            model,
-            tokenizer,
-            template,
-            source: String::new(),
-            weights,
-            device: format!("{device:?}").to_lowercase(),
-        })
+        let device = describe_device(device, &model);
+        Ok(Self { id: id.to_string(), model, tokenizer, template, source: String::new(), weights, device })
+    }
+}
+
+/// The device and how the forward pass runs there, e.g. `cpu (host kernels)` or
+/// `cuda (f16, batched attention)`.
+fn describe_device(device: &Device, model: &Llama) -> String {
+    let name = match device {
+        Device::Cpu => "cpu".to_string(),
+        Device::Cuda(_) => "cuda".to_string(),
+        Device::Metal(_) => "metal".to_string(),
+    };
+    if model.on_device_path() {
+        format!("{name} ({}, batched attention)", format!("{:?}", model.dtype()).to_lowercase())
+    } else {
+        format!("{name} (host kernels)")
     }
 }
 

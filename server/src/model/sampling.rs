@@ -34,6 +34,11 @@ impl Sampler {
         Self { cfg, rng }
     }
 
+    /// Whether every choice is the most likely token (so the logits themselves need not be read).
+    pub fn is_greedy(&self) -> bool {
+        self.cfg.temperature <= 0.0
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.temperature <= 0.0 {
             return argmax(logits);

@@ -1,6 +1,7 @@
 //! Weight sources for the llama-family loader: GGUF files (with re-quantization of formats that
 //! have no fast CPU kernel) and Hugging Face safetensors checkpoints (f32/f16/bf16).
 
+use super::LoadOptions;
 use super::arch::llama::{LlamaConfig, WeightSource};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::safetensors::MmapedSafetensors;
@@ -13,11 +14,14 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Requantize {
+    /// The device's best: [`Self::Int8`] on a CPU with the batched kernel (`q8_0` on CPUs
+    /// without AVX2), [`Self::Dense`] on a GPU.
+    #[default]
+    Auto,
     /// Every matmul weight to int8 blocks for the batched CPU kernel (falls back to `q8_0`
     /// off-CPU or on CPUs without AVX2).
-    #[default]
     Int8,
-    /// Keep every tensor as stored.
+    /// Keep every tensor as stored (on a GPU: candle's quantized kernels read the GGUF blocks).
     None,
     /// Re-quantize formats without a fast CPU kernel (Q4_1, Q5_0, Q5_1) to Q8_0.
     Q8_0,
@@ -26,16 +30,71 @@ pub enum Requantize {
     /// Dequantize every matmul weight to f32: slow and large, but free of activation
     /// quantization; the yardstick for accuracy checks.
     F32,
+    /// Dequantize matmul weights to the compute dtype ([`ComputeDtype`], f16 on a GPU) for the
+    /// device's dense matmuls; the output head stays f32.
+    Dense,
 }
 
 impl Requantize {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_lowercase().as_str() {
+            "auto" | "" => Self::Auto,
+            "int8" => Self::Int8,
+            "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Q4_0,
+            "none" => Self::None,
+            "f32" => Self::F32,
+            "dense" => Self::Dense,
+            _ => return Option::None,
+        })
+    }
+
     fn target(self, from: GgmlDType) -> Option<GgmlDType> {
         let slow = matches!(from, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1);
         match self {
             _ if !slow => None,
-            Self::None | Self::F32 => None,
-            Self::Q8_0 | Self::Int8 => Some(GgmlDType::Q8_0),
+            Self::Q8_0 | Self::Int8 | Self::Auto => Some(GgmlDType::Q8_0),
             Self::Q4_0 => Some(GgmlDType::Q4_0),
+            Self::None | Self::F32 | Self::Dense => None,
+        }
+    }
+
+    /// Whether matmul weights come out as dense tensors.
+    fn dense(self) -> bool {
+        matches!(self, Self::F32 | Self::Dense)
+    }
+}
+
+/// Element type of the device path's matmul weights, activations and KV cache (the CPU's block
+/// kernels always compute in f32 and int8). The residual stream, norms, softmax and logits stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    /// f16 on a GPU, f32 on the CPU.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_lowercase().as_str() {
+            "auto" | "" => Self::Auto,
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            _ => return None,
+        })
+    }
+
+    pub fn resolve(self, device: &Device) -> DType {
+        match self {
+            Self::Auto if device.is_cpu() => DType::F32,
+            Self::Auto | Self::F16 => DType::F16,
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
         }
     }
 }
@@ -93,9 +152,23 @@ pub fn dtype_name(d: GgmlDType) -> String {
     format!("{d:?}").to_lowercase()
 }
 
-/// `Int8` only where the int8 kernel can run; `Q8_0` elsewhere.
+/// What `r` means on `device`: `Auto` becomes `Int8` where the int8 kernel can run, `Q8_0` on
+/// other CPUs and `Dense` on a GPU; `Int8` becomes `Q8_0` where its kernel cannot run.
 fn effective(r: Requantize, device: &Device) -> Requantize {
-    if r == Requantize::Int8 && !(device.is_cpu() && super::cpu::supported()) { Requantize::Q8_0 } else { r }
+    let int8 = device.is_cpu() && super::cpu::supported();
+    match r {
+        Requantize::Auto if int8 => Requantize::Int8,
+        Requantize::Auto if device.is_cpu() => Requantize::Q8_0,
+        Requantize::Auto => Requantize::Dense,
+        Requantize::Int8 if !int8 => Requantize::Q8_0,
+        r => r,
+    }
+}
+
+/// Dtype of a dense matmul weight: the output head stays f32 (its logits are what sampling and
+/// log-probabilities read), the rest follows the compute dtype under `Dense`.
+fn dense_dtype(r: Requantize, role: MatmulRole, compute: DType) -> DType {
+    if r == Requantize::Dense && role != MatmulRole::Output { compute } else { DType::F32 }
 }
 
 /// A GGUF file opened for loading.
@@ -105,16 +178,24 @@ pub struct GgufSource {
     device: Device,
     requantize: Requantize,
     precision: Precision,
+    dtype: DType,
     /// (original, loaded) formats of matmul weights seen so far, for reporting.
     pub formats: std::collections::BTreeSet<(String, String)>,
 }
 
 impl GgufSource {
-    pub fn open(path: &Path, device: &Device, requantize: Requantize, precision: Precision) -> Result<Self> {
+    pub fn open(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| candle_core::Error::from(e).with_path(path))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| e.with_path(path))?;
-        let requantize = effective(requantize, device);
-        Ok(Self { content, file, device: device.clone(), requantize, precision, formats: Default::default() })
+        Ok(Self {
+            content,
+            file,
+            device: device.clone(),
+            requantize: effective(opts.requantize, device),
+            precision: opts.precision,
+            dtype: opts.dtype.resolve(device),
+            formats: Default::default(),
+        })
     }
 
     pub fn content(&self) -> &gguf_file::Content {
@@ -165,12 +246,13 @@ impl GgufSource {
 }
 
 impl WeightSource for GgufSource {
-    fn matmul(&mut self, name: &str) -> Result<QMatMul> {
+    fn matmul(&mut self, name: &str, role: MatmulRole) -> Result<QMatMul> {
         let qt = self.read(name)?;
         let from = qt.dtype();
-        if self.requantize == Requantize::F32 {
-            self.formats.insert((dtype_name(from), "f32".to_string()));
-            return Ok(QMatMul::Tensor(qt.dequantize(&self.device)?));
+        if self.requantize.dense() {
+            let dtype = dense_dtype(self.requantize, role, self.dtype);
+            self.formats.insert((dtype_name(from), format!("{dtype:?}").to_lowercase()));
+            return Ok(QMatMul::Tensor(qt.dequantize(&self.device)?.to_dtype(dtype)?));
         }
         let qt = match self.requantize.target(from) {
             Some(to) => {
@@ -201,8 +283,16 @@ impl WeightSource for GgufSource {
         self.requantize == Requantize::Int8
     }
 
+    fn dense_matmuls(&self) -> bool {
+        self.requantize.dense()
+    }
+
     fn precision(&self) -> Precision {
         self.precision
+    }
+
+    fn compute_dtype(&self) -> DType {
+        self.dtype
     }
 
     fn device(&self) -> &Device {
@@ -268,27 +358,34 @@ pub struct SafetensorsSource {
     st: MmapedSafetensors,
     device: Device,
     tied: bool,
-    int8: bool,
+    requantize: Requantize,
     precision: Precision,
+    dtype: DType,
 }
 
 impl SafetensorsSource {
-    pub fn open(
-        files: &[std::path::PathBuf],
-        device: &Device,
-        tied: bool,
-        requantize: Requantize,
-        precision: Precision,
-    ) -> Result<Self> {
+    pub fn open(files: &[std::path::PathBuf], device: &Device, tied: bool, opts: &LoadOptions) -> Result<Self> {
         // SAFETY: the files are opened read-only and not modified while the model is loading;
         // every tensor is copied out of the mapping before it is dropped.
         let st = unsafe { MmapedSafetensors::multi(files)? };
-        let int8 = effective(requantize, device) == Requantize::Int8;
-        Ok(Self { st, device: device.clone(), tied, int8, precision })
+        // Dense checkpoints have no blocks to keep: anything but int8 blocks is dense.
+        let requantize = match effective(opts.requantize, device) {
+            Requantize::Int8 => Requantize::Int8,
+            Requantize::Dense => Requantize::Dense,
+            _ => Requantize::F32,
+        };
+        Ok(Self {
+            st,
+            device: device.clone(),
+            tied,
+            requantize,
+            precision: opts.precision,
+            dtype: opts.dtype.resolve(device),
+        })
     }
 
     pub fn is_int8(&self) -> bool {
-        self.int8
+        self.requantize == Requantize::Int8
     }
 
     /// Maps a GGUF tensor name to its Hugging Face counterpart.
@@ -327,8 +424,8 @@ impl SafetensorsSource {
 }
 
 impl WeightSource for SafetensorsSource {
-    fn matmul(&mut self, name: &str) -> Result<QMatMul> {
-        Ok(QMatMul::Tensor(self.load(name)?))
+    fn matmul(&mut self, name: &str, role: MatmulRole) -> Result<QMatMul> {
+        Ok(QMatMul::Tensor(self.load(name)?.to_dtype(dense_dtype(self.requantize, role, self.dtype))?))
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {
@@ -343,11 +440,19 @@ impl WeightSource for SafetensorsSource {
     }
 
     fn wants_int8(&self) -> bool {
-        self.int8
+        self.is_int8()
+    }
+
+    fn dense_matmuls(&self) -> bool {
+        !self.is_int8()
     }
 
     fn precision(&self) -> Precision {
         self.precision
+    }
+
+    fn compute_dtype(&self) -> DType {
+        self.dtype
     }
 
     fn device(&self) -> &Device {
@@ -380,5 +485,21 @@ mod tests {
         assert_eq!(Requantize::Q8_0.target(GgmlDType::Q4K), None);
         assert_eq!(Requantize::None.target(GgmlDType::Q4_1), None);
         assert_eq!(Requantize::Q4_0.target(GgmlDType::Q5_0), Some(GgmlDType::Q4_0));
+        assert_eq!(Requantize::Dense.target(GgmlDType::Q4_1), None);
+    }
+
+    #[test]
+    fn auto_picks_the_device_s_best() {
+        let cpu = if crate::model::cpu::supported() { Requantize::Int8 } else { Requantize::Q8_0 };
+        assert_eq!(effective(Requantize::Auto, &Device::Cpu), cpu);
+        assert_eq!(effective(Requantize::Dense, &Device::Cpu), Requantize::Dense);
+        assert_eq!(ComputeDtype::Auto.resolve(&Device::Cpu), DType::F32);
+        assert_eq!(ComputeDtype::Bf16.resolve(&Device::Cpu), DType::BF16);
+        assert_eq!(dense_dtype(Requantize::Dense, MatmulRole::Output, DType::F16), DType::F32);
+        assert_eq!(dense_dtype(Requantize::Dense, MatmulRole::Other, DType::F16), DType::F16);
+        assert_eq!(dense_dtype(Requantize::F32, MatmulRole::Other, DType::F16), DType::F32);
+        assert_eq!(Requantize::parse("DENSE"), Some(Requantize::Dense));
+        assert_eq!(ComputeDtype::parse("bf16"), Some(ComputeDtype::Bf16));
+        assert_eq!(ComputeDtype::parse("fp8"), None);
     }
 }

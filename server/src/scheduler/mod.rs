@@ -10,7 +10,7 @@ use crate::model::sampling::{Logprobs, SamplingConfig};
 use crate::steering::plan::SteeringPlan;
 use crate::steering::probe::Probe;
 use candle_core::Tensor;
-use sequence::{Sequence, Work};
+use sequence::{Next, Sequence, Work};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -199,6 +199,8 @@ pub struct EngineStats {
     pub failed: AtomicU64,
     pub rejected: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Device memory of the model's KV pool (0 on the host path).
+    pub kv_pool_bytes: AtomicUsize,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -208,6 +210,7 @@ pub struct EngineStatus {
     pub running: usize,
     pub kv_reserved_bytes: usize,
     pub kv_budget_bytes: usize,
+    pub kv_pool_bytes: usize,
     pub completed: u64,
     pub cancelled: u64,
     pub failed: u64,
@@ -227,10 +230,9 @@ pub struct EngineHandle {
     health: tokio::sync::watch::Receiver<EngineHealth>,
 }
 
-/// KV cache bytes one token occupies across all layers (f32 keys and values).
+/// KV cache bytes one token occupies across all layers.
 pub fn kv_bytes_per_token(model: &LoadedModel) -> usize {
-    let c = model.config();
-    c.n_layers * 2 * c.n_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+    model.model.kv_bytes_per_token()
 }
 
 impl EngineHandle {
@@ -272,6 +274,7 @@ impl EngineHandle {
             running: s.running.load(Ordering::Relaxed),
             kv_reserved_bytes: s.kv_reserved_bytes.load(Ordering::Relaxed),
             kv_budget_bytes: self.cfg.kv_cache_bytes,
+            kv_pool_bytes: s.kv_pool_bytes.load(Ordering::Relaxed),
             completed: s.completed.load(Ordering::Relaxed),
             cancelled: s.cancelled.load(Ordering::Relaxed),
             failed: s.failed.load(Ordering::Relaxed),
@@ -621,6 +624,7 @@ impl Engine {
             }
             Err(e) => self.fail(&selected, &e.to_string()),
         }
+        self.stats.kv_pool_bytes.store(self.model.model.kv_pool_bytes(), Ordering::Relaxed);
         tracing::trace!(rows = selected.len(), ms = started.elapsed().as_secs_f64() * 1e3, "step");
     }
 
@@ -631,11 +635,18 @@ impl Engine {
         logits: Option<Tensor>,
         captures: Vec<Vec<Tensor>>,
     ) -> candle_core::Result<()> {
-        let logits: Vec<Vec<f32>> = match logits {
-            Some(l) => l.to_vec2()?,
-            None => Vec::new(),
+        // Which logits rows the host reads whole; the others only need their argmax.
+        let whole: Vec<bool> = selected
+            .iter()
+            .flat_map(|&i| {
+                let seq = &self.running[i];
+                std::iter::repeat_n(seq.reads_logits(), seq.wants_logits(take[i]))
+            })
+            .collect();
+        let mut logits = match logits {
+            Some(l) => read_logits(&l, &whole)?.into_iter(),
+            None => Vec::new().into_iter(),
         };
-        let mut logits = logits.into_iter();
         let mut captures = captures.into_iter();
         let tok = &self.model.tokenizer;
         let missing = || candle_core::Error::msg("missing logits row");
@@ -650,14 +661,14 @@ impl Engine {
                         g.accumulate(states, take[i])?;
                     }
                     if wants_logits > 0 {
-                        let row = logits.next().ok_or_else(missing)?;
+                        let next = logits.next().ok_or_else(missing)?;
                         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
                         let scores = match &capture {
                             Some(states) => g.monitor_scores(states, take[i])?,
                             None => Vec::new(),
                         };
                         let context = self.model.config().context_length;
-                        if let Some(next) = g.on_logits(&row, scores, tok, seq.cache.len(), context) {
+                        if let Some(next) = g.on_logits(next, scores, tok, seq.cache.len(), context) {
                             seq.feed_response(next);
                         }
                     }
@@ -667,7 +678,10 @@ impl Engine {
                         c.accumulate(&states, take[i])?;
                     }
                     for _ in 0..wants_logits {
-                        c.score(&logits.next().ok_or_else(missing)?);
+                        match logits.next().ok_or_else(missing)? {
+                            Next::Logits(row) => c.score(&row),
+                            Next::Greedy(_) => candle_core::bail!("a scoring row came back without its logits"),
+                        }
                     }
                     if seq.pending.is_empty() {
                         c.finish();
@@ -687,4 +701,33 @@ impl Engine {
             self.running[i].fail(EngineError::Compute(first.clone()));
         }
     }
+}
+
+/// Brings a step's `[rows, vocab]` logits to the host: rows marked in `whole` as they are,
+/// the others as their argmax only, computed where the logits are (on a GPU, one id per row
+/// crosses instead of a vocabulary of floats).
+fn read_logits(logits: &Tensor, whole: &[bool]) -> candle_core::Result<Vec<Next>> {
+    if whole.iter().all(|&w| w) {
+        return Ok(logits.to_vec2()?.into_iter().map(Next::Logits).collect());
+    }
+    let greedy = crate::model::device::argmax_rows(logits)?;
+    let wanted: Vec<u32> = (0..whole.len() as u32).filter(|&r| whole[r as usize]).collect();
+    let mut rows = if wanted.is_empty() {
+        Vec::new()
+    } else {
+        let idx = Tensor::from_vec(wanted.clone(), wanted.len(), logits.device())?;
+        logits.index_select(&idx, 0)?.to_vec2()?
+    }
+    .into_iter();
+    greedy
+        .into_iter()
+        .zip(whole)
+        .map(|(id, &w)| {
+            if w {
+                rows.next().map(Next::Logits).ok_or_else(|| candle_core::Error::msg("missing logits row"))
+            } else {
+                Ok(Next::Greedy(id))
+            }
+        })
+        .collect()
 }

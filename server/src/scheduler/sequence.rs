@@ -127,6 +127,15 @@ impl Sequence {
         }
     }
 
+    /// Whether the host reads this sequence's logits rows whole (sampling, log-probabilities,
+    /// scoring) rather than only their most likely token.
+    pub fn reads_logits(&self) -> bool {
+        match &self.work {
+            Work::Generate(g) => !g.sampler.is_greedy() || g.logprobs.is_some(),
+            Work::Capture(_) => true,
+        }
+    }
+
     /// Hidden states are kept for captures and capturing generations, and for monitored
     /// generations whenever a token is about to be sampled.
     pub fn wants_capture(&self, take: usize) -> bool {
@@ -228,6 +237,13 @@ pub(super) struct Generation {
     logprobs: Option<usize>,
 }
 
+/// What a step hands a generation: its logits row, or only its argmax when that is all the
+/// sequence reads ([`Sequence::reads_logits`]).
+pub enum Next {
+    Logits(Vec<f32>),
+    Greedy(u32),
+}
+
 impl Generation {
     /// Adds a pass's hidden states to the activation summaries, when the job asked for them.
     pub fn accumulate(&mut self, states: &[Tensor], take: usize) -> candle_core::Result<()> {
@@ -243,18 +259,24 @@ impl Generation {
         Ok(probe_scores(states, &self.monitors, take - 1, 1)?.into_iter().map(|s| s[0]).collect())
     }
 
-    /// Samples from a logits row, streams the result with the monitors' `scores`, and returns the
-    /// token to feed next (`None` when the generation ended). `cached` is the sequence's cache length.
+    /// Takes the next token (sampled from a logits row, or the greedy choice made where the
+    /// logits are), streams it with the monitors' `scores`, and returns the token to feed next
+    /// (`None` when the generation ended). `cached` is the sequence's cache length.
     pub fn on_logits(
         &mut self,
-        logits: &[f32],
+        next: Next,
         scores: Vec<f32>,
         tok: &TextTokenizer,
         cached: usize,
         context: usize,
     ) -> Option<u32> {
-        let id = self.sampler.sample(logits);
-        let logprob = self.logprobs.map(|top| logprobs(logits, id, top));
+        let (id, logprob) = match next {
+            Next::Logits(logits) => {
+                let id = self.sampler.sample(&logits);
+                (id, self.logprobs.map(|top| logprobs(&logits, id, top)))
+            }
+            Next::Greedy(id) => (id, None),
+        };
         self.first_token.get_or_insert_with(Instant::now);
         self.generated.push(id);
         let token = Emitted { id, scores, logprob };

@@ -62,6 +62,7 @@ pub fn status(state: &AppState) -> pb::GetServerStatusResponse {
                 restarts: s.restarts,
                 serving: s.serving,
                 last_panic,
+                kv_pool_bytes: s.kv_pool_bytes as u64,
             }
         })
         .collect();

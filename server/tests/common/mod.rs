@@ -31,14 +31,21 @@ pub fn load_with_tensor_attention(requantize: Requantize) -> LoadedModel {
 }
 
 pub fn load(requantize: Requantize) -> LoadedModel {
+    load_with(&LoadOptions::new(requantize, 4096))
+}
+
+pub fn load_with(opts: &LoadOptions) -> LoadedModel {
     let files = local_files(&embedded_gguf()).expect("model files");
-    LoadedModel::from_files(
-        "smollm2-135m-instruct",
-        &files,
-        &candle_core::Device::Cpu,
-        &LoadOptions::new(requantize, 4096),
-    )
-    .expect("loading the embedded model")
+    LoadedModel::from_files("smollm2-135m-instruct", &files, &candle_core::Device::Cpu, opts)
+        .expect("loading the embedded model")
+}
+
+/// What a GPU runs by default (dense weights in `dtype`, candle ops, the pooled KV cache in
+/// `dtype`, f32 residual stream and output head), here on the CPU.
+pub fn load_gpu_configuration(dtype: persona_server::model::weights::ComputeDtype) -> LoadedModel {
+    let m = load_with(&LoadOptions { dtype, ..LoadOptions::new(Requantize::Dense, 4096) });
+    assert!(m.model.on_device_path(), "a non-f32 compute dtype runs the device path on the CPU");
+    m
 }
 
 /// The embedded model as served (default re-quantization: int4/int8 blocks), shared by the tests of one binary.

@@ -6,17 +6,27 @@
 //!
 //! The forward pass works on a *packed* batch: the new tokens of every row are concatenated into
 //! one `[n_tokens, d_model]` matrix, so prefill chunks and single decode tokens of different
-//! sequences run through the projections and MLPs together, with no padding. Attention runs per
-//! row against that row's own [`KvCache`]. Two hooks act on the residual stream, row by row:
-//! steering (add a vector after block L) and capture (keep the hidden state after every block).
+//! sequences run through the projections and MLPs together, with no padding. Two hooks act on
+//! the residual stream, row by row: steering (add a vector after block L) and capture (keep the
+//! hidden state after every block).
+//!
+//! Two implementations share this file. On the CPU, matmuls run the block kernels of
+//! [`cpu`](super::super::cpu) and attention runs host loops over each row's own cache. Elsewhere
+//! (CUDA, Metal, and the CPU with host kernels switched off) everything is candle tensor ops in
+//! the compute dtype ([`device`](super::super::device)): rows' caches are slots of one pool per
+//! model and a batch attends in one padded, masked pass. The residual stream is f32 on both.
 
 use super::super::cpu::QLinear;
 use super::super::cpu::attention::{self, Heads, HostKv, RowSpan};
 use super::super::cpu::elementwise::SiluMul;
+use super::super::device::attention::{self as batch_attention, RowPlace, StepPlan};
+use super::super::device::kv::{KvGeometry, KvPool, SlotLease};
+use super::super::device::steering::SteeringCache;
 use super::super::weights::{MatmulRole, Precision};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 /// Architecture hyper-parameters, read from GGUF metadata or a `config.json`.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,20 +54,23 @@ impl LlamaConfig {
     pub fn n_residual_rows(&self) -> usize {
         self.n_layers + 1
     }
-
-    /// Bytes of KV cache one token occupies across all layers (f32 keys and values).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.n_layers * 2 * self.n_kv_heads * self.head_dim * std::mem::size_of::<f32>()
-    }
 }
 
 /// Named weights in GGUF naming (`blk.N.attn_q.weight`, `token_embd.weight`, …).
 pub trait WeightSource {
-    /// A weight used as `x · Wᵀ`, quantized or dense, in the source's own format.
-    fn matmul(&mut self, name: &str) -> Result<QMatMul>;
+    /// A weight used as `x · Wᵀ`, quantized or dense, as the source was asked to load it.
+    fn matmul(&mut self, name: &str, role: MatmulRole) -> Result<QMatMul>;
     /// Whether matmul weights should be converted to the batched block-quantized CPU kernel.
     fn wants_int8(&self) -> bool {
         false
+    }
+    /// Whether [`Self::matmul`] returns dense tensors (which can be fused by concatenation).
+    fn dense_matmuls(&self) -> bool {
+        false
+    }
+    /// Element type of the device path's activations and KV cache.
+    fn compute_dtype(&self) -> DType {
+        DType::F32
     }
     /// Activation precision of the block kernels (only used with [`Self::wants_int8`]).
     fn precision(&self) -> Precision {
@@ -91,12 +104,13 @@ fn block_weight(src: &mut dyn WeightSource, name: &str) -> Result<QLinear> {
 
 struct Linear {
     weight: Weight,
+    /// In the dtype of the matmul's output.
     bias: Option<Tensor>,
 }
 
 impl Linear {
     /// Loads one or more weights (concatenated along the output dimension when several, so
-    /// q/k/v or gate/up run as one matmul on the int8 path).
+    /// q/k/v or gate/up run as one matmul on the int8 and dense paths).
     fn load(src: &mut dyn WeightSource, names: &[String], with_bias: bool, role: MatmulRole) -> Result<Self> {
         let weight = if src.wants_int8() {
             let parts = names.iter().map(|n| block_weight(src, &format!("{n}.weight"))).collect::<Result<Vec<_>>>()?;
@@ -111,14 +125,30 @@ impl Linear {
             fused.set_two_levels(src.precision().two_levels(role));
             Weight::Blocks(fused)
         } else {
-            match names {
-                [one] => Weight::Quantized(src.matmul(&format!("{one}.weight"))?),
-                _ => candle_core::bail!("fused projections need the int8 path"),
+            let mut parts =
+                names.iter().map(|n| src.matmul(&format!("{n}.weight"), role)).collect::<Result<Vec<_>>>()?;
+            match parts.len() {
+                1 => Weight::Quantized(parts.remove(0)),
+                _ => {
+                    let dense = parts
+                        .iter()
+                        .map(|p| match p {
+                            QMatMul::Tensor(t) => Ok(t.clone()),
+                            _ => candle_core::bail!("fused projections need int8 blocks or dense weights"),
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Weight::Quantized(QMatMul::Tensor(Tensor::cat(&dense, 0)?))
+                }
             }
+        };
+        let out_dtype = match &weight {
+            Weight::Quantized(QMatMul::Tensor(t)) => t.dtype(),
+            Weight::Quantized(QMatMul::TensorF16(_)) => DType::F16,
+            _ => DType::F32,
         };
         let bias = if with_bias {
             let parts = names.iter().map(|n| src.dense(&format!("{n}.bias"))).collect::<Result<Vec<_>>>()?;
-            Some(Tensor::cat(&parts, 0)?)
+            Some(Tensor::cat(&parts, 0)?.to_dtype(out_dtype)?)
         } else {
             None
         };
@@ -128,16 +158,23 @@ impl Linear {
     fn format(&self) -> &'static str {
         match &self.weight {
             Weight::Quantized(QMatMul::QTensor(_)) => "ggml-quantized",
+            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::F16 => "f16",
+            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::BF16 => "bf16",
+            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::F32 => "f32",
             Weight::Quantized(_) => "dense",
             Weight::Blocks(b) if b.is_int4() => "int4",
             Weight::Blocks(_) => "int8",
         }
     }
 
+    /// `xs · Wᵀ (+ b)`: the input is brought to the dtype the weight multiplies (the weight's
+    /// own when dense, f32 for blocks), the output comes in that dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = match &self.weight {
-            Weight::Quantized(w) => w.forward(xs)?,
-            Weight::Blocks(w) => w.forward(xs)?,
+            Weight::Quantized(w @ QMatMul::Tensor(t)) => w.forward(&xs.to_dtype(t.dtype())?)?,
+            Weight::Quantized(w @ QMatMul::TensorF16(_)) => w.forward(xs)?,
+            Weight::Quantized(w @ QMatMul::QTensor(_)) => w.forward(&xs.to_dtype(DType::F32)?)?,
+            Weight::Blocks(w) => w.forward(&xs.to_dtype(DType::F32)?)?,
         };
         match &self.bias {
             Some(b) => ys.broadcast_add(b),
@@ -146,7 +183,8 @@ impl Linear {
     }
 }
 
-/// Projections that share an input: fused into one matmul on the int8 path, separate otherwise.
+/// Projections that share an input: fused into one matmul for int8 blocks and dense weights,
+/// separate for GGUF blocks.
 enum Projections {
     Fused { linear: Linear, sizes: Vec<usize> },
     Separate(Vec<Linear>),
@@ -160,7 +198,7 @@ impl Projections {
         with_bias: bool,
         role: MatmulRole,
     ) -> Result<Self> {
-        if src.wants_int8() {
+        if src.wants_int8() || src.dense_matmuls() {
             Ok(Self::Fused { linear: Linear::load(src, names, with_bias, role)?, sizes })
         } else {
             let parts = names
@@ -230,8 +268,10 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `host`: the host path, where the fused SiLU·up runs as one CPU op.
+    fn forward(&self, xs: &Tensor, host: bool) -> Result<Tensor> {
         if let Projections::Fused { sizes, .. } = &self.gate_up
+            && host
             && xs.device().is_cpu()
             && xs.dtype() == DType::F32
         {
@@ -245,12 +285,12 @@ impl Mlp {
     }
 }
 
-/// Per-sequence key/value cache: one `[n_kv_heads, capacity, head_dim]` buffer pair per layer,
-/// grown by doubling. `len` tokens are valid. CPU models keep plain host buffers (`host`),
-/// device models tensors (`layers`).
+/// Per-sequence key/value cache. On the host path, one `[n_kv_heads, capacity, head_dim]`
+/// buffer pair per layer, grown by doubling; on the device path, a slot of the model's pool,
+/// leased at the first pass and given back on drop. `len` tokens are valid either way.
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
     host: Vec<HostKv>,
+    lease: Option<SlotLease>,
     len: usize,
     capacity: usize,
     max_len: usize,
@@ -265,8 +305,8 @@ impl KvCache {
     /// so memory stays within what was reserved.
     pub fn with_limit(cfg: &LlamaConfig, limit: usize) -> Self {
         Self {
-            layers: (0..cfg.n_layers).map(|_| None).collect(),
             host: (0..cfg.n_layers).map(|_| HostKv::default()).collect(),
+            lease: None,
             len: 0,
             capacity: 0,
             max_len: limit.min(cfg.context_length),
@@ -282,7 +322,7 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Allocated token slots (for memory accounting).
+    /// Allocated token slots of the host buffers (for memory accounting).
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -297,37 +337,44 @@ impl KvCache {
         }
     }
 
-    /// Writes `k`, `v` (`[n_kv, t, hd]`) at the current length of `layer` and returns views of
-    /// all cached keys and values including them.
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (n_kv, t, hd) = k.dims3()?;
-        let end = self.len + t;
-        self.ensure_capacity(end);
-        let cap = self.capacity;
-        let slot = &mut self.layers[layer];
-        let stale = match slot {
-            Some((kc, _)) => kc.dim(1)? < cap,
-            None => true,
-        };
-        if stale {
-            let kn = Tensor::zeros((n_kv, cap, hd), k.dtype(), k.device())?;
-            let vn = Tensor::zeros((n_kv, cap, hd), v.dtype(), v.device())?;
-            if let Some((ko, vo)) = slot.take()
-                && self.len > 0
-            {
-                kn.slice_set(&ko.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                vn.slice_set(&vo.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-            }
-            *slot = Some((kn, vn));
-        }
-        let (kc, vc) = slot.as_ref().expect("cache slot initialised above");
-        kc.slice_set(k, 1, self.len)?;
-        vc.slice_set(v, 1, self.len)?;
-        Ok((kc.narrow(1, 0, end)?, vc.narrow(1, 0, end)?))
-    }
-
     fn advance(&mut self, t: usize) {
         self.len += t;
+    }
+}
+
+/// A row's steering: per residual layer (`n_layers + 1` entries), the `d_model` floats to add
+/// or `None`. Each value gets a process-unique [`Self::id`], so the device path can keep a
+/// batch's addends uploaded while the same rows keep the same steering.
+#[derive(Debug, Clone)]
+pub struct SteeringAddends {
+    id: u64,
+    layers: Vec<Option<Vec<f32>>>,
+}
+
+impl SteeringAddends {
+    pub fn new(layers: Vec<Option<Vec<f32>>>) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self { id: NEXT.fetch_add(1, Ordering::Relaxed), layers }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn layers(&self) -> &[Option<Vec<f32>>] {
+        &self.layers
+    }
+
+    /// Whether any layer is steered.
+    pub fn is_active(&self) -> bool {
+        self.layers.iter().any(Option::is_some)
+    }
+}
+
+impl PartialEq for SteeringAddends {
+    /// Equal values, whatever their identities.
+    fn eq(&self, other: &Self) -> bool {
+        self.layers == other.layers
     }
 }
 
@@ -336,9 +383,8 @@ pub struct RowInput<'a> {
     /// New tokens for this row (a prefill chunk, or the last sampled token).
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    /// Steering addend per residual layer (`n_layers + 1` entries, each `d_model` floats or
-    /// `None`); applied to every token of this row in this pass.
-    pub steering: Option<&'a [Option<Vec<f32>>]>,
+    /// Steering applied to every token of this row in this pass.
+    pub steering: Option<&'a SteeringAddends>,
     /// Keep this row's hidden states at every residual layer.
     pub capture: bool,
     /// Compute logits for the row's last `logits` tokens (0: none; 1: the next-token logits of a
@@ -353,10 +399,10 @@ pub struct ForwardContext<'a> {
 
 /// Results of a packed forward pass.
 pub struct ForwardOutput {
-    /// `[sum of the rows' logits counts, vocab]`: each row's last tokens in position order, rows
-    /// in order.
+    /// `[sum of the rows' logits counts, vocab]` f32, where the model runs: each row's last
+    /// tokens in position order, rows in order.
     pub logits: Option<Tensor>,
-    /// For each row that asked for capture (in row order): `n_layers + 1` tensors of
+    /// For each row that asked for capture (in row order): `n_layers + 1` f32 tensors of
     /// shape `[n_tokens_of_row, d_model]`.
     pub captures: Vec<Vec<Tensor>>,
 }
@@ -373,12 +419,16 @@ struct Attention {
 struct PackedRows {
     /// (offset into the packed tokens, number of tokens, first position).
     spans: Vec<(usize, usize, usize)>,
-    cos: Tensor,
-    sin: Tensor,
-    /// Causal masks for rows with more than one new token, keyed by row index.
-    masks: HashMap<usize, Tensor>,
-    /// Host copies of `cos`/`sin` (`[n_tokens, head_dim / 2]`) for the CPU attention path.
-    host_rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// Per-token rotary tables, `[n_tokens, head_dim / 2]`: host copies (f32) on the host path,
+    /// tensors in the compute dtype on the device path.
+    rope: Rope,
+    /// The device path's batch layout.
+    plan: Option<StepPlan>,
+}
+
+enum Rope {
+    Host(Vec<f32>, Vec<f32>),
+    Device(Tensor, Tensor),
 }
 
 impl Attention {
@@ -400,11 +450,6 @@ impl Attention {
         })
     }
 
-    fn heads(&self, xs: &Tensor, n: usize) -> Result<Tensor> {
-        let t = xs.dim(0)?;
-        xs.reshape((1, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
-    }
-
     fn forward(
         &self,
         xs: &Tensor,
@@ -412,53 +457,46 @@ impl Attention {
         packed: &PackedRows,
         rows: &mut [RowInput<'_>],
         interleaved: bool,
+        pool: Option<&KvPool>,
     ) -> Result<Tensor> {
-        if let Some((cos, sin)) = &packed.host_rope {
-            return self.forward_host(xs, layer, packed, rows, interleaved, cos, sin);
-        }
-        let rope = |x: &Tensor| {
-            if interleaved {
-                candle_nn::rotary_emb::rope_i(x, &packed.cos, &packed.sin)
-            } else {
-                candle_nn::rotary_emb::rope(x, &packed.cos, &packed.sin)
+        match (&packed.rope, &packed.plan, pool) {
+            (Rope::Host(cos, sin), _, _) => self.forward_host(xs, layer, packed, rows, interleaved, cos, sin),
+            (Rope::Device(cos, sin), Some(plan), Some(pool)) => {
+                self.forward_device(xs, layer, plan, pool, interleaved, cos, sin)
             }
-        };
-        let qkv = self.qkv.forward(xs)?;
-        let q = rope(&self.heads(&qkv[0], self.n_heads)?)?;
-        let k = rope(&self.heads(&qkv[1], self.n_kv_heads)?)?;
-        let v = self.heads(&qkv[2], self.n_kv_heads)?;
-        let group = self.n_heads / self.n_kv_heads;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut outs = Vec::with_capacity(rows.len());
-        for (i, (row, &(off, t, _))) in rows.iter_mut().zip(&packed.spans).enumerate() {
-            let k_new = k.narrow(2, off, t)?.squeeze(0)?.contiguous()?;
-            let v_new = v.narrow(2, off, t)?.squeeze(0)?.contiguous()?;
-            let (k_all, v_all) = row.cache.append(layer, &k_new, &v_new)?;
-            // Query heads sharing a kv head are adjacent: fold them into the row dimension so
-            // one batched matmul per kv head serves the whole group.
-            let q_row = q.narrow(2, off, t)?.contiguous()?.reshape((self.n_kv_heads, group * t, self.head_dim))?;
-            let att = (q_row.matmul(&k_all.t()?)? * scale)?;
-            let att = match packed.masks.get(&i) {
-                Some(mask) => {
-                    let kv_len = k_all.dim(1)?;
-                    att.reshape((self.n_kv_heads, group, t, kv_len))?.broadcast_add(mask)?.reshape((
-                        self.n_kv_heads,
-                        group * t,
-                        kv_len,
-                    ))?
-                }
-                None => att,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v_all)?; // [n_kv, group * t, hd]
-            let y = y
-                .reshape((self.n_heads, t, self.head_dim))?
-                .transpose(0, 1)?
-                .reshape((t, self.n_heads * self.head_dim))?;
-            outs.push(y);
+            _ => candle_core::bail!("the device path runs without its KV pool"),
         }
-        let y = if outs.len() == 1 { outs.pop().expect("one row") } else { Tensor::cat(&outs, 0)? };
+    }
+
+    /// The device path: rotary embedding on the packed q/k, one scatter of the new keys and
+    /// values into the pool, and the batch's attention in [`StepPlan::attend`].
+    #[allow(clippy::too_many_arguments)]
+    fn forward_device(
+        &self,
+        xs: &Tensor,
+        layer: usize,
+        plan: &StepPlan,
+        pool: &KvPool,
+        interleaved: bool,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let n = xs.dim(0)?;
+        let (q_w, kv_w) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let qkv = self.qkv.forward_joint(xs)?;
+        let part = |off: usize, width: usize, heads: usize| -> Result<Tensor> {
+            qkv.narrow(1, off, width)?.reshape((n, heads, self.head_dim))?.to_dtype(cos.dtype())
+        };
+        let q = batch_attention::rope(&part(0, q_w, self.n_heads)?, cos, sin, interleaved)?;
+        let k = batch_attention::rope(&part(q_w, kv_w, self.n_kv_heads)?, cos, sin, interleaved)?;
+        let v = part(q_w + kv_w, kv_w, self.n_kv_heads)?;
+        pool.write(layer, &plan.write_index, &k, &v)?;
+        let y = plan.attend(&self.device_heads(), pool, layer, &q)?;
         self.o.forward(&y)
+    }
+
+    fn device_heads(&self) -> batch_attention::Heads {
+        batch_attention::Heads { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
     }
 }
 
@@ -482,7 +520,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let h = self.heads_geometry();
         let n_tokens = xs.dim(0)?;
-        let mut qkv: Vec<f32> = self.qkv.forward_joint(xs)?.flatten_all()?.to_vec1()?;
+        let mut qkv: Vec<f32> = self.qkv.forward_joint(xs)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         attention::rope(&h, &mut qkv, cos, sin, interleaved);
         for (row, &(off, t, start)) in rows.iter_mut().zip(&packed.spans) {
             let cache = &mut *row.cache;
@@ -519,39 +557,62 @@ impl Block {
     }
 }
 
-/// A loaded llama-family model. Immutable after loading; all per-sequence state lives in
-/// [`KvCache`]s owned by the caller.
+/// A loaded llama-family model. Its weights are immutable after loading; all per-sequence state
+/// lives in [`KvCache`]s owned by the caller (on the device path, as leases on the model's pool).
 pub struct Llama {
     cfg: LlamaConfig,
     embed: Tensor,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
+    /// Rotary tables `[context, head_dim / 2]`, f32 and in the compute dtype.
     cos: Tensor,
     sin: Tensor,
+    rope_compute: (Tensor, Tensor),
     device: Device,
-    /// Attention in host loops ([`attention`]) rather than tensor ops; on by default on CPU.
+    /// Element type of the device path's activations and KV cache.
+    dtype: DType,
+    /// Attention in host loops ([`attention`]) rather than the device path; on by default on
+    /// the CPU in f32.
     host_attention: bool,
+    state: Mutex<DeviceState>,
+}
+
+/// What the forward pass keeps between passes: the device path's KV pool, and the steering
+/// addends of the last batch.
+struct DeviceState {
+    pool: KvPool,
+    steering: SteeringCache,
 }
 
 impl Llama {
     pub fn load(src: &mut dyn WeightSource, cfg: LlamaConfig) -> Result<Self> {
         let device = src.device().clone();
+        let dtype = src.compute_dtype();
         let embed = src.dense("token_embd.weight")?;
         let head = if src.contains("output.weight") { "output" } else { "token_embd" };
         let lm_head = Linear::load(src, &[head.to_string()], false, MatmulRole::Output)?;
         let blocks = (0..cfg.n_layers).map(|i| Block::load(src, i, &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(src, "output_norm.weight", cfg.rms_norm_eps)?;
         let (cos, sin) = rope_tables(&cfg, &device)?;
-        let host_attention = device.is_cpu();
-        Ok(Self { cfg, embed, blocks, norm, lm_head, cos, sin, device, host_attention })
+        let rope_compute = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+        let host_attention = device.is_cpu() && dtype == DType::F32;
+        let geo = KvGeometry {
+            n_layers: cfg.n_layers,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            max_capacity: cfg.context_length,
+            dtype,
+        };
+        let state = Mutex::new(DeviceState { pool: KvPool::new(geo, &device), steering: SteeringCache::default() });
+        Ok(Self { cfg, embed, blocks, norm, lm_head, cos, sin, rope_compute, device, dtype, host_attention, state })
     }
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
 
-    /// Matmul weight formats as loaded, e.g. `int4 x 120, int8 x 1`.
+    /// Matmul weight formats as loaded, e.g. `int4 x 60, int8 x 61`.
     pub fn weight_formats(&self) -> String {
         let mut counts = std::collections::BTreeMap::new();
         let mut note = |l: &Linear| *counts.entry(l.format()).or_insert(0usize) += 1;
@@ -573,34 +634,86 @@ impl Llama {
         &self.device
     }
 
-    /// Chooses the CPU attention implementation: host loops (default) or tensor ops (the
-    /// device path, kept selectable on CPU to test one against the other). Only honoured on
-    /// the CPU. Caches filled by one path cannot be continued by the other.
+    /// Element type of the device path (f32 on the host path).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes of KV cache one token occupies across all layers: keys and values in f32 on the
+    /// host path, in the compute dtype on the device path.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.cfg;
+        c.n_layers * 2 * c.n_kv_heads * c.head_dim * self.dtype.size_in_bytes()
+    }
+
+    /// Whether this model runs the device path (candle ops, pooled KV cache).
+    pub fn on_device_path(&self) -> bool {
+        !self.host_attention
+    }
+
+    /// Chooses the CPU implementation: host loops (default) or the device path, kept
+    /// selectable on the CPU to test one against the other. Only honoured on the CPU in f32.
+    /// Caches filled by one path cannot be continued by the other.
     pub fn set_host_attention(&mut self, on: bool) {
-        self.host_attention = on && self.device.is_cpu();
+        self.host_attention = on && self.device.is_cpu() && self.dtype == DType::F32;
+    }
+
+    /// Device memory held by the KV pool (0 on the host path).
+    pub fn kv_pool_bytes(&self) -> usize {
+        self.state().pool.bytes()
+    }
+
+    /// Uploads of steering addends so far (they are reused while a batch's steering holds).
+    pub fn steering_uploads(&self) -> usize {
+        self.state().steering.builds
+    }
+
+    fn state(&self) -> MutexGuard<'_, DeviceState> {
+        // A pass that panicked leaves nothing half-written that a later pass reads: the pool's
+        // tensors are replaced whole, and the steering cache is rebuilt on its next use.
+        self.state.lock().unwrap_or_else(|poisoned| {
+            let mut s = poisoned.into_inner();
+            s.steering.clear();
+            s
+        })
     }
 
     /// Runs the new tokens of every row through the model, updating each row's cache.
     pub fn forward(&self, ctx: ForwardContext<'_>) -> Result<ForwardOutput> {
         let mut rows = ctx.rows;
-        let packed = self.pack(&rows)?;
+        let mut state = self.state();
+        let packed = self.pack(&mut rows, &mut state.pool)?;
         let n_tokens: usize = packed.spans.iter().map(|s| s.1).sum();
         let ids: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, n_tokens, &self.device)?;
         let mut xs = self.embed.index_select(&ids, 0)?;
         let capturing = rows.iter().any(|r| r.capture);
         let mut layer_states = Vec::new();
-        xs = self.steer(xs, 0, &rows, &packed)?;
+        let steering: Vec<Option<&SteeringAddends>> = rows.iter().map(|r| r.steering).collect();
+        let token_rows = self.token_rows(&packed)?;
+        let state = &mut *state;
+        let mut steer = |xs: Tensor, layer: usize| -> Result<Tensor> {
+            let d = self.cfg.hidden_size;
+            match state.steering.layer(&steering, layer, self.cfg.n_residual_rows(), d, &self.device)? {
+                Some(per_row) => match &token_rows {
+                    Some(idx) => xs + per_row.index_select(idx, 0)?,
+                    None => xs + per_row,
+                },
+                None => Ok(xs),
+            }
+        };
+        xs = steer(xs, 0)?;
         if capturing {
             layer_states.push(xs.clone());
         }
+        let pool = packed.plan.as_ref().map(|_| &state.pool);
         for (i, block) in self.blocks.iter().enumerate() {
             let residual = &xs;
             let h = block.attn_norm.forward(&xs)?;
-            let h = block.attn.forward(&h, i, &packed, &mut rows, self.cfg.rope_interleaved)?;
-            let xs_mid = (h + residual)?;
-            let h = block.mlp.forward(&block.ffn_norm.forward(&xs_mid)?)?;
-            xs = self.steer((h + xs_mid)?, i + 1, &rows, &packed)?;
+            let h = block.attn.forward(&h, i, &packed, &mut rows, self.cfg.rope_interleaved, pool)?;
+            let xs_mid = (h.to_dtype(DType::F32)? + residual)?;
+            let h = block.mlp.forward(&block.ffn_norm.forward(&xs_mid)?, self.host_attention)?;
+            xs = steer((h.to_dtype(DType::F32)? + xs_mid)?, i + 1)?;
             if capturing {
                 layer_states.push(xs.clone());
             }
@@ -631,6 +744,18 @@ impl Llama {
         Ok(ForwardOutput { logits, captures })
     }
 
+    /// The row of every packed token, for spreading per-row steering over the tokens; `None`
+    /// when every row has one token (a decode step), where rows and tokens coincide.
+    fn token_rows(&self, packed: &PackedRows) -> Result<Option<Tensor>> {
+        if packed.spans.iter().all(|s| s.1 == 1) {
+            return Ok(None);
+        }
+        let idx: Vec<u32> =
+            packed.spans.iter().enumerate().flat_map(|(r, s)| std::iter::repeat_n(r as u32, s.1)).collect();
+        let n = idx.len();
+        Tensor::from_vec(idx, n, &self.device).map(Some)
+    }
+
     /// Whether one row can run: the engine checks every row before a step, so a bad row fails
     /// alone instead of failing the forward pass of every row batched with it.
     pub fn check_row(&self, row: &RowInput<'_>) -> std::result::Result<(), String> {
@@ -651,7 +776,11 @@ impl Llama {
         if row.logits > t {
             return Err(format!("the row asks for logits at {} positions but carries {t} tokens", row.logits));
         }
-        if let Some(addends) = row.steering {
+        let device_cache = row.cache.lease.is_some();
+        if !row.cache.is_empty() && device_cache == self.host_attention {
+            return Err("the row's cache was filled by the other attention path".to_string());
+        }
+        if let Some(addends) = row.steering.map(SteeringAddends::layers) {
             if addends.len() > self.cfg.n_residual_rows() {
                 return Err(format!(
                     "steering names {} residual layers, the model has {}",
@@ -674,52 +803,50 @@ impl Llama {
         Ok(())
     }
 
-    fn pack(&self, rows: &[RowInput<'_>]) -> Result<PackedRows> {
+    /// Checks the rows, and on the device path leases pool slots for new caches and grows the
+    /// pool to the pass's longest row, then lays the batch out once for every layer.
+    fn pack(&self, rows: &mut [RowInput<'_>], pool: &mut KvPool) -> Result<PackedRows> {
         let mut spans = Vec::with_capacity(rows.len());
         let mut positions = Vec::new();
-        let mut masks = HashMap::new();
         let mut off = 0;
         for (i, row) in rows.iter().enumerate() {
             let t = row.tokens.len();
             let start = row.cache.len();
             self.check_row(row).map_err(|e| candle_core::Error::msg(format!("row {i}: {e}")))?;
             positions.extend((start..start + t).map(|p| p as u32));
-            if t > 1 && !self.host_attention {
-                masks.insert(i, causal_mask(t, start, &self.device)?);
-            }
             spans.push((off, t, start));
             off += t;
         }
         let pos = Tensor::from_vec(positions, off, &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
-        let host_rope = if self.host_attention {
-            Some((cos.flatten_all()?.to_vec1()?, sin.flatten_all()?.to_vec1()?))
-        } else {
-            None
-        };
-        Ok(PackedRows { spans, cos, sin, masks, host_rope })
-    }
-
-    /// Adds each row's steering addend for residual layer `layer` to its tokens.
-    fn steer(&self, xs: Tensor, layer: usize, rows: &[RowInput<'_>], packed: &PackedRows) -> Result<Tensor> {
-        let active = rows.iter().any(|r| r.steering.and_then(|s| s.get(layer)).is_some_and(|a| a.is_some()));
-        if !active {
-            return Ok(xs);
+        if self.host_attention {
+            let cos = self.cos.index_select(&pos, 0)?.flatten_all()?.to_vec1()?;
+            let sin = self.sin.index_select(&pos, 0)?.flatten_all()?.to_vec1()?;
+            return Ok(PackedRows { spans, rope: Rope::Host(cos, sin), plan: None });
         }
-        let d = self.cfg.hidden_size;
-        let n_tokens = xs.dim(0)?;
-        let mut addend = vec![0f32; n_tokens * d];
-        for (row, &(off, t, _)) in rows.iter().zip(&packed.spans) {
-            if let Some(Some(v)) = row.steering.and_then(|s| s.get(layer)) {
-                for tok in 0..t {
-                    let dst = &mut addend[(off + tok) * d..(off + tok + 1) * d];
-                    dst.iter_mut().zip(v).for_each(|(a, b)| *a += *b);
+        for (i, row) in rows.iter_mut().enumerate() {
+            match &row.cache.lease {
+                Some(lease) if !pool.owns(lease) => {
+                    candle_core::bail!("row {i}: the row's cache belongs to another model")
                 }
+                Some(_) => {}
+                None => row.cache.lease = Some(pool.acquire()?),
             }
         }
-        let addend = Tensor::from_vec(addend, (n_tokens, d), &self.device)?.to_dtype(xs.dtype())?;
-        xs + addend
+        pool.reserve(spans.iter().map(|&(_, t, start)| start + t).max().unwrap_or(0))?;
+        let places: Vec<RowPlace> = rows
+            .iter()
+            .zip(&spans)
+            .map(|(row, &(off, t, start))| RowPlace {
+                off,
+                t,
+                start,
+                slot: row.cache.lease.as_ref().map_or(0, SlotLease::slot),
+            })
+            .collect();
+        let plan = StepPlan::new(&places, pool, &self.device)?;
+        let (cos, sin) = &self.rope_compute;
+        let rope = Rope::Device(cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?);
+        Ok(PackedRows { spans, rope, plan: Some(plan) })
     }
 }
 
@@ -735,24 +862,18 @@ fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     Ok((freqs.cos()?, freqs.sin()?))
 }
 
-/// Additive mask `[t, start + t]`: token j of the chunk sees cached positions and itself.
-fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Tensor> {
-    let kv = start + t;
-    let mask: Vec<f32> =
-        (0..t).flat_map(|j| (0..kv).map(move |p| if p > start + j { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Tensor::from_vec(mask, (t, kv), device)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn causal_mask_sees_prefix_and_itself() -> Result<()> {
-        let m = causal_mask(2, 3, &Device::Cpu)?.to_vec2::<f32>()?;
-        assert_eq!(m[0][..4], [0.0, 0.0, 0.0, 0.0]);
-        assert!(m[0][4].is_infinite());
-        assert!(m[1].iter().all(|v| *v == 0.0));
-        Ok(())
+    fn steering_identities_are_unique_and_equality_is_by_value() {
+        let a = SteeringAddends::new(vec![None, Some(vec![1.0])]);
+        let b = SteeringAddends::new(vec![None, Some(vec![1.0])]);
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a, b);
+        assert_eq!(a.clone().id(), a.id(), "a clone is the same value");
+        assert!(a.is_active());
+        assert!(!SteeringAddends::new(vec![None, None]).is_active());
     }
 }
