@@ -149,16 +149,52 @@ impl Default for TelemetrySettings {
 impl Settings {
     /// Defaults, then `file` (if given), then `PERSONA__*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// [`Self::load`] with the given environment instead of the process's.
+    ///
+    /// `PERSONA__A__B=v` sets `a.b`. List entries are addressed by index:
+    /// `PERSONA__MODELS__0__DEVICE=cuda` sets `models[0].device` (the environment source of the
+    /// `config` crate would make `models` a map and fail against the file's list), and an index
+    /// one past the end adds an entry with defaults for what it does not set.
+    pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
         let mut b = config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
+        let mut origin = vec!["defaults".to_string()];
         if let Some(f) = file {
             if !f.exists() {
                 bail!("config file {} does not exist", f.display());
             }
             b = b.add_source(config::File::from(f));
+            origin.push(f.display().to_string());
         }
-        b = b.add_source(config::Environment::with_prefix("PERSONA").prefix_separator("__").separator("__"));
-        let s: Settings = b.build()?.try_deserialize().context("reading settings")?;
-        s.validate()?;
+        let mut plain = config::Map::new();
+        let mut indexed = Vec::new();
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("PERSONA__") else { continue };
+            origin.push(name.clone());
+            match list_entry_key(key) {
+                Some(path) => indexed.push((name, path, value)),
+                None => {
+                    plain.insert(name, value);
+                }
+            }
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("PERSONA").prefix_separator("__").separator("__").source(Some(plain)),
+        );
+        // Entries one past the end of a list are added in index order, so they exist before
+        // their fields are set.
+        indexed.sort_by(|a, b| a.1.cmp(&b.1));
+        for (name, path, value) in indexed {
+            b = b.set_override(&path, value).with_context(|| format!("{name}: cannot set `{path}`"))?;
+        }
+        let sources = origin.join(", ");
+        let s: Settings = b
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .with_context(|| format!("reading settings (from {sources})"))?;
+        s.validate().with_context(|| format!("invalid settings (from {sources})"))?;
         Ok(s)
     }
 
@@ -196,6 +232,23 @@ impl Settings {
             panic_on_token: self.engine.panic_on_token,
         }
     }
+}
+
+/// `MODELS__0__DEVICE` → `models[0].device`: the settings path of an environment key that
+/// addresses a list entry by index, or `None` for a plain key.
+fn list_entry_key(key: &str) -> Option<String> {
+    let parts: Vec<&str> = key.split("__").collect();
+    let at = parts.iter().position(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()))?;
+    if at == 0 {
+        return None;
+    }
+    let mut path = parts[..at].join(".").to_lowercase();
+    path.push_str(&format!("[{}]", parts[at]));
+    for p in &parts[at + 1..] {
+        path.push('.');
+        path.push_str(&p.to_lowercase());
+    }
+    Some(path)
 }
 
 /// Default context cap: long enough for chat, small enough that rotary tables stay cheap.
@@ -282,5 +335,94 @@ mod tests {
         assert!(s.validate().unwrap_err().to_string().contains("tpu"));
         let s = Settings { default_model: "nope".into(), ..Default::default() };
         assert!(s.validate().is_err());
+    }
+
+    /// `PERSONA__NAME=value` examples in a text: `NAME=value` forms and Kubernetes' `name: NAME,
+    /// value: "v"` lines (mentions without a value are skipped).
+    fn env_examples(text: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (at, _) in text.match_indices("PERSONA__") {
+            let rest = &text[at..];
+            let name_len =
+                rest.find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')).unwrap_or(rest.len());
+            let (name, after) = rest.split_at(name_len);
+            let value = if let Some(v) = after.strip_prefix('=') {
+                v.split(|c: char| c.is_whitespace() || matches!(c, '`' | '"' | ')' | ',')).next().map(str::to_string)
+            } else if let Some(v) = after.strip_prefix(", value: \"") {
+                v.split('"').next().map(str::to_string)
+            } else {
+                None
+            };
+            if let Some(v) = value.filter(|v| !v.is_empty()) {
+                out.push((name.to_string(), v));
+            }
+        }
+        out
+    }
+
+    /// The setting an environment variable names, read back from loaded settings.
+    fn setting(s: &Settings, name: &str) -> String {
+        let mut v = serde_json::to_value(s).unwrap();
+        for part in name.trim_start_matches("PERSONA__").split("__") {
+            v = match part.parse::<usize>() {
+                Ok(i) => v[i].take(),
+                Err(_) => v[part.to_lowercase()].take(),
+            };
+        }
+        match v {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        }
+    }
+
+    /// Every environment example in README.md and deploy/ loads and sets what it names.
+    #[test]
+    fn every_documented_environment_example_loads_and_takes_effect() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let files = [
+            "README.md",
+            "deploy/Dockerfile",
+            "deploy/persona.toml",
+            "deploy/systemd/persona-server.service",
+            "deploy/k8s/persona-server.yaml",
+        ];
+        let mut seen = 0;
+        for f in files {
+            let text = std::fs::read_to_string(root.join(f)).unwrap();
+            for (name, value) in env_examples(&text) {
+                let s = Settings::load_with_env(None, [(name.clone(), value.clone())])
+                    .unwrap_or_else(|e| panic!("{f}: {name}={value}: {e:#}"));
+                assert_eq!(setting(&s, &name), value, "{f}: {name}");
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "only {seen} examples found: the parser no longer reads the docs");
+    }
+
+    #[test]
+    fn list_entries_are_set_and_added_by_index_and_bad_values_name_their_variable() {
+        let env =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("PERSONA__MODELS__0__DEVICE", "cuda"),
+                ("PERSONA__MODELS__1__ID", "second"),
+                ("PERSONA__MODELS__1__SOURCE", "/m/other.gguf"),
+                ("PERSONA__ENGINE__MAX_BATCH", "8"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.models.len(), 2);
+        assert_eq!(s.models[0].device, "cuda");
+        assert_eq!(s.models[0].id, EMBEDDED_ID, "fields not named keep their values");
+        assert_eq!((s.models[1].id.as_str(), s.models[1].requantize.as_str()), ("second", "auto"));
+        assert_eq!(s.engine.max_batch, 8);
+        let err = Settings::load_with_env(None, env(&[("PERSONA__MODELS__0__REQUANTIZE", "int3")])).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("PERSONA__MODELS__0__REQUANTIZE") && msg.contains("int3"), "{msg}");
+        assert_eq!(list_entry_key("MODELS__0__DEVICE").as_deref(), Some("models[0].device"));
+        assert_eq!(list_entry_key("ENGINE__MAX_BATCH"), None);
     }
 }
