@@ -183,9 +183,13 @@ impl Settings {
         b = b.add_source(
             config::Environment::with_prefix("PERSONA").prefix_separator("__").separator("__").source(Some(plain)),
         );
-        // Entries one past the end of a list are added in index order, so they exist before
-        // their fields are set.
-        indexed.sort_by(|a, b| a.1.cmp(&b.1));
+        // Entries one past the end of a list are added in index order (numeric: 2 before 10),
+        // so they exist before their fields are set.
+        indexed.sort_by_key(|(name, ..)| {
+            name.split("__")
+                .map(|p| p.parse::<usize>().map_or_else(|_| (0, p.to_string()), |i| (i, String::new())))
+                .collect::<Vec<_>>()
+        });
         for (name, path, value) in indexed {
             b = b.set_override(&path, value).with_context(|| format!("{name}: cannot set `{path}`"))?;
         }

@@ -230,11 +230,6 @@ pub struct EngineHandle {
     health: tokio::sync::watch::Receiver<EngineHealth>,
 }
 
-/// KV cache bytes one token occupies across all layers.
-pub fn kv_bytes_per_token(model: &LoadedModel) -> usize {
-    model.model.kv_bytes_per_token()
-}
-
 impl EngineHandle {
     /// Starts the engine thread for `model`.
     pub fn spawn(model: Arc<LoadedModel>, cfg: EngineConfig) -> std::io::Result<Self> {
@@ -249,7 +244,7 @@ impl EngineHandle {
             running: Vec::new(),
             waiting: VecDeque::new(),
             stats: stats.clone(),
-            bytes_per_token: kv_bytes_per_token(&model),
+            bytes_per_token: model.model.kv_bytes_per_token(),
             health: health_tx,
             panics: VecDeque::new(),
         };
@@ -290,7 +285,7 @@ impl EngineHandle {
     /// leaves). Places are the running batch plus `max_queue`: a burst at an idle engine fills
     /// the batch before anything counts as queued.
     fn admit_check(&self, tokens: usize) -> Result<(), EngineError> {
-        let need = tokens * kv_bytes_per_token(&self.model);
+        let need = tokens * self.model.model.kv_bytes_per_token();
         let mib = |b: usize| b as f64 / (1 << 20) as f64;
         let refused = if !self.health.borrow().serving {
             Some(EngineError::Stopped)
@@ -715,7 +710,8 @@ fn read_logits(logits: &Tensor, whole: &[bool]) -> candle_core::Result<Vec<Next>
     let mut rows = if wanted.is_empty() {
         Vec::new()
     } else {
-        let idx = Tensor::from_vec(wanted.clone(), wanted.len(), logits.device())?;
+        let n = wanted.len();
+        let idx = Tensor::from_vec(wanted, n, logits.device())?;
         logits.index_select(&idx, 0)?.to_vec2()?
     }
     .into_iter();

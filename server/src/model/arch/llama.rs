@@ -690,11 +690,16 @@ impl Llama {
         let capturing = rows.iter().any(|r| r.capture);
         let mut layer_states = Vec::new();
         let steering: Vec<Option<&SteeringAddends>> = rows.iter().map(|r| r.steering).collect();
-        let token_rows = self.token_rows(&packed)?;
-        let state = &mut *state;
-        let mut steer = |xs: Tensor, layer: usize| -> Result<Tensor> {
-            let d = self.cfg.hidden_size;
-            match state.steering.layer(&steering, layer, self.cfg.n_residual_rows(), d, &self.device)? {
+        let steered = steering.iter().any(Option::is_some);
+        // Rows and tokens coincide unless a row carries several tokens; the index that spreads
+        // per-row addends over tokens is only needed when something is steered.
+        let token_rows = if steered { self.token_rows(&packed)? } else { None };
+        if steered {
+            state.steering.prepare(&steering, self.cfg.n_residual_rows(), self.cfg.hidden_size, &self.device)?;
+        }
+        let state = &*state;
+        let steer = |xs: Tensor, layer: usize| -> Result<Tensor> {
+            match state.steering.layer(layer).filter(|_| steered) {
                 Some(per_row) => match &token_rows {
                     Some(idx) => xs + per_row.index_select(idx, 0)?,
                     None => xs + per_row,

@@ -85,10 +85,11 @@ impl StepPlan {
             let first = tokens[0] as usize;
             let tokens_in_order = tokens.iter().enumerate().all(|(j, &p)| p as usize == first + j);
             concat.extend(&tokens);
+            let n = tokens.len();
             let tokens = if tokens_in_order {
-                Tokens::Range { first, n: tokens.len() }
+                Tokens::Range { first, n }
             } else {
-                Tokens::Index(Tensor::from_vec(tokens.clone(), tokens.len(), device)?)
+                Tokens::Index(Tensor::from_vec(tokens, n, device)?)
             };
             let s0 = rows[members[0]].slot;
             let slots = if members.iter().enumerate().all(|(j, &i)| rows[i].slot == s0 + j) {

@@ -19,23 +19,28 @@ pub struct SteeringCache {
 }
 
 impl SteeringCache {
-    /// Per-row addends of residual layer `layer` for a batch whose rows carry `steering`
-    /// (`n_rows` residual layers, `d` wide): `None` when no row steers that layer.
-    pub fn layer(
+    /// Makes the cache hold the per-row addends of a batch whose rows carry `steering`
+    /// (`n_rows` residual layers, `d` wide), uploading them only if they changed.
+    pub fn prepare(
         &mut self,
         steering: &[Option<&SteeringAddends>],
-        layer: usize,
         n_rows: usize,
         d: usize,
         device: &Device,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<()> {
         let key: Vec<Option<u64>> = steering.iter().map(|s| s.map(SteeringAddends::id)).collect();
         if key != self.key || self.layers.len() != n_rows {
             self.layers = build(steering, n_rows, d, device)?;
             self.key = key;
             self.builds += 1;
         }
-        Ok(self.layers.get(layer).cloned().flatten())
+        Ok(())
+    }
+
+    /// Per-row addends (`[rows, d_model]` f32) of residual layer `layer` for the batch last
+    /// [prepared](Self::prepare), or `None` when no row steers that layer.
+    pub fn layer(&self, layer: usize) -> Option<&Tensor> {
+        self.layers.get(layer).and_then(Option::as_ref)
     }
 
     /// Forgets the uploaded tensors (after a failed pass).
@@ -80,12 +85,14 @@ mod tests {
         assert_ne!(a.id(), b.id(), "identities are unique, whatever the values");
         let mut c = SteeringCache::default();
         let dev = Device::Cpu;
-        assert!(c.layer(&[Some(&a), None], 0, 2, 2, &dev)?.is_none());
-        let l1 = c.layer(&[Some(&a), None], 1, 2, 2, &dev)?.expect("layer 1 is steered");
+        c.prepare(&[Some(&a), None], 2, 2, &dev)?;
+        assert!(c.layer(0).is_none());
+        let l1 = c.layer(1).expect("layer 1 is steered");
         assert_eq!(l1.to_vec2::<f32>()?, vec![vec![1.0, 2.0], vec![0.0, 0.0]]);
-        c.layer(&[Some(&a), None], 1, 2, 2, &dev)?;
+        c.prepare(&[Some(&a), None], 2, 2, &dev)?;
         assert_eq!(c.builds, 1, "same batch, same tensors");
-        let l1 = c.layer(&[None, Some(&b)], 1, 2, 2, &dev)?.expect("layer 1 is steered");
+        c.prepare(&[None, Some(&b)], 2, 2, &dev)?;
+        let l1 = c.layer(1).expect("layer 1 is steered");
         assert_eq!(l1.to_vec2::<f32>()?, vec![vec![0.0, 0.0], vec![1.0, 2.0]]);
         assert_eq!(c.builds, 2);
         Ok(())
