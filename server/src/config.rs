@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct Settings {
     /// Address the gRPC server binds.
     pub listen: String,
+    /// Address of the Prometheus endpoint (`GET /metrics`, plain HTTP); empty = off.
+    pub metrics_listen: String,
     /// Where persona vectors are stored.
     pub vector_dir: PathBuf,
     /// Where the embedded model is fetched to.
@@ -95,6 +97,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50051".into(),
+            metrics_listen: String::new(),
             vector_dir: "data/vectors".into(),
             model_dir: crate::model::default_model_dir(),
             auto_fetch: true,
@@ -234,6 +237,7 @@ impl Settings {
             max_queue: self.engine.max_queue,
             kv_cache_bytes: self.engine.kv_cache_mb << 20,
             panic_on_token: self.engine.panic_on_token,
+            ..EngineConfig::default()
         }
     }
 }

@@ -4,7 +4,9 @@
 pub mod config;
 pub mod error;
 pub mod judge;
+pub mod metrics;
 pub mod model;
+pub mod observe;
 pub mod scheduler;
 pub mod server;
 pub mod service;

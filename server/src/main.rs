@@ -1,7 +1,7 @@
 //! `persona-server`: config → telemetry → bind → load models while answering health → serve until
 //! SIGTERM.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use persona_server::config::Settings;
 use persona_server::{model, server, telemetry};
@@ -49,11 +49,9 @@ fn main() -> Result<()> {
         }
         Command::Serve => rt.block_on(async {
             // Bind first: health answers (NOT_SERVING) while the models load.
-            let listener = tokio::net::TcpListener::bind(&settings.listen)
-                .await
-                .with_context(|| format!("binding {}", settings.listen))?;
+            let listeners = server::Listeners::bind(&settings).await?;
             let grace = Duration::from_secs(settings.shutdown_grace_secs);
-            server::load_and_serve(&settings, listener, server::shutdown_signal(), grace).await
+            server::load_and_serve(&settings, listeners, server::shutdown_signal(), grace).await
         }),
     }
 }

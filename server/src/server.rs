@@ -2,8 +2,10 @@
 //! shutdown.
 
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::model::LoadedModel;
-use crate::scheduler::{EngineHandle, GenEvent, GenerateJob};
+use crate::observe::ObserveLayer;
+use crate::scheduler::{EngineConfig, EngineHandle, GenEvent, GenerateJob};
 use crate::service::{AppState, PersonaSvc};
 use crate::steering::store::VectorStore;
 use anyhow::{Context, Result};
@@ -15,8 +17,13 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// Loads every configured model and opens the vector store.
+/// Loads every configured model and opens the vector store, with a new metrics registry.
 pub async fn build_state(settings: &Settings) -> Result<Arc<AppState>> {
+    build_state_with(settings, Arc::new(Metrics::new())).await
+}
+
+/// [`build_state`] reporting to `metrics`.
+pub async fn build_state_with(settings: &Settings, metrics: Arc<Metrics>) -> Result<Arc<AppState>> {
     let mut engines = BTreeMap::new();
     for m in &settings.models {
         let spec = m.load_spec(settings)?;
@@ -30,7 +37,8 @@ pub async fn build_state(settings: &Settings) -> Result<Arc<AppState>> {
             d_model = c.hidden_size, context = c.context_length, secs = started.elapsed().as_secs_f64(),
             "model loaded"
         );
-        let engine = EngineHandle::spawn(Arc::new(model), settings.engine_config())?;
+        let cfg = EngineConfig { metrics: metrics.model(&m.id), ..settings.engine_config() };
+        let engine = EngineHandle::spawn(Arc::new(model), cfg)?;
         warm_up(&engine).await.with_context(|| format!("warming up `{}`", m.id))?;
         engines.insert(m.id.clone(), engine);
     }
@@ -43,6 +51,7 @@ pub async fn build_state(settings: &Settings) -> Result<Arc<AppState>> {
         traits: crate::traits::TraitLibrary::load(settings.traits_dir.as_deref()),
         judge: crate::judge::Judge::new(&settings.judge),
         own_responses: Default::default(),
+        metrics,
     }))
 }
 
@@ -88,18 +97,43 @@ async fn watch_engines(state: &AppState, reporter: &tonic_health::server::Health
     }
 }
 
-/// Serves already loaded models on `listener` until `shutdown` resolves, then drains in-flight
-/// calls for up to `grace`.
+/// Where the server listens: gRPC, and optionally the Prometheus endpoint (`GET /metrics`).
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(grpc: TcpListener) -> Self {
+        Self { grpc, metrics: None }
+    }
+}
+
+impl Listeners {
+    /// Binds `settings.listen`, and `settings.metrics_listen` unless it is empty.
+    pub async fn bind(settings: &Settings) -> Result<Self> {
+        let grpc = TcpListener::bind(&settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
+        let metrics = match settings.metrics_listen.as_str() {
+            "" => None,
+            addr => Some(TcpListener::bind(addr).await.with_context(|| format!("binding metrics_listen {addr}"))?),
+        };
+        Ok(Self { grpc, metrics })
+    }
+}
+
+/// Serves already loaded models until `shutdown` resolves, then drains in-flight calls for up
+/// to `grace`.
 pub async fn serve(
     state: Arc<AppState>,
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<Persona>().await;
     watch_engines(&state, &reporter).await;
-    serve_service(PersonaSvc::new(state), reporter, health, listener, shutdown, grace).await
+    let metrics = state.metrics.clone();
+    serve_service(PersonaSvc::new(state), metrics, reporter, health, listeners.into(), shutdown, grace).await
 }
 
 /// Answers on `listener` at once and loads the configured models meanwhile: health reports the
@@ -108,17 +142,18 @@ pub async fn serve(
 /// server with that error.
 pub async fn load_and_serve(
     settings: &Settings,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<Persona>().await;
     let svc = PersonaSvc::loading();
-    let server = serve_service(svc.clone(), reporter.clone(), health, listener, shutdown, grace);
+    let metrics = Arc::new(Metrics::new());
+    let server = serve_service(svc.clone(), metrics.clone(), reporter.clone(), health, listeners, shutdown, grace);
     tokio::pin!(server);
     let load = async {
-        let state = build_state(settings).await?;
+        let state = build_state_with(settings, metrics).await?;
         watch_engines(&state, &reporter).await;
         svc.set_ready(state);
         reporter.set_serving::<Persona>().await;
@@ -134,16 +169,27 @@ pub async fn load_and_serve(
 
 async fn serve_service(
     svc: PersonaSvc,
+    metrics: Arc<Metrics>,
     reporter: tonic_health::server::HealthReporter,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<()> {
+    let listener = listeners.grpc;
+    // The metrics endpoint stays up while calls drain and stops with the gRPC server.
+    let (metrics_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = listeners.metrics.map(|l| {
+        let stop = async move {
+            let _ = stopped.await;
+        };
+        tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop))
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let layer = ObserveLayer::new(metrics);
     let svc = Persona::new(svc).max_decoding_message_size(64 * 1024 * 1024).max_encoding_message_size(64 * 1024 * 1024);
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
@@ -154,18 +200,28 @@ async fn serve_service(
         let _ = drain_tx.send(());
     };
     let server = tonic::transport::Server::builder()
+        .layer(layer)
         .add_service(health)
         .add_service(reflection)
         .add_service(svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), notify);
     tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => r?,
+    let served = tokio::select! {
+        r = &mut server => r.map_err(anyhow::Error::from),
         _ = async { let _ = drain_rx.await; tokio::time::sleep(grace).await } => {
             tracing::warn!(secs = grace.as_secs(), "grace period over; dropping remaining calls");
+            Ok(())
+        }
+    };
+    let _ = metrics_stop.send(());
+    if let Some(task) = metrics_server {
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "metrics endpoint task failed"),
+            Ok(Ok(())) => {}
         }
     }
-    Ok(())
+    served
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -4,6 +4,7 @@
 
 mod sequence;
 
+use crate::metrics::ModelMetrics;
 use crate::model::LoadedModel;
 use crate::model::arch::llama::{ForwardContext, KvCache, RowInput};
 use crate::model::sampling::{Logprobs, SamplingConfig};
@@ -33,11 +34,20 @@ pub struct EngineConfig {
     /// thread, as a kernel bug would. Never set from configuration.
     #[doc(hidden)]
     pub panic_on_token: Option<u32>,
+    /// Where the engine reports latencies, batch sizes and token counts.
+    pub metrics: ModelMetrics,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch: 16, max_step_tokens: 512, max_queue: 256, kv_cache_bytes: 1 << 30, panic_on_token: None }
+        Self {
+            max_batch: 16,
+            max_step_tokens: 512,
+            max_queue: 256,
+            kv_cache_bytes: 1 << 30,
+            panic_on_token: None,
+            metrics: ModelMetrics::detached(),
+        }
     }
 }
 
@@ -179,8 +189,8 @@ pub struct CaptureResult {
 pub type EventStream = mpsc::UnboundedReceiver<Result<GenEvent, EngineError>>;
 
 enum Command {
-    Generate(GenerateJob, mpsc::UnboundedSender<Result<GenEvent, EngineError>>),
-    Capture(CaptureJob, oneshot::Sender<Result<CaptureResult, EngineError>>),
+    Generate(GenerateJob, mpsc::UnboundedSender<Result<GenEvent, EngineError>>, Instant),
+    Capture(CaptureJob, oneshot::Sender<Result<CaptureResult, EngineError>>, Instant),
 }
 
 /// Counters an engine publishes for status reports and tests.
@@ -330,7 +340,7 @@ impl EngineHandle {
         // Unbounded: the engine never blocks on a slow reader; a generation's events are
         // bounded by its max_tokens anyway.
         let (tx, rx) = mpsc::unbounded_channel();
-        self.submit(Command::Generate(job, tx))?;
+        self.submit(Command::Generate(job, tx, Instant::now()))?;
         Ok(rx)
     }
 
@@ -338,7 +348,7 @@ impl EngineHandle {
     pub async fn capture(&self, job: CaptureJob) -> Result<CaptureResult, EngineError> {
         self.admit_check(job.tokens.len())?;
         let (tx, rx) = oneshot::channel();
-        self.submit(Command::Capture(job, tx))?;
+        self.submit(Command::Capture(job, tx, Instant::now()))?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 }
@@ -460,7 +470,7 @@ impl Engine {
     fn new_sequence(&self, cmd: Command) -> Sequence {
         let cfg = self.model.config();
         match cmd {
-            Command::Generate(job, tx) => {
+            Command::Generate(job, tx, submitted) => {
                 let reserve = reserved_tokens(job.prompt.len(), job.max_tokens, cfg.context_length);
                 let cache = KvCache::with_limit(cfg, reserve);
                 Sequence::generate(
@@ -470,13 +480,14 @@ impl Engine {
                     reserve * self.bytes_per_token,
                     cfg.n_residual_rows(),
                     cfg.hidden_size,
+                    submitted,
                 )
             }
-            Command::Capture(job, tx) => {
+            Command::Capture(job, tx, submitted) => {
                 let reserve = job.tokens.len();
                 let cache = KvCache::with_limit(cfg, reserve);
                 let bytes = reserve * self.bytes_per_token;
-                Sequence::capture(job, tx, cache, cfg.n_residual_rows(), cfg.hidden_size, bytes)
+                Sequence::capture(job, tx, cache, cfg.n_residual_rows(), cfg.hidden_size, bytes, submitted)
             }
         }
     }
@@ -555,6 +566,8 @@ impl Engine {
                 Some(s) if reserved + s.kv_reserve <= self.cfg.kv_cache_bytes => {
                     reserved += s.kv_reserve;
                     let s = self.waiting.pop_front().expect("front exists");
+                    self.cfg.metrics.queue_wait.observe(s.submitted.elapsed().as_secs_f64());
+                    self.cfg.metrics.sequence_started(s.is_capture(), s.steered());
                     self.running.push(s);
                     self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -581,6 +594,7 @@ impl Engine {
             budget = budget.saturating_sub(n);
         }
         let started = Instant::now();
+        let prefill: usize = self.running.iter().zip(&take).filter(|(s, _)| s.prefilling()).map(|(_, &n)| n).sum();
         let mut rejected = Vec::new();
         let (rows, selected): (Vec<RowInput<'_>>, Vec<usize>) = {
             let mut rows = Vec::new();
@@ -611,6 +625,10 @@ impl Engine {
             self.running[i].fail(EngineError::Compute(msg));
         }
         let Some(result) = result else { return };
+        let metrics = &self.cfg.metrics;
+        metrics.step_seconds.observe(started.elapsed().as_secs_f64());
+        metrics.batch_size.observe(selected.len() as f64);
+        metrics.prefill_tokens.inc_by(prefill as u64);
         match result {
             Ok(out) => {
                 if let Err(e) = self.absorb(&selected, &take, out.logits, out.captures) {
@@ -658,6 +676,13 @@ impl Engine {
                     if wants_logits > 0 {
                         let next = logits.next().ok_or_else(missing)?;
                         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                        let now = Instant::now();
+                        let m = &self.cfg.metrics;
+                        m.generation_tokens.inc();
+                        match seq.last_token.replace(now) {
+                            None => m.first_token.observe((now - seq.submitted).as_secs_f64()),
+                            Some(t) => m.inter_token.observe((now - t).as_secs_f64()),
+                        }
                         let scores = match &capture {
                             Some(states) => g.monitor_scores(states, take[i])?,
                             None => Vec::new(),

@@ -25,6 +25,10 @@ pub(super) struct Sequence {
     pub deadline: Option<Instant>,
     /// Ended by an error other than its deadline.
     failed: bool,
+    /// When the request was submitted (queue wait and time to first token count from here).
+    pub submitted: Instant,
+    /// When its last token was sampled.
+    pub last_token: Option<Instant>,
 }
 
 /// What a sequence is for. Few exist at a time, so the size difference between variants is moot.
@@ -42,11 +46,14 @@ impl Sequence {
         kv_reserve: usize,
         n_rows: usize,
         d_model: usize,
+        submitted: Instant,
     ) -> Self {
         let prompt_len = job.prompt.len();
         let acc = job.capture.then(|| CaptureAccumulator::new(n_rows, d_model, prompt_len, Vec::new()));
         Self {
             kv_reserve,
+            submitted,
+            last_token: None,
             deadline: job.deadline,
             failed: false,
             cache,
@@ -83,12 +90,15 @@ impl Sequence {
         n_rows: usize,
         d_model: usize,
         kv_reserve: usize,
+        submitted: Instant,
     ) -> Self {
         let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.probes);
         let scoring =
             job.logprobs.map(|top| Scoring { targets: job.tokens[job.prompt_len..].to_vec(), top, out: Vec::new() });
         Self {
             kv_reserve,
+            submitted,
+            last_token: None,
             deadline: None,
             failed: false,
             cache,
@@ -102,6 +112,20 @@ impl Sequence {
 
     fn in_response(&self) -> bool {
         self.consumed >= self.prompt_len
+    }
+
+    /// Whether the next tokens are prefill (a prompt, or text a capture scores) rather than
+    /// tokens the model generated.
+    pub fn prefilling(&self) -> bool {
+        !self.in_response() || matches!(self.work, Work::Capture(_))
+    }
+
+    pub fn is_capture(&self) -> bool {
+        matches!(self.work, Work::Capture(_))
+    }
+
+    pub fn steered(&self) -> bool {
+        !self.steering.is_empty()
     }
 
     /// Tokens the next pass may take: all pending ones, but never across the prompt/response

@@ -2,6 +2,7 @@
 
 use super::{AppState, ResponseStream, resolve, score};
 use crate::error::{ServiceError, ServiceResult, invalid};
+use crate::metrics::MonitorMetrics;
 use crate::scheduler::{FinishReason, GenEvent, GenerateJob, Summary};
 use persona_proto::v1 as pb;
 use tokio_stream::StreamExt;
@@ -23,7 +24,9 @@ pub fn generate(
     let threshold = alert_threshold(&req, &targets)?;
     let model_id = model.id.clone();
     tracing::debug!(model = %model_id, prompt_tokens = prompt.len(), steered = !steering.plan.is_empty(), "generate");
-    let mut watch = Watch::new(&targets, threshold);
+    let meters =
+        targets.iter().map(|t| state.metrics.monitor(&model_id, &t.vector, t.layer, t.calibration.is_ok())).collect();
+    let mut watch = Watch::new(&targets, threshold, meters);
     let rx = engine.generate(GenerateJob {
         prompt,
         max_tokens: sampling.max_tokens,
@@ -123,10 +126,12 @@ struct Watch {
     monitors: Vec<pb::MonitorSummary>,
     threshold: Option<Threshold>,
     tokens: usize,
+    /// Per monitor: the server's score histogram and alert counter.
+    meters: Vec<MonitorMetrics>,
 }
 
 impl Watch {
-    fn new(targets: &[resolve::Target], threshold: Option<Threshold>) -> Self {
+    fn new(targets: &[resolve::Target], threshold: Option<Threshold>, meters: Vec<MonitorMetrics>) -> Self {
         let monitors = targets
             .iter()
             .map(|t| pb::MonitorSummary {
@@ -139,7 +144,7 @@ impl Watch {
                 ..Default::default()
             })
             .collect();
-        Self { monitors, threshold, tokens: 0 }
+        Self { monitors, threshold, tokens: 0, meters }
     }
 
     /// Records one token's scores (raw, and calibrated on the response scale); for the first
@@ -153,6 +158,9 @@ impl Watch {
                 if m.calibrated {
                     m.prompt_last_calibrated = prompt_calibrated.get(i).copied().unwrap_or(0.0);
                 }
+            }
+            if let Some(meter) = self.meters.get(i) {
+                meter.scores.observe(f64::from(if m.calibrated { c } else { s }));
             }
             m.mean += s;
             m.max = m.max.max(s);
@@ -168,6 +176,9 @@ impl Watch {
             if reached && m.first_alert_token < 0 {
                 m.alert = true;
                 m.first_alert_token = self.tokens as i32;
+                if let Some(meter) = self.meters.get(i) {
+                    meter.alerts.inc();
+                }
             }
         }
         self.tokens += 1;

@@ -38,6 +38,7 @@ pub struct AppState {
     pub judge: Option<Arc<Judge>>,
     /// The models' own responses to screened prompts.
     pub own_responses: screen::OwnResponses,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AppState {
@@ -107,6 +108,11 @@ impl PersonaSvc {
     /// Makes the service answer with `state`; later calls are ignored.
     pub fn set_ready(&self, state: Arc<AppState>) {
         let _ = self.state.set(state);
+    }
+
+    /// The state once the models are loaded.
+    pub fn ready_state(&self) -> Option<&Arc<AppState>> {
+        self.state.get()
     }
 
     fn state(&self) -> Result<&Arc<AppState>, Status> {

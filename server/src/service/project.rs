@@ -101,7 +101,14 @@ pub fn monitor(
             tokio::spawn(async move {
                 let _permit = permit;
                 let reply = match item.item {
-                    Some(req) => project(&state, req).await.map_err(Status::from),
+                    Some(req) => {
+                        let model = state.engine(&req.model).map(|e| e.model().id.clone()).unwrap_or_default();
+                        let reply = project(&state, req).await.map_err(Status::from);
+                        if let Ok(r) = &reply {
+                            observe(&state, &model, r);
+                        }
+                        reply
+                    }
                     None => Err(Status::invalid_argument("item is required")),
                 };
                 let msg = match reply {
@@ -118,4 +125,14 @@ pub fn monitor(
         }
     });
     Box::pin(ReceiverStream::new(rx))
+}
+
+/// Adds a monitored item's response score to the server's histogram of monitor scores
+/// (calibrated when the vector has a calibration; items without a response have none).
+fn observe(state: &AppState, model: &str, reply: &pb::ProjectActivationResponse) {
+    for p in reply.projections.iter().filter(|p| p.has_response) {
+        let meter = state.metrics.monitor(model, &p.vector, p.layer as usize, p.calibrated);
+        let score = if p.calibrated { p.response_avg_calibrated } else { p.response_avg };
+        meter.scores.observe(f64::from(score));
+    }
 }

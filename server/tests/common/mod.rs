@@ -5,7 +5,7 @@ use persona_server::config::Settings;
 use persona_server::model::source::{ensure_embedded, local_files};
 use persona_server::model::weights::Requantize;
 use persona_server::model::{LoadOptions, LoadedModel};
-use persona_server::server::{build_state, serve};
+use persona_server::server::{Listeners, build_state, serve};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -72,6 +72,8 @@ pub fn settings(vector_dir: &Path) -> Settings {
 /// A server on its own runtime and thread; `shutdown` stops it, `done` reports `serve`'s result.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The Prometheus endpoint, when `metrics_listen` was set.
+    pub metrics_addr: Option<SocketAddr>,
     pub shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub done: std::sync::mpsc::Receiver<Result<(), String>>,
 }
@@ -85,21 +87,27 @@ pub fn start(settings: Settings) -> Running {
         let result = rt.block_on(async move {
             let state = build_state(&settings).await.map_err(|e| format!("{e:#}"))?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let metrics = match settings.metrics_listen.as_str() {
+                "" => None,
+                a => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| e.to_string())?),
+            };
+            let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
+            addr_tx.send((listener.local_addr().unwrap(), metrics_addr)).unwrap();
+            let listeners = Listeners { grpc: listener, metrics };
             let stop = async move {
                 let _ = shutdown_rx.await;
             };
-            serve(state, listener, stop, Duration::from_secs(settings.shutdown_grace_secs))
+            serve(state, listeners, stop, Duration::from_secs(settings.shutdown_grace_secs))
                 .await
                 .map_err(|e| format!("{e:#}"))
         });
         let _ = done_tx.send(result);
     });
-    let addr = match addr_rx.recv_timeout(Duration::from_secs(300)) {
+    let (addr, metrics_addr) = match addr_rx.recv_timeout(Duration::from_secs(300)) {
         Ok(a) => a,
         Err(_) => panic!("server did not start: {:?}", done.try_recv()),
     };
-    Running { addr, shutdown: Some(shutdown_tx), done }
+    Running { addr, metrics_addr, shutdown: Some(shutdown_tx), done }
 }
 
 /// A server with one vector extracted before any test runs (each test binary keeps its own in a

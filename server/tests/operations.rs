@@ -1,0 +1,182 @@
+//! Operations, end to end on the embedded model: the Prometheus endpoint under real traffic.
+
+mod common;
+
+use common::{settings, start};
+use persona_client::{chat_request, generate_text, pb, steer_by_name};
+use prometheus_parse::{Sample, Scrape, Value};
+use std::net::SocketAddr;
+
+fn scrape(addr: SocketAddr) -> Scrape {
+    let resp = ureq::get(&format!("http://{addr}/metrics")).call().expect("GET /metrics");
+    let content_type = resp.header("content-type").unwrap_or_default().to_string();
+    assert!(content_type.starts_with("application/openmetrics-text"), "content type {content_type}");
+    let body = resp.into_string().unwrap();
+    assert!(body.ends_with("# EOF\n"), "an OpenMetrics exposition ends with # EOF");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("the exposition parses")
+}
+
+/// Samples of `metric` whose labels include every pair of `labels`.
+fn samples<'a>(s: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
+    s.samples.iter().filter(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))).collect()
+}
+
+/// The value of a counter or gauge (summed over matching series; 0 when there is none).
+fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(s, metric, labels)
+        .iter()
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            other => panic!("{metric} is not a counter or gauge: {other:?}"),
+        })
+        .sum()
+}
+
+/// The observation count of a histogram (summed over matching series).
+fn histogram_count(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> u64 {
+    samples(s, metric, labels)
+        .iter()
+        .map(|x| match &x.value {
+            Value::Histogram(buckets) => {
+                let inf = buckets.iter().find(|b| b.less_than.is_infinite()).expect("a +Inf bucket");
+                inf.count as u64
+            }
+            other => panic!("{metric} is not a histogram: {other:?}"),
+        })
+        .sum()
+}
+
+fn greedy(user: &str, max_tokens: u32) -> pb::GenerateRequest {
+    let mut req = chat_request(user, Some("You are a helpful assistant."));
+    req.sampling = Some(pb::SamplingParams { max_tokens, ..Default::default() });
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_real_traffic_and_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.metrics_listen = "127.0.0.1:0".into();
+    let running = start(s);
+    let maddr = running.metrics_addr.expect("metrics endpoint bound");
+    let mut c = persona_client::connect(&running.addr.to_string()).await.unwrap();
+    let model = c.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models[0].id.clone();
+    let m = [("model", model.as_str())];
+
+    let before = scrape(maddr);
+    let tokens_before = value(&before, "persona_generation_tokens_total", &m);
+    assert!(tokens_before > 0.0, "the warm-up generation is counted");
+    assert_eq!(value(&before, "persona_vectors_stored", &[]), 0.0);
+    assert!(value(&before, "process_resident_memory_bytes", &[]) > 50e6, "RSS holds at least the model");
+    assert!(value(&before, "persona_kv_cache_budget_bytes", &m) > 0.0);
+    assert_eq!(value(&before, "persona_engine_serving", &m), 1.0);
+
+    // A vector to steer and monitor with.
+    let values = persona_client::pseudo_random_vector(7, 31 * 576);
+    c.put_vector(pb::PutVectorRequest { name: "noise".into(), values, ..Default::default() }).await.unwrap();
+
+    // Concurrent traffic, scraped while it runs: plain, steered, and monitored with an alert
+    // threshold every token crosses.
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let addr = running.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = persona_client::connect(&addr.to_string()).await.unwrap();
+            let mut req = greedy(&format!("Write a long story about the number {i}."), 120);
+            if i % 2 == 1 {
+                req.steering = vec![steer_by_name("noise", Some(10), 4.0)];
+            }
+            if i == 2 {
+                req.monitors = vec![pb::ProjectionTarget { vector: "noise".into(), layer: Some(12) }];
+                req.alert_threshold = Some(-1e9);
+            }
+            generate_text(&mut c, req).await.unwrap()
+        }));
+    }
+    let mut saw_running = false;
+    while !tasks.iter().all(|t| t.is_finished()) {
+        let during = tokio::task::spawn_blocking(move || scrape(maddr)).await.unwrap();
+        saw_running |= value(&during, "persona_sequences_running", &m) >= 1.0
+            && value(&during, "persona_kv_cache_reserved_bytes", &m) > 0.0
+            && value(&during, "persona_kv_cache_usage_ratio", &m) > 0.0;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut completion_tokens = 0.0;
+    for t in tasks {
+        completion_tokens += f64::from(t.await.unwrap().summary.unwrap().completion_tokens);
+    }
+    assert!(saw_running, "a scrape during the generations saw running sequences and their KV reservation");
+
+    // Failures are counted by code.
+    let missing = c.get_vector(pb::GetVectorRequest { name: "absent".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let mut bad = greedy("hi", 4);
+    bad.steering = vec![steer_by_name("absent", None, 1.0)];
+    let bad = generate_text(&mut c, bad).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::NotFound);
+
+    let after = scrape(maddr);
+    let rpc = |method: &str, code: &str| {
+        value(
+            &after,
+            "grpc_server_handled_total",
+            &[("grpc_service", "persona.v1.PersonaService"), ("grpc_method", method), ("grpc_code", code)],
+        )
+    };
+    assert_eq!(rpc("Generate", "OK"), 4.0);
+    assert_eq!(rpc("Generate", "NOT_FOUND"), 1.0);
+    assert_eq!(rpc("GetVector", "NOT_FOUND"), 1.0);
+    assert_eq!(rpc("PutVector", "OK"), 1.0);
+    assert_eq!(
+        histogram_count(&after, "grpc_server_handling_seconds", &[("grpc_method", "Generate")]),
+        5,
+        "every Generate call is timed"
+    );
+    assert_eq!(
+        value(&after, "persona_generation_tokens_total", &m) - tokens_before,
+        completion_tokens,
+        "the token counter moves by the tokens the calls received"
+    );
+    assert!(value(&after, "persona_prefill_tokens_total", &m) > value(&before, "persona_prefill_tokens_total", &m));
+    let started = |steered| {
+        value(&after, "persona_sequences_total", &[("model", &model), ("kind", "generate"), ("steered", steered)])
+    };
+    assert_eq!(started("true"), 2.0);
+    assert_eq!(started("false"), 3.0, "two plain calls and the warm-up");
+    assert_eq!(histogram_count(&after, "persona_time_to_first_token_seconds", &m), 5);
+    assert_eq!(histogram_count(&after, "persona_queue_wait_seconds", &m), 5);
+    let itl = histogram_count(&after, "persona_inter_token_latency_seconds", &m);
+    assert_eq!(
+        itl as f64,
+        value(&after, "persona_generation_tokens_total", &m) - 5.0,
+        "one gap per token after the first"
+    );
+    assert!(histogram_count(&after, "persona_batch_size", &m) > 0);
+    assert!(histogram_count(&after, "persona_engine_step_seconds", &m) > 0);
+    let noise = [("vector", "noise"), ("layer", "12"), ("scale", "raw")];
+    assert!(histogram_count(&after, "persona_monitor_score", &noise) > 0, "monitored tokens are observed");
+    assert_eq!(value(&after, "persona_monitor_alerts_total", &[("vector", "noise")]), 1.0);
+    assert_eq!(value(&after, "persona_vectors_stored", &[]), 1.0);
+
+    // A MonitorStream item lands in the same histogram.
+    let monitored = histogram_count(&after, "persona_monitor_score", &noise);
+    let item = pb::MonitorRequest {
+        id: "1".into(),
+        item: Some(pb::ProjectActivationRequest {
+            conversation: Some(pb::Conversation { messages: vec![persona_client::message("user", "Hello")] }),
+            response: "Hi there.".into(),
+            targets: vec![pb::ProjectionTarget { vector: "noise".into(), layer: Some(12) }],
+            ..Default::default()
+        }),
+    };
+    let mut replies = c.monitor_stream(tokio_stream::iter(vec![item])).await.unwrap().into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    assert!(reply.result.is_some(), "{}", reply.error_message);
+    while replies.message().await.unwrap().is_some() {}
+    let last = scrape(maddr);
+    assert_eq!(histogram_count(&last, "persona_monitor_score", &noise), monitored + 1);
+    assert_eq!(
+        value(&last, "grpc_server_handled_total", &[("grpc_method", "MonitorStream"), ("grpc_code", "OK")]),
+        1.0
+    );
+}
