@@ -180,3 +180,169 @@ async fn metrics_move_with_real_traffic_and_parse() {
         1.0
     );
 }
+
+/// A `persona-server` process on 127.0.0.1 serving the embedded model; killed when dropped.
+struct ServerProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ServerProcess {
+    /// Starts the server binary on `vector_dir` and waits until its models are loaded.
+    async fn start(vector_dir: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_persona-server"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("PERSONA__MODEL_DIR", common::embedded_gguf().parent().unwrap())
+            .env("PERSONA__AUTO_FETCH", "false")
+            .env("PERSONA__VECTOR_DIR", vector_dir)
+            .env("PERSONA__MODELS__0__MAX_CONTEXT", "1024")
+            .env("PERSONA__CPU_THREADS", "1")
+            .env("PERSONA__TELEMETRY__LOG_FORMAT", "text")
+            .env("RUST_LOG", "info")
+            .env_remove("PERSONA_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting persona-server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Reads every line so the pipe never fills; the listening line carries the address.
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening")
+                    && let Some(addr) = line.split("addr=").nth(1).and_then(|a| a.split_whitespace().next())
+                {
+                    let _ = tx.send(addr.parse::<SocketAddr>().expect("listening address"));
+                }
+            }
+        });
+        let addr = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the server printed its address");
+        let process = Self { child, addr };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(mut c) = persona_client::connect(&addr.to_string()).await
+                && c.list_models(pb::ListModelsRequest {}).await.is_ok()
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the server did not load its model");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        process
+    }
+
+    async fn client(&self) -> persona_client::Client {
+        persona_client::connect(&self.addr.to_string()).await.unwrap()
+    }
+}
+
+fn steered(vector: &str) -> pb::GenerateRequest {
+    let mut req = greedy("What should I do this weekend?", 16);
+    req.steering = vec![steer_by_name(vector, Some(10), 8.0)];
+    req
+}
+
+async fn put(c: &mut persona_client::Client, name: &str, seed: u64, overwrite: bool) -> Result<(), tonic::Status> {
+    let values = persona_client::pseudo_random_vector(seed, 31 * 576);
+    c.put_vector(pb::PutVectorRequest { name: name.into(), values, overwrite, ..Default::default() }).await.map(|_| ())
+}
+
+async fn values_of(c: &mut persona_client::Client, name: &str) -> Result<Vec<f32>, tonic::Status> {
+    let req = pb::GetVectorRequest { name: name.into(), include_values: true };
+    Ok(c.get_vector(req).await?.into_inner().values)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_directory_see_overwrites_and_deletes_on_next_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (ServerProcess::start(dir.path()).await, ServerProcess::start(dir.path()).await);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+
+    put(&mut ca, "shared", 1, false).await.unwrap();
+    assert_eq!(values_of(&mut cb, "shared").await.unwrap(), persona_client::pseudo_random_vector(1, 31 * 576));
+    let first = generate_text(&mut cb, steered("shared")).await.unwrap().token_ids;
+    assert_eq!(first, generate_text(&mut ca, steered("shared")).await.unwrap().token_ids);
+
+    // B has used the vector; A replaces it.
+    put(&mut ca, "shared", 2, true).await.unwrap();
+    assert_eq!(values_of(&mut cb, "shared").await.unwrap(), persona_client::pseudo_random_vector(2, 31 * 576));
+    let second = generate_text(&mut cb, steered("shared")).await.unwrap().token_ids;
+    assert_eq!(
+        second,
+        generate_text(&mut ca, steered("shared")).await.unwrap().token_ids,
+        "B steers with A's new values"
+    );
+    assert_ne!(first, second, "the two vectors steer differently");
+    let exists = put(&mut cb, "shared", 3, false).await.unwrap_err();
+    assert_eq!(exists.code(), tonic::Code::AlreadyExists);
+
+    ca.delete_vector(pb::DeleteVectorRequest { name: "shared".into() }).await.unwrap();
+    assert_eq!(values_of(&mut cb, "shared").await.unwrap_err().code(), tonic::Code::NotFound);
+    assert_eq!(generate_text(&mut cb, steered("shared")).await.unwrap_err().code(), tonic::Code::NotFound);
+    let listed = cb.list_vectors(pb::ListVectorsRequest::default()).await.unwrap().into_inner().vectors;
+    assert!(listed.is_empty(), "B lists nothing after A's delete: {listed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_during_puts_keeps_every_acknowledged_vector_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(dir.path()).await;
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, u64)>::new()));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (addr, acknowledged) = (server.addr, acknowledged.clone());
+        writers.push(tokio::spawn(async move {
+            let mut c = persona_client::connect(&addr.to_string()).await.unwrap();
+            for i in 0.. {
+                // Overwrites too: a name acknowledged twice must hold the later values.
+                let (name, seed) = (format!("w{w}-{}", i % 7), w * 1000 + i);
+                match put(&mut c, &name, seed, true).await {
+                    Ok(()) => acknowledged.lock().unwrap().push((name, seed)),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    // Let a few dozen puts land, then kill -9 mid-stream.
+    while acknowledged.lock().unwrap().len() < 40 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let restarted = ServerProcess::start(dir.path()).await;
+    let mut c = restarted.client().await;
+    let listed = c.list_vectors(pb::ListVectorsRequest::default()).await.unwrap().into_inner().vectors;
+    let names: std::collections::BTreeSet<String> = listed.iter().map(|v| v.name.clone()).collect();
+    // The last acknowledged seed of each name is what it holds (a put after it may have landed
+    // unacknowledged: then that one's values, which are whole too).
+    let mut last = std::collections::BTreeMap::new();
+    for (name, seed) in &acknowledged {
+        last.insert(name.clone(), *seed);
+    }
+    for (name, seed) in &last {
+        assert!(names.contains(name), "acknowledged `{name}` is listed after the crash");
+        let held = values_of(&mut c, name).await.unwrap();
+        let w = seed / 1000;
+        let whole =
+            (*seed..seed + 50).any(|s| s / 1000 == w && held == persona_client::pseudo_random_vector(s, 31 * 576));
+        assert!(whole, "`{name}` holds a whole vector written at or after its last acknowledged put");
+    }
+    for name in &names {
+        assert!(name.starts_with('w') && name.len() <= 5, "only put names are listed, no partial files: {name}");
+    }
+    drop(restarted);
+    drop(server);
+}

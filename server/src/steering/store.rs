@@ -132,9 +132,39 @@ pub fn check_values(meta: &VectorMeta, values: &[f32]) -> Result<(), StoreError>
     Ok(())
 }
 
+/// A directory of vector files shared by every replica that mounts it, with an in-memory index.
+///
+/// Each indexed vector keeps the [`Stamp`] of the file it was read from, and every use checks the
+/// file's stamp first (one `stat`, no read): a put, overwrite or delete through another replica
+/// is seen on the next use of that name, and the file is read again only when it changed.
 pub struct VectorStore {
     dir: PathBuf,
-    vectors: RwLock<BTreeMap<String, Arc<StoredVector>>>,
+    vectors: RwLock<BTreeMap<String, Entry>>,
+}
+
+struct Entry {
+    vector: Arc<StoredVector>,
+    stamp: Stamp,
+}
+
+/// What tells one version of a vector file from another. A put writes a new file and renames
+/// it over the old one, so the inode changes with every put even where the file system's clock
+/// is too coarse for the modification time to differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Self { modified: meta.modified().ok(), len: meta.len(), inode }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -163,7 +193,6 @@ impl VectorStore {
     /// long ago (a kill between write and rename) are removed.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut vectors = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let path = entry.map_err(io(dir))?.path();
             if is_stale_partial_write(&path) {
@@ -173,44 +202,84 @@ impl VectorStore {
                         tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale temporary file")
                     }
                 }
+            }
+        }
+        let store = Self { dir: dir.to_path_buf(), vectors: RwLock::new(BTreeMap::new()) };
+        store.rescan()?;
+        tracing::info!(dir = %dir.display(), count = store.read().len(), "vector store opened");
+        Ok(store)
+    }
+
+    /// Brings the index in line with the directory: new and changed files are read, vanished
+    /// ones dropped, unchanged ones kept without reading them.
+    fn rescan(&self) -> Result<(), StoreError> {
+        let mut seen = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let path = entry.map_err(io(&self.dir))?.path();
+            let Some(name) = path.file_stem().and_then(|n| n.to_str()) else { continue };
+            if path.extension().is_none_or(|e| e != EXT) || validate_name(name).is_err() {
                 continue;
             }
-            if path.extension().is_none_or(|e| e != EXT) {
-                continue;
-            }
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            seen.insert(name.to_string(), Stamp::of(&meta));
+        }
+        let stale: Vec<(String, Stamp)> = {
+            let map = self.read();
+            seen.iter()
+                .filter(|(n, s)| map.get(*n).is_none_or(|e| e.stamp != **s))
+                .map(|(n, s)| (n.clone(), *s))
+                .collect()
+        };
+        let mut fresh = Vec::new();
+        for (name, stamp) in stale {
+            let path = self.path_of(&name);
             match read_file(&path) {
-                Ok(v) => {
-                    vectors.insert(v.meta.name.clone(), Arc::new(v));
-                }
+                Ok(v) => fresh.push((name, Entry { vector: Arc::new(v), stamp })),
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping unreadable vector file"),
             }
         }
-        tracing::info!(dir = %dir.display(), count = vectors.len(), "vector store opened");
-        Ok(Self { dir: dir.to_path_buf(), vectors: RwLock::new(vectors) })
+        let mut map = self.vectors.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|name, _| seen.contains_key(name));
+        map.extend(fresh);
+        Ok(())
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.{EXT}"))
     }
 
-    /// A vector by name. On a miss the directory is checked once more, so a vector written by
-    /// another replica sharing the directory is served without a restart.
+    /// A vector by name, as its file is now: one `stat` tells whether the indexed copy is
+    /// current; a file another replica wrote, replaced or deleted is read or dropped here.
     pub fn get(&self, name: &str) -> Result<Arc<StoredVector>, StoreError> {
         validate_name(name)?;
-        if let Some(v) = self.read().get(name) {
-            return Ok(v.clone());
-        }
         let path = self.path_of(name);
-        if !path.exists() {
-            return Err(StoreError::NotFound(name.to_string()));
+        let stamp = match std::fs::metadata(&path) {
+            Ok(m) => Stamp::of(&m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.vectors.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+                return Err(StoreError::NotFound(name.to_string()));
+            }
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        };
+        if let Some(e) = self.read().get(name)
+            && e.stamp == stamp
+        {
+            return Ok(e.vector.clone());
         }
+        // Stamped before reading: if the file is replaced in between, the next use sees a newer
+        // stamp and reads again.
         let v = Arc::new(read_file(&path)?);
         let mut map = self.vectors.write().unwrap_or_else(|p| p.into_inner());
-        Ok(map.entry(name.to_string()).or_insert(v).clone())
+        map.insert(name.to_string(), Entry { vector: v.clone(), stamp });
+        Ok(v)
     }
 
+    /// The vectors in the directory now (optionally those of one model).
     pub fn list(&self, model: Option<&str>) -> Vec<Arc<StoredVector>> {
-        self.read().values().filter(|v| model.is_none_or(|m| v.meta.model == m)).cloned().collect()
+        if let Err(e) = self.rescan() {
+            tracing::warn!(error = %e, "cannot rescan the vector directory; listing the last index");
+        }
+        self.read().values().map(|e| &e.vector).filter(|v| model.is_none_or(|m| v.meta.model == m)).cloned().collect()
     }
 
     /// Validates and stores a vector durably, then makes it visible.
@@ -218,49 +287,64 @@ impl VectorStore {
         validate_name(&vector.meta.name)?;
         check_values(&vector.meta, &vector.values)?;
         let name = vector.meta.name.clone();
-        // Hold the write lock across the file write so two puts of one name cannot interleave.
+        // Hold the write lock across the file write so two puts of one name in this process
+        // cannot interleave. The file decides existence: another replica may have written it.
         let mut map = self.vectors.write().unwrap_or_else(|p| p.into_inner());
-        if !overwrite && map.contains_key(&name) {
+        let target = self.path_of(&name);
+        if !overwrite && target.exists() {
             return Err(StoreError::Exists(name));
         }
         let bytes = encode(&vector)?;
-        let target = self.path_of(&name);
         // Unique across processes and hosts sharing the directory (container pids repeat).
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let tmp = self.dir.join(format!(".{name}.{}.{nanos}.tmp", std::process::id()));
-        let write = || -> std::io::Result<()> {
+        let write = || -> std::io::Result<Stamp> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &target)
+            std::fs::rename(&tmp, &target)?;
+            sync_dir(&self.dir);
+            Ok(Stamp::of(&std::fs::metadata(&target)?))
         };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(StoreError::Io { path: target, source: e });
-        }
+        let stamp = match write() {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(StoreError::Io { path: target, source: e });
+            }
+        };
         let v = Arc::new(vector);
-        map.insert(name, v.clone());
+        map.insert(name, Entry { vector: v.clone(), stamp });
         Ok(v)
     }
 
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
         validate_name(name)?;
         let mut map = self.vectors.write().unwrap_or_else(|p| p.into_inner());
-        if !map.contains_key(name) {
+        let path = self.path_of(name);
+        let removed = match std::fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        };
+        map.remove(name);
+        if !removed {
             return Err(StoreError::NotFound(name.to_string()));
         }
-        let path = self.path_of(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::Io { path, source: e }),
-        }
-        map.remove(name);
+        sync_dir(&self.dir);
         Ok(())
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<StoredVector>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
         self.vectors.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Makes a rename or unlink in `dir` durable (the directory entry, not only the file's data).
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot sync the vector directory");
     }
 }
 
@@ -425,6 +509,35 @@ mod tests {
         assert_eq!(*b.get("shared").unwrap(), vector("shared", 1.5));
         assert_eq!(b.list(None).len(), 1);
         assert!(matches!(b.get("absent"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn overwrites_and_deletes_by_another_process_are_seen_on_next_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (VectorStore::open(dir.path()).unwrap(), VectorStore::open(dir.path()).unwrap());
+        a.put(vector("shared", 1.0), false).unwrap();
+        assert_eq!(*b.get("shared").unwrap(), vector("shared", 1.0));
+        a.put(vector("shared", 2.0), true).unwrap();
+        assert_eq!(*b.get("shared").unwrap(), vector("shared", 2.0), "B reads the overwrite");
+        assert!(matches!(b.put(vector("shared", 3.0), false), Err(StoreError::Exists(_))));
+        a.delete("shared").unwrap();
+        assert!(matches!(b.get("shared"), Err(StoreError::NotFound(_))), "B sees the delete");
+        assert!(b.list(None).is_empty());
+        assert!(matches!(b.delete("shared"), Err(StoreError::NotFound(_))));
+        a.put(vector("later", 4.0), false).unwrap();
+        assert_eq!(b.list(None).iter().map(|v| v.meta.name.as_str()).collect::<Vec<_>>(), ["later"]);
+        b.delete("later").unwrap();
+        assert!(matches!(a.get("later"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn unchanged_files_are_not_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = VectorStore::open(dir.path()).unwrap();
+        a.put(vector("kept", 1.0), false).unwrap();
+        let first = a.get("kept").unwrap();
+        assert!(Arc::ptr_eq(&first, &a.get("kept").unwrap()), "same file, same copy");
+        assert!(Arc::ptr_eq(&first, &a.list(None)[0]));
     }
 
     #[test]
