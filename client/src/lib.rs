@@ -13,20 +13,156 @@ pub mod dataset;
 
 use pb::persona_service_client::PersonaServiceClient;
 pub use persona_proto::v1 as pb;
-use tonic::transport::Channel;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-pub type Client = PersonaServiceClient<Channel>;
+/// A connected client; every call carries the API key it was connected with, if any.
+pub type Client = PersonaServiceClient<InterceptedService<Channel, ApiKey>>;
 
-/// Connects to a server, e.g. `http://127.0.0.1:50051`.
+/// Adds `authorization: Bearer <key>` to every call (nothing when there is no key).
+#[derive(Clone, Default)]
+pub struct ApiKey(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// How to reach a server beyond its address.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// Sent as `authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// PEM CA bundle that signed the server's certificate (implies TLS); without it an `https://`
+    /// address is checked against the system's roots.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for servers that require them (mTLS).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it is not the address's host.
+    pub tls_domain: Option<String>,
+}
+
+impl ConnectOptions {
+    fn uses_tls(&self, addr: &str) -> bool {
+        addr.starts_with("https://") || self.tls_ca.is_some() || self.tls_cert.is_some()
+    }
+
+    fn tls_config(&self, host: &str) -> anyhow::Result<ClientTlsConfig> {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()));
+        let mut tls = ClientTlsConfig::new().domain_name(self.tls_domain.clone().unwrap_or_else(|| host.to_string()));
+        tls = match &self.tls_ca {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => tls.with_native_roots(),
+        };
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => anyhow::bail!("a client certificate needs both --tls-cert and --tls-key"),
+        }
+        Ok(tls)
+    }
+}
+
+/// Connects to a server: `127.0.0.1:50051`, `http://host:port`, `https://host:port`, or
+/// `dns:///name:port` to balance calls round robin over every address the name resolves to
+/// (a Kubernetes headless Service), resolving it again every 10 seconds.
 pub async fn connect(addr: &str) -> anyhow::Result<Client> {
-    let addr = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let channel = Channel::from_shared(addr.clone())?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to {addr}: {e}"))?;
-    Ok(PersonaServiceClient::new(channel)
+    connect_with(addr, &ConnectOptions::default()).await
+}
+
+/// [`connect`] with an API key and TLS settings.
+pub async fn connect_with(addr: &str, opts: &ConnectOptions) -> anyhow::Result<Client> {
+    let channel = channel(addr, opts).await?;
+    let key = match &opts.api_key {
+        Some(k) => {
+            Some(format!("Bearer {k}").parse().map_err(|_| anyhow::anyhow!("the API key must be printable ASCII"))?)
+        }
+        None => None,
+    };
+    Ok(PersonaServiceClient::with_interceptor(channel, ApiKey(key))
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024))
+}
+
+/// How often a `dns:///` address is resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(10);
+
+/// A channel to `addr` (see [`connect`]).
+pub async fn channel(addr: &str, opts: &ConnectOptions) -> anyhow::Result<Channel> {
+    if let Some(target) = addr.strip_prefix("dns:///") {
+        return balanced(target, opts).await;
+    }
+    let tls = opts.uses_tls(addr);
+    let url = match addr.split_once("://") {
+        Some(_) => addr.to_string(),
+        None if tls => format!("https://{addr}"),
+        None => format!("http://{addr}"),
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone())?;
+    if tls {
+        let host = endpoint.uri().host().unwrap_or_default().to_string();
+        endpoint = endpoint.tls_config(opts.tls_config(&host)?)?;
+    }
+    endpoint.connect().await.map_err(|e| anyhow::anyhow!("connecting to {url}: {e:?}"))
+}
+
+/// A channel over every address `target` (`name:port`) resolves to, kept up to date.
+async fn balanced(target: &str, opts: &ConnectOptions) -> anyhow::Result<Channel> {
+    use tonic::transport::channel::Change;
+    let (host, _) = target.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("dns:///{target}: expected name:port"))?;
+    let tls = if opts.uses_tls("") { Some(opts.tls_config(host)?) } else { None };
+    let endpoint = move |a: std::net::SocketAddr| -> anyhow::Result<Endpoint> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let e = Endpoint::from_shared(format!("{scheme}://{a}"))?.connect_timeout(Duration::from_secs(5));
+        Ok(match &tls {
+            Some(t) => e.tls_config(t.clone())?,
+            None => e,
+        })
+    };
+    let resolve = |target: String| async move {
+        let mut addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&target).await?.collect();
+        addrs.sort();
+        addrs.dedup();
+        Ok::<_, std::io::Error>(addrs)
+    };
+    let first = resolve(target.to_string()).await.map_err(|e| anyhow::anyhow!("resolving {target}: {e}"))?;
+    anyhow::ensure!(!first.is_empty(), "{target} resolves to no address");
+    let (channel, changes) = Channel::balance_channel::<std::net::SocketAddr>(64);
+    for &a in &first {
+        changes.send(Change::Insert(a, endpoint(a)?)).await?;
+    }
+    let target = target.to_string();
+    tokio::spawn(async move {
+        let mut known: std::collections::BTreeSet<_> = first.into_iter().collect();
+        loop {
+            tokio::time::sleep(RESOLVE_EVERY).await;
+            let Ok(now) = resolve(target.clone()).await else { continue };
+            if now.is_empty() {
+                continue; // a failed lookup keeps the last known set
+            }
+            let now: std::collections::BTreeSet<_> = now.into_iter().collect();
+            for gone in known.difference(&now) {
+                if changes.send(Change::Remove(*gone)).await.is_err() {
+                    return; // the channel is gone
+                }
+            }
+            for &new in now.difference(&known) {
+                let Ok(e) = endpoint(new) else { continue };
+                if changes.send(Change::Insert(new, e)).await.is_err() {
+                    return;
+                }
+            }
+            known = now;
+        }
+    });
+    Ok(channel)
 }
 
 pub fn message(role: &str, content: &str) -> pb::ChatMessage {

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use persona_client::{connect, pb};
+use persona_client::{ConnectOptions, connect_with, pb};
 
 mod bench;
 mod evaluate;
@@ -14,9 +14,25 @@ mod streams;
 #[derive(Parser)]
 #[command(name = "persona", version, about = "Client for the persona-steer gRPC service")]
 struct Cli {
-    /// Server address.
+    /// Server address: host:port, http(s)://host:port, or dns:///name:port to balance round robin
+    /// over every address the name resolves to (a Kubernetes headless Service).
     #[arg(long, global = true, env = "PERSONA_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// API key, sent as `authorization: Bearer <key>`.
+    #[arg(long, global = true, env = "PERSONA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// CA certificate (PEM) of the server's TLS certificate; implies TLS.
+    #[arg(long, global = true, env = "PERSONA_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for servers that require one (mTLS).
+    #[arg(long, global = true, env = "PERSONA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Client private key (PEM) for --tls-cert.
+    #[arg(long, global = true, env = "PERSONA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Name the server's certificate must carry, when not the address's host.
+    #[arg(long, global = true, env = "PERSONA_TLS_DOMAIN")]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -73,7 +89,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let mut c = connect(&cli.addr).await?;
+    let opts = ConnectOptions {
+        api_key: cli.api_key.clone(),
+        tls_ca: cli.tls_ca.clone(),
+        tls_cert: cli.tls_cert.clone(),
+        tls_key: cli.tls_key.clone(),
+        tls_domain: cli.tls_domain.clone(),
+    };
+    let mut c = connect_with(&cli.addr, &opts).await?;
     match cli.command {
         Cmd::Generate(a) => generate::generate(&mut c, a).await,
         Cmd::Extract(a) => extract::extract(&mut c, a).await,

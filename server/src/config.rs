@@ -36,6 +36,57 @@ pub struct Settings {
     pub traits_dir: Option<PathBuf>,
     /// OpenAI-compatible endpoint that filters extraction rollouts and drafts traits.
     pub judge: JudgeSettings,
+    /// API keys; none configured = no authentication.
+    pub auth: AuthSettings,
+    /// TLS on the gRPC port; unset = plaintext.
+    pub tls: TlsSettings,
+    /// Serve gRPC server reflection (with API keys configured, it needs a valid key).
+    pub reflection: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthSettings {
+    /// Keys given inline (file or `PERSONA__AUTH__KEYS__0__SHA256=...`).
+    pub keys: Vec<ApiKeySettings>,
+    /// A TOML file of `[[keys]]` entries, re-read on SIGHUP and when it changes.
+    pub keys_file: Option<PathBuf>,
+}
+
+/// One API key: the SHA-256 (hex) of the secret, never the secret itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApiKeySettings {
+    /// Shown in logs and errors instead of the key.
+    pub name: String,
+    pub sha256: String,
+    /// `generate`, `monitor`, `read`, `write`: a list, or one string separated by commas or spaces.
+    #[serde(deserialize_with = "list_or_words")]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsSettings {
+    /// PEM certificate chain and private key; both or neither.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A list of strings, or one string of words separated by commas or spaces (environment values).
+fn list_or_words<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Words {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Words::deserialize(d)? {
+        Words::List(l) => l,
+        Words::Text(t) => t.split([',', ' ']).filter(|w| !w.is_empty()).map(str::to_string).collect(),
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +160,9 @@ impl Default for Settings {
             cpu_threads: 0,
             traits_dir: None,
             judge: JudgeSettings::default(),
+            auth: AuthSettings::default(),
+            tls: TlsSettings::default(),
+            reflection: true,
         }
     }
 }
@@ -430,6 +484,22 @@ mod tests {
         let err = Settings::load_with_env(None, env(&[("PERSONA__MODELS__0__REQUANTIZE", "int3")])).unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("PERSONA__MODELS__0__REQUANTIZE") && msg.contains("int3"), "{msg}");
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("PERSONA__AUTH__KEYS__0__NAME", "ci"),
+                ("PERSONA__AUTH__KEYS__0__SHA256", &"ab".repeat(32)),
+                ("PERSONA__AUTH__KEYS__0__SCOPES", "generate, read"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.auth.keys[0].scopes, ["generate", "read"], "scopes from one environment string");
+        let keys = crate::security::Security::from_settings(&s).unwrap();
+        assert!(keys.has_keys());
+        let mut half = Settings::default();
+        half.tls.cert = Some("/c.pem".into());
+        let e = crate::security::Security::from_settings(&half).err().unwrap().to_string();
+        assert!(e.contains("tls.cert and tls.key go together"), "{e}");
         assert_eq!(list_entry_key("MODELS__0__DEVICE").as_deref(), Some("models[0].device"));
         assert_eq!(list_entry_key("ENGINE__MAX_BATCH"), None);
     }

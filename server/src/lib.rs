@@ -1,6 +1,7 @@
 //! persona-steer server: a gRPC inference service for persona vectors (extraction, steering,
 //! monitoring) over llama-family models.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod judge;
@@ -8,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod observe;
 pub mod scheduler;
+pub mod security;
 pub mod server;
 pub mod service;
 pub mod steering;

@@ -1,11 +1,13 @@
 //! Server assembly: load models, start engines, serve gRPC with health and reflection until
 //! shutdown.
 
+use crate::auth::AuthLayer;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::model::LoadedModel;
 use crate::observe::ObserveLayer;
 use crate::scheduler::{EngineConfig, EngineHandle, GenEvent, GenerateJob};
+use crate::security::Security;
 use crate::service::{AppState, PersonaSvc};
 use crate::steering::store::VectorStore;
 use anyhow::{Context, Result};
@@ -133,7 +135,32 @@ pub async fn serve(
     reporter.set_serving::<Persona>().await;
     watch_engines(&state, &reporter).await;
     let metrics = state.metrics.clone();
-    serve_service(PersonaSvc::new(state), metrics, reporter, health, listeners.into(), shutdown, grace).await
+    serve_service(
+        PersonaSvc::new(state),
+        metrics,
+        Security::open(),
+        reporter,
+        health,
+        listeners.into(),
+        shutdown,
+        grace,
+    )
+    .await
+}
+
+/// [`serve`] with API keys, TLS and the reflection setting of `security`.
+pub async fn serve_secured(
+    state: Arc<AppState>,
+    listeners: impl Into<Listeners>,
+    security: Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<Persona>().await;
+    watch_engines(&state, &reporter).await;
+    let metrics = state.metrics.clone();
+    serve_service(PersonaSvc::new(state), metrics, security, reporter, health, listeners.into(), shutdown, grace).await
 }
 
 /// Answers on `listener` at once and loads the configured models meanwhile: health reports the
@@ -146,11 +173,24 @@ pub async fn load_and_serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<()> {
+    let security = Security::from_settings(settings)?;
+    let addr = listeners.grpc.local_addr()?;
+    if !security.has_keys() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "NO API KEYS: listening on a non-loopback address without authentication; anyone who can reach \
+             this port can generate, and overwrite or delete every stored vector (configure auth.keys)"
+        );
+    }
+    // Reloads keys and certificates on SIGHUP or when their files change, while the server runs.
+    let watcher = tokio::spawn(security.clone().watch(Duration::from_secs(10)));
+    let _stop_watching = AbortOnDrop(watcher);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<Persona>().await;
     let svc = PersonaSvc::loading();
     let metrics = Arc::new(Metrics::new());
-    let server = serve_service(svc.clone(), metrics.clone(), reporter.clone(), health, listeners, shutdown, grace);
+    let server =
+        serve_service(svc.clone(), metrics.clone(), security, reporter.clone(), health, listeners, shutdown, grace);
     tokio::pin!(server);
     let load = async {
         let state = build_state_with(settings, metrics).await?;
@@ -167,9 +207,20 @@ pub async fn load_and_serve(
     server.await
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_service(
     svc: PersonaSvc,
     metrics: Arc<Metrics>,
+    security: Security,
     reporter: tonic_health::server::HealthReporter,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     listeners: Listeners,
@@ -185,13 +236,24 @@ async fn serve_service(
         };
         tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop))
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let reflection = if security.reflection {
+        Some(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()?,
+        )
+    } else {
+        None
+    };
     let layer = ObserveLayer::new(metrics);
     let svc = Persona::new(svc).max_decoding_message_size(64 * 1024 * 1024).max_encoding_message_size(64 * 1024 * 1024);
-    tracing::info!(addr = %listener.local_addr()?, "listening");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        tls = security.tls.is_some(),
+        api_keys = security.has_keys(),
+        "listening"
+    );
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let notify = async move {
         shutdown.await;
@@ -199,12 +261,19 @@ async fn serve_service(
         reporter.set_not_serving::<Persona>().await;
         let _ = drain_tx.send(());
     };
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .layer(layer)
+        .layer(AuthLayer::new(security.keys.clone()))
         .add_service(health)
-        .add_service(reflection)
-        .add_service(svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), notify);
+        .add_optional_service(reflection)
+        .add_service(svc);
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match security
+        .tls
+        .clone()
+    {
+        None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), notify)),
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(crate::security::incoming(listener, tls), notify)),
+    };
     tokio::pin!(server);
     let served = tokio::select! {
         r = &mut server => r.map_err(anyhow::Error::from),

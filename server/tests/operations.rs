@@ -346,3 +346,190 @@ async fn a_server_killed_during_puts_keeps_every_acknowledged_vector_whole() {
     drop(restarted);
     drop(server);
 }
+
+/// A CA and certificates it signs, written as PEM files into a directory.
+struct Pki {
+    dir: std::path::PathBuf,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(dir: &std::path::Path, name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join(format!("{name}-ca.pem")), issuer.pem()).unwrap();
+        Self { dir: dir.to_path_buf(), issuer }
+    }
+
+    fn ca(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(format!("{name}-ca.pem"))
+    }
+
+    /// A leaf certificate for `localhost` signed by this CA: (cert, key) paths.
+    fn leaf(&self, file: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (self.dir.join(format!("{file}.pem")), self.dir.join(format!("{file}-key.pem")));
+        // Written beside and renamed, as a secret volume swaps its files.
+        std::fs::write(c.with_extension("tmp"), cert.pem()).unwrap();
+        std::fs::write(k.with_extension("tmp"), key.serialize_pem()).unwrap();
+        std::fs::rename(c.with_extension("tmp"), &c).unwrap();
+        std::fs::rename(k.with_extension("tmp"), &k).unwrap();
+        (c, k)
+    }
+}
+
+fn key(name: &str, secret: &str, scopes: &[&str]) -> persona_server::auth::ApiKey {
+    let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+    persona_server::auth::ApiKey::from_hex(name, &persona_server::auth::hash_hex(secret), &scopes).unwrap()
+}
+
+async fn tls_client(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    api_key: Option<&str>,
+) -> anyhow::Result<persona_client::Client> {
+    let opts = persona_client::ConnectOptions {
+        api_key: api_key.map(str::to_string),
+        tls_ca: Some(ca.to_path_buf()),
+        tls_domain: Some("localhost".into()),
+        ..Default::default()
+    };
+    persona_client::connect_with(&addr.to_string(), &opts).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_and_scopes_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = Pki::new(certs.path(), "one");
+    let (cert, key_file) = pki.leaf("server");
+    let security = persona_server::security::Security::open()
+        .with_keys(vec![
+            key("reader", "read-secret", &["read"]),
+            key("writer", "write-secret", &["read", "write"]),
+            key("generator", "gen-secret", &["generate"]),
+        ])
+        .with_tls(persona_server::security::TlsFiles { cert, key: key_file, client_ca: None })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start_secured(settings(dir.path()), security);
+    let ca = pki.ca("one");
+    let list = pb::ListVectorsRequest::default;
+
+    let mut anonymous = tls_client(running.addr, &ca, None).await.unwrap();
+    let e = anonymous.list_vectors(list()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("Bearer"), "{}", e.message());
+
+    let mut wrong = tls_client(running.addr, &ca, Some("guess")).await.unwrap();
+    let e = wrong.list_vectors(list()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert_eq!(e.message(), "unknown API key");
+
+    let mut reader = tls_client(running.addr, &ca, Some("read-secret")).await.unwrap();
+    assert!(reader.list_vectors(list()).await.is_ok());
+    let e = put(&mut reader, "guarded", 1, false).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("`write` scope"), "{}", e.message());
+    let e = generate_text(&mut reader, greedy("Hi", 2)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+
+    let mut writer = tls_client(running.addr, &ca, Some("write-secret")).await.unwrap();
+    put(&mut writer, "guarded", 1, false).await.unwrap();
+    assert_eq!(values_of(&mut reader, "guarded").await.unwrap().len(), 31 * 576);
+    let e = writer.delete_vector(pb::DeleteVectorRequest { name: "guarded".into() });
+    assert!(e.await.is_ok());
+
+    let mut generator = tls_client(running.addr, &ca, Some("gen-secret")).await.unwrap();
+    let out = generate_text(&mut generator, greedy("What is the capital of France?", 8)).await.unwrap();
+    assert!(!out.token_ids.is_empty());
+
+    // Health needs no key.
+    let channel = persona_client::channel(
+        &running.addr.to_string(),
+        &persona_client::ConnectOptions {
+            tls_ca: Some(ca.clone()),
+            tls_domain: Some("localhost".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let req = tonic_health::pb::HealthCheckRequest { service: "persona.v1.PersonaService".into() };
+    assert_eq!(health.check(req).await.unwrap().into_inner().status, 1, "SERVING");
+
+    // Plaintext to the TLS port gets nowhere.
+    let plain = async {
+        let mut c = persona_client::connect(&running.addr.to_string()).await?;
+        c.list_models(pb::ListModelsRequest {}).await?;
+        anyhow::Ok(())
+    };
+    assert!(tokio::time::timeout(std::time::Duration::from_secs(10), plain).await.map_or(true, |r| r.is_err()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_needs_a_client_certificate_and_certificates_reload_without_dropping_connections() {
+    let certs = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca) = (Pki::new(certs.path(), "server"), Pki::new(certs.path(), "client"));
+    let (cert, key_file) = server_ca.leaf("server");
+    let (client_cert, client_key) = client_ca.leaf("client");
+    let files = persona_server::security::TlsFiles {
+        cert: cert.clone(),
+        key: key_file.clone(),
+        client_ca: Some(client_ca.ca("client")),
+    };
+    let security = persona_server::security::Security::open().with_tls(files).unwrap();
+    let watcher = tokio::spawn(security.clone().watch(std::time::Duration::from_millis(100)));
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start_secured(settings(dir.path()), security);
+    let opts = |ca: std::path::PathBuf, with_cert: bool| persona_client::ConnectOptions {
+        tls_ca: Some(ca),
+        tls_domain: Some("localhost".into()),
+        tls_cert: with_cert.then(|| client_cert.clone()),
+        tls_key: with_cert.then(|| client_key.clone()),
+        ..Default::default()
+    };
+    let addr = running.addr.to_string();
+    let models = pb::ListModelsRequest {};
+
+    let without = async {
+        let mut c = persona_client::connect_with(&addr, &opts(server_ca.ca("server"), false)).await?;
+        c.list_models(models).await?;
+        anyhow::Ok(())
+    };
+    assert!(without.await.is_err(), "no client certificate, no call");
+    let mut held = persona_client::connect_with(&addr, &opts(server_ca.ca("server"), true)).await.unwrap();
+    held.list_models(models).await.unwrap();
+
+    // Rotate the server certificate to one from a new CA: the watcher notices the files change.
+    let rotated = Pki::new(certs.path(), "rotated");
+    let (new_cert, new_key) = rotated.leaf("new-server");
+    std::fs::rename(&new_cert, &cert).unwrap();
+    std::fs::rename(&new_key, &key_file).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let fresh = async {
+            let mut c = persona_client::connect_with(&addr, &opts(rotated.ca("rotated"), true)).await?;
+            c.list_models(models).await?;
+            anyhow::Ok(())
+        };
+        if fresh.await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "new connections never got the rotated certificate");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // New connections no longer see the old certificate; the connection opened before keeps working.
+    let old = async {
+        let mut c = persona_client::connect_with(&addr, &opts(server_ca.ca("server"), true)).await?;
+        c.list_models(models).await?;
+        anyhow::Ok(())
+    };
+    assert!(old.await.is_err(), "the old certificate is gone for new connections");
+    held.list_models(models).await.expect("the connection opened before the rotation is not dropped");
+    watcher.abort();
+}

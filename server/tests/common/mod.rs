@@ -5,7 +5,8 @@ use persona_server::config::Settings;
 use persona_server::model::source::{ensure_embedded, local_files};
 use persona_server::model::weights::Requantize;
 use persona_server::model::{LoadOptions, LoadedModel};
-use persona_server::server::{Listeners, build_state, serve};
+use persona_server::security::Security;
+use persona_server::server::{Listeners, build_state, serve_secured};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -79,6 +80,11 @@ pub struct Running {
 }
 
 pub fn start(settings: Settings) -> Running {
+    start_secured(settings, Security::open())
+}
+
+/// [`start`] with API keys and TLS.
+pub fn start_secured(settings: Settings, security: Security) -> Running {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done) = std::sync::mpsc::channel();
@@ -97,7 +103,7 @@ pub fn start(settings: Settings) -> Running {
             let stop = async move {
                 let _ = shutdown_rx.await;
             };
-            serve(state, listeners, stop, Duration::from_secs(settings.shutdown_grace_secs))
+            serve_secured(state, listeners, security, stop, Duration::from_secs(settings.shutdown_grace_secs))
                 .await
                 .map_err(|e| format!("{e:#}"))
         });
