@@ -115,6 +115,29 @@ pub async fn channel(addr: &str, opts: &ConnectOptions) -> anyhow::Result<Channe
 
 /// A channel over every address `target` (`name:port`) resolves to, kept up to date.
 async fn balanced(target: &str, opts: &ConnectOptions) -> anyhow::Result<Channel> {
+    balanced_with(
+        target,
+        opts,
+        RESOLVE_EVERY,
+        |target| async move { Ok(tokio::net::lookup_host(&target).await?.collect()) },
+    )
+    .await
+}
+
+/// [`balanced`] with its resolver and re-resolution interval given (for tests). Calls go to the
+/// endpoint with fewer calls in flight of two picked at random ("power of two choices"), which
+/// spreads load evenly and away from a slow replica.
+#[doc(hidden)]
+pub async fn balanced_with<R, F>(
+    target: &str,
+    opts: &ConnectOptions,
+    every: Duration,
+    lookup: R,
+) -> anyhow::Result<Channel>
+where
+    R: Fn(String) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = std::io::Result<Vec<std::net::SocketAddr>>> + Send,
+{
     use tonic::transport::channel::Change;
     let (host, _) = target.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("dns:///{target}: expected name:port"))?;
     let tls = if opts.uses_tls("") { Some(opts.tls_config(host)?) } else { None };
@@ -126,11 +149,15 @@ async fn balanced(target: &str, opts: &ConnectOptions) -> anyhow::Result<Channel
             None => e,
         })
     };
-    let resolve = |target: String| async move {
-        let mut addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&target).await?.collect();
-        addrs.sort();
-        addrs.dedup();
-        Ok::<_, std::io::Error>(addrs)
+    let lookup = std::sync::Arc::new(lookup);
+    let resolve = move |target: String| {
+        let lookup = lookup.clone();
+        async move {
+            let mut addrs = lookup(target).await?;
+            addrs.sort();
+            addrs.dedup();
+            Ok::<_, std::io::Error>(addrs)
+        }
     };
     let first = resolve(target.to_string()).await.map_err(|e| anyhow::anyhow!("resolving {target}: {e}"))?;
     anyhow::ensure!(!first.is_empty(), "{target} resolves to no address");
@@ -142,7 +169,7 @@ async fn balanced(target: &str, opts: &ConnectOptions) -> anyhow::Result<Channel
     tokio::spawn(async move {
         let mut known: std::collections::BTreeSet<_> = first.into_iter().collect();
         loop {
-            tokio::time::sleep(RESOLVE_EVERY).await;
+            tokio::time::sleep(every).await;
             let Ok(now) = resolve(target.clone()).await else { continue };
             if now.is_empty() {
                 continue; // a failed lookup keeps the last known set

@@ -533,3 +533,50 @@ async fn mutual_tls_needs_a_client_certificate_and_certificates_reload_without_d
     held.list_models(models).await.expect("the connection opened before the rotation is not dropped");
     watcher.abort();
 }
+
+/// Which of two servers answered: each holds one vector named after itself.
+async fn answered_by(c: &mut persona_client::Client) -> String {
+    let listed = c.list_vectors(pb::ListVectorsRequest::default()).await.unwrap().into_inner().vectors;
+    listed.into_iter().map(|v| v.name).collect::<Vec<_>>().join(",")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_addresses_spread_calls_over_every_replica_and_follow_re_resolution() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (start(settings(da.path())), start(settings(db.path())));
+    for (server, name) in [(&a, "a"), (&b, "b")] {
+        let mut c = persona_client::connect(&server.addr.to_string()).await.unwrap();
+        put(&mut c, name, 1, false).await.unwrap();
+    }
+    // The name resolves to both replicas, then to A only (B scaled away).
+    let resolved = std::sync::Arc::new(std::sync::Mutex::new(vec![a.addr, b.addr]));
+    let lookup = {
+        let resolved = resolved.clone();
+        move |_name: String| {
+            let addrs = resolved.lock().unwrap().clone();
+            async move { Ok(addrs) }
+        }
+    };
+    let every = std::time::Duration::from_millis(200);
+    let opts = persona_client::ConnectOptions::default();
+    let channel = persona_client::balanced_with("persona-server-headless:50051", &opts, every, lookup).await.unwrap();
+    let mut c =
+        pb::persona_service_client::PersonaServiceClient::with_interceptor(channel, persona_client::ApiKey::default());
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..40 {
+        *seen.entry(answered_by(&mut c).await).or_default() += 1;
+    }
+    assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), ["a", "b"], "both replicas answer: {seen:?}");
+    assert!(seen.values().all(|&n| n >= 5), "calls are spread: {seen:?}");
+
+    *resolved.lock().unwrap() = vec![a.addr];
+    tokio::time::sleep(every * 4).await;
+    for _ in 0..20 {
+        assert_eq!(answered_by(&mut c).await, "a", "B left the name; calls go to A only");
+    }
+
+    // The real resolver: a name with one address works the same way.
+    let port = a.addr.port();
+    let mut real = persona_client::connect(&format!("dns:///localhost:{port}")).await.unwrap();
+    assert_eq!(answered_by(&mut real).await, "a");
+}
