@@ -1,5 +1,6 @@
-//! The tower layer around every gRPC call: counts it by method and status code and times it
-//! until its response stream ends.
+//! The tower layer around every gRPC call: opens its span (continuing the caller's W3C trace
+//! context), counts it by method and status code, times it until its response stream ends, and
+//! logs one line when it ends, carrying the trace id.
 //!
 //! A gRPC status travels in the response headers when a call fails before its first message
 //! ("trailers-only") and in the trailers otherwise, so the response body is wrapped to read the
@@ -71,12 +72,67 @@ struct Pending {
     service: &'static str,
     method: String,
     started: Instant,
+    span: tracing::Span,
 }
 
 impl Pending {
     fn finish(self, code: tonic::Code) {
-        self.metrics.rpc_done(self.service, &self.method, code, self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        self.metrics.rpc_done(self.service, &self.method, code, elapsed);
+        if self.service != HEALTH {
+            // An OpenTelemetry span ends at its last exit: mark the end of the response stream.
+            drop(self.span.enter());
+            let ms = elapsed.as_secs_f64() * 1e3;
+            let code = crate::metrics::code_name(code);
+            tracing::info!(parent: &self.span, grpc.code = code, ms, "rpc finished");
+        }
     }
+}
+
+const HEALTH: &str = "grpc.health.v1.Health";
+
+/// Reads W3C trace context (`traceparent`, `tracestate`) from request headers.
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The span of one call: a child of the caller's trace when it sent one, with the trace id as
+/// a field so log lines inside the call carry it. Health checks get none (probes every few
+/// seconds would drown the traces).
+fn request_span(service: &'static str, method: &str, headers: &http::HeaderMap) -> tracing::Span {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if service == HEALTH {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = %method,
+        trace_id = tracing::field::Empty,
+    );
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    let ctx = span.context();
+    let id = ctx.span().span_context().trace_id();
+    if id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(id));
+    }
+    span
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Observed<S>
@@ -93,9 +149,15 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        use tracing::Instrument;
         let (service, method) = rpc_of(req.uri().path());
-        let pending = Pending { metrics: self.metrics.clone(), service, method, started: Instant::now() };
-        let call = self.inner.call(req);
+        let span = request_span(service, &method, req.headers());
+        let pending = Pending { metrics: self.metrics.clone(), service, method, started: Instant::now(), span };
+        let call = {
+            let _entered = pending.span.enter();
+            self.inner.call(req)
+        }
+        .instrument(pending.span.clone());
         Box::pin(async move {
             let response = call.await?;
             let pending = match status_of(response.headers()) {

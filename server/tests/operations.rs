@@ -185,6 +185,8 @@ async fn metrics_move_with_real_traffic_and_parse() {
 struct ServerProcess {
     child: std::process::Child,
     addr: SocketAddr,
+    /// Every line the server wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for ServerProcess {
@@ -197,8 +199,14 @@ impl Drop for ServerProcess {
 impl ServerProcess {
     /// Starts the server binary on `vector_dir` and waits until its models are loaded.
     async fn start(vector_dir: &std::path::Path) -> Self {
+        Self::start_with(vector_dir, &[]).await
+    }
+
+    /// [`Self::start`] with more environment variables.
+    async fn start_with(vector_dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_persona-server"))
+            .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0"])
             .env("PERSONA__MODEL_DIR", common::embedded_gguf().parent().unwrap())
             .env("PERSONA__AUTO_FETCH", "false")
@@ -215,6 +223,8 @@ impl ServerProcess {
             .expect("starting persona-server");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             // Reads every line so the pipe never fills; the listening line carries the address.
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -223,10 +233,11 @@ impl ServerProcess {
                 {
                     let _ = tx.send(addr.parse::<SocketAddr>().expect("listening address"));
                 }
+                lines.lock().unwrap().push(line);
             }
         });
         let addr = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the server printed its address");
-        let process = Self { child, addr };
+        let process = Self { child, addr, log };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             if let Ok(mut c) = persona_client::connect(&addr.to_string()).await
@@ -579,4 +590,88 @@ async fn dns_addresses_spread_calls_over_every_replica_and_follow_re_resolution(
     let port = a.addr.port();
     let mut real = persona_client::connect(&format!("dns:///localhost:{port}")).await.unwrap();
     assert_eq!(answered_by(&mut real).await, "a");
+}
+
+/// An OTLP trace collector: keeps every span exported to it.
+#[derive(Clone, Default)]
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let spans = req.into_inner().resource_spans.into_iter().flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
+        self.0.lock().unwrap().extend(spans);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_is_traced_to_an_otlp_collector_with_queue_prefill_and_decode_spans() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let service = TraceServiceServer::new(collector.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start_with(dir.path(), &[("PERSONA__TELEMETRY__OTLP_ENDPOINT", &endpoint)]).await;
+
+    // The caller's trace context: the server's spans join this trace.
+    let (trace, caller_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let mut c = server.client().await;
+    let mut req = tonic::Request::new(greedy("Name a colour.", 6));
+    req.metadata_mut().insert("traceparent", format!("00-{trace}-{caller_span}-01").parse().unwrap());
+    let mut stream = c.generate(req).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+
+    // SIGTERM: the server drains, then flushes its spans on the way out.
+    let status = std::process::Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status();
+    assert!(status.unwrap().success());
+    assert!(server.child.wait().unwrap().success(), "clean exit on SIGTERM");
+
+    let spans = collector.0.lock().unwrap().clone();
+    let find = |name: &str| {
+        spans.iter().find(|s| s.name == name && hex(&s.trace_id) == trace).unwrap_or_else(|| {
+            panic!("no `{name}` span in trace {trace}: {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>())
+        })
+    };
+    let rpc = find("persona.v1.PersonaService/Generate");
+    assert_eq!(hex(&rpc.parent_span_id), caller_span, "the request span continues the caller's trace");
+    let phases = ["queue", "prefill", "decode"].map(find);
+    for p in &phases {
+        assert_eq!(p.parent_span_id, rpc.span_id, "`{}` is a child of the request span", p.name);
+        let inside =
+            p.start_time_unix_nano >= rpc.start_time_unix_nano && p.end_time_unix_nano <= rpc.end_time_unix_nano;
+        assert!(
+            inside,
+            "`{}` [{}, {}] lies within the request [{}, {}]",
+            p.name, p.start_time_unix_nano, p.end_time_unix_nano, rpc.start_time_unix_nano, rpc.end_time_unix_nano
+        );
+    }
+    for w in phases.windows(2) {
+        assert!(
+            w[0].end_time_unix_nano <= w[1].start_time_unix_nano + 1_000_000,
+            "{} ends before {} starts",
+            w[0].name,
+            w[1].name
+        );
+    }
+    let log = server.log.lock().unwrap().clone();
+    let line =
+        log.iter().find(|l| l.contains("rpc finished") && l.contains("Generate")).expect("a log line per request");
+    assert!(line.contains(&format!("trace_id={trace}")), "the log line carries the trace id: {line}");
 }

@@ -11,7 +11,7 @@ use crate::model::sampling::{Logprobs, SamplingConfig};
 use crate::steering::plan::SteeringPlan;
 use crate::steering::probe::Probe;
 use candle_core::Tensor;
-use sequence::{Next, Sequence, Work};
+use sequence::{Next, Phase, Sequence, Work};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -137,6 +137,8 @@ pub struct GenerateJob {
     pub capture: bool,
     /// Report each token's log-probability with this many top alternatives.
     pub logprobs: Option<usize>,
+    /// The request's span: the engine adds `queue`, `prefill` and `decode` child spans to it.
+    pub span: tracing::Span,
 }
 
 impl GenerateJob {
@@ -153,6 +155,7 @@ impl GenerateJob {
             monitors: Vec::new(),
             capture: false,
             logprobs: None,
+            span: tracing::Span::none(),
         }
     }
 }
@@ -568,6 +571,8 @@ impl Engine {
                     let s = self.waiting.pop_front().expect("front exists");
                     self.cfg.metrics.queue_wait.observe(s.submitted.elapsed().as_secs_f64());
                     self.cfg.metrics.sequence_started(s.is_capture(), s.steered());
+                    let mut s = s;
+                    s.enter(Phase::Prefill);
                     self.running.push(s);
                     self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -668,6 +673,18 @@ impl Engine {
             let wants_logits = seq.wants_logits(take[i]);
             let capture = if seq.wants_capture(take[i]) { captures.next() } else { None };
             seq.consume(take[i]);
+            if wants_logits > 0 && !seq.is_capture() {
+                let now = Instant::now();
+                let m = &self.cfg.metrics;
+                m.generation_tokens.inc();
+                match seq.last_token.replace(now) {
+                    None => {
+                        m.first_token.observe((now - seq.submitted).as_secs_f64());
+                        seq.enter(Phase::Decode);
+                    }
+                    Some(t) => m.inter_token.observe((now - t).as_secs_f64()),
+                }
+            }
             match &mut seq.work {
                 Work::Generate(g) => {
                     if let Some(states) = &capture {
@@ -676,13 +693,6 @@ impl Engine {
                     if wants_logits > 0 {
                         let next = logits.next().ok_or_else(missing)?;
                         self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                        let now = Instant::now();
-                        let m = &self.cfg.metrics;
-                        m.generation_tokens.inc();
-                        match seq.last_token.replace(now) {
-                            None => m.first_token.observe((now - seq.submitted).as_secs_f64()),
-                            Some(t) => m.inter_token.observe((now - t).as_secs_f64()),
-                        }
                         let scores = match &capture {
                             Some(states) => g.monitor_scores(states, take[i])?,
                             None => Vec::new(),

@@ -29,6 +29,28 @@ pub(super) struct Sequence {
     pub submitted: Instant,
     /// When its last token was sampled.
     pub last_token: Option<Instant>,
+    /// The request's span (none for internal jobs) and the span of the phase it is in now.
+    span: tracing::Span,
+    phase: tracing::Span,
+}
+
+impl Drop for Sequence {
+    /// Closes the phase span, then marks the request span's end no earlier than its children's
+    /// (an OpenTelemetry span ends at its last exit).
+    fn drop(&mut self) {
+        if !self.span.is_none() {
+            self.phase = tracing::Span::none();
+            drop(self.span.enter());
+        }
+    }
+}
+
+/// Where a sequence is, as traced: a child span of its request for each.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Phase {
+    Queue,
+    Prefill,
+    Decode,
 }
 
 /// What a sequence is for. Few exist at a time, so the size difference between variants is moot.
@@ -50,10 +72,12 @@ impl Sequence {
     ) -> Self {
         let prompt_len = job.prompt.len();
         let acc = job.capture.then(|| CaptureAccumulator::new(n_rows, d_model, prompt_len, Vec::new()));
-        Self {
+        let mut seq = Self {
             kv_reserve,
             submitted,
             last_token: None,
+            span: job.span,
+            phase: tracing::Span::none(),
             deadline: job.deadline,
             failed: false,
             cache,
@@ -80,7 +104,22 @@ impl Sequence {
                 acc,
                 logprobs: job.logprobs,
             }),
+        };
+        seq.enter(Phase::Queue);
+        seq
+    }
+
+    /// Ends the current phase's span and opens the next (only for traced requests).
+    pub fn enter(&mut self, phase: Phase) {
+        if self.span.is_none() {
+            return;
         }
+        self.phase = tracing::Span::none();
+        self.phase = match phase {
+            Phase::Queue => tracing::info_span!(parent: &self.span, "queue"),
+            Phase::Prefill => tracing::info_span!(parent: &self.span, "prefill", prompt_tokens = self.prompt_len),
+            Phase::Decode => tracing::info_span!(parent: &self.span, "decode"),
+        };
     }
 
     pub fn capture(
@@ -99,6 +138,8 @@ impl Sequence {
             kv_reserve,
             submitted,
             last_token: None,
+            span: tracing::Span::none(),
+            phase: tracing::Span::none(),
             deadline: None,
             failed: false,
             cache,

@@ -112,6 +112,7 @@ impl Answerer {
     async fn answer(self: Arc<Self>, ask: Ask, seed: u64) -> ServiceResult<Reading> {
         let _permit = self.permits.clone().acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
         let job = GenerateJob {
+            span: tracing::Span::current(),
             prompt: ask.prompt,
             max_tokens: self.max_tokens,
             sampling: SamplingConfig {

@@ -394,6 +394,7 @@ impl Job {
         let mut tasks = JoinSet::new();
         for (i, r) in self.rollouts.iter().enumerate() {
             let job = GenerateJob {
+                span: tracing::Span::current(),
                 prompt: r.prompt.clone(),
                 max_tokens: self.sampling.max_tokens,
                 sampling: crate::model::sampling::SamplingConfig {

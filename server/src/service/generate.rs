@@ -28,6 +28,7 @@ pub fn generate(
         targets.iter().map(|t| state.metrics.monitor(&model_id, &t.vector, t.layer, t.calibration.is_ok())).collect();
     let mut watch = Watch::new(&targets, threshold, meters);
     let rx = engine.generate(GenerateJob {
+        span: tracing::Span::current(),
         prompt,
         max_tokens: sampling.max_tokens,
         sampling: sampling.config,

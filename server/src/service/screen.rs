@@ -217,6 +217,7 @@ impl Screen {
     async fn generate_own(&self, prompt: &[u32]) -> ServiceResult<Arc<Vec<u32>>> {
         let c = &self.sampling.config;
         let job = GenerateJob {
+            span: tracing::Span::current(),
             sampling: c.clone(),
             stop: self.sampling.stop.clone(),
             ..GenerateJob::greedy(prompt.to_vec(), self.sampling.max_tokens)
