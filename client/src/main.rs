@@ -9,6 +9,7 @@ mod evaluate;
 mod extract;
 mod generate;
 mod library;
+mod soak;
 mod streams;
 
 #[derive(Parser)]
@@ -71,6 +72,9 @@ enum Cmd {
     Spectrum(evaluate::SpectrumArgs),
     /// Per-token log-probabilities of a response after a prompt, and its perplexity.
     Score(evaluate::ScoreArgs),
+    /// A long mixed load with bad requests and dropped streams: statuses, latency, server RSS
+    /// (scripts/soak starts a server and runs it).
+    Soak(soak::SoakArgs),
 }
 
 #[tokio::main]
@@ -127,5 +131,6 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => evaluate::eval(&mut c, a).await,
         Cmd::Spectrum(a) => evaluate::spectrum(&mut c, a).await,
         Cmd::Score(a) => evaluate::score(&mut c, a).await,
+        Cmd::Soak(a) => soak::soak(&mut c, a).await,
     }
 }
