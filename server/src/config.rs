@@ -217,19 +217,21 @@ impl Settings {
     /// one past the end adds an entry with defaults for what it does not set.
     pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
         let mut b = config::Config::builder().add_source(config::Config::try_from(&Settings::default())?);
-        let mut origin = vec!["defaults".to_string()];
+        let mut origins = Origins::default();
         if let Some(f) = file {
             if !f.exists() {
                 bail!("config file {} does not exist", f.display());
             }
             b = b.add_source(config::File::from(f));
-            origin.push(f.display().to_string());
+            origins.file =
+                Some((f.to_path_buf(), config::Config::builder().add_source(config::File::from(f)).build().ok()));
         }
         let mut plain = config::Map::new();
         let mut indexed = Vec::new();
         for (name, value) in env {
             let Some(key) = name.strip_prefix("PERSONA__") else { continue };
-            origin.push(name.clone());
+            let path = list_entry_key(key).unwrap_or_else(|| key.to_lowercase().replace("__", "."));
+            origins.env.push((path, name.clone()));
             match list_entry_key(key) {
                 Some(path) => indexed.push((name, path, value)),
                 None => {
@@ -250,32 +252,64 @@ impl Settings {
         for (name, path, value) in indexed {
             b = b.set_override(&path, value).with_context(|| format!("{name}: cannot set `{path}`"))?;
         }
-        let sources = origin.join(", ");
-        let s: Settings = b
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .with_context(|| format!("reading settings (from {sources})"))?;
-        s.validate().with_context(|| format!("invalid settings (from {sources})"))?;
+        let s: Settings = match b.build().and_then(|c| c.try_deserialize()) {
+            Ok(s) => s,
+            Err(e) => {
+                let key = match &e {
+                    config::ConfigError::Type { key: Some(k), .. } => Some(k.clone()),
+                    config::ConfigError::At { key: Some(k), .. } => Some(k.clone()),
+                    _ => None,
+                };
+                return Err(match key {
+                    Some(k) => anyhow::anyhow!("reading settings: {e} (`{k}` set by {})", origins.of(&k)),
+                    None => anyhow::anyhow!("reading settings: {e} (from {})", origins.all()),
+                });
+            }
+        };
+        if let Err((key, e)) = s.check() {
+            bail!("invalid settings: {key}: {e:#} (set by {})", origins.of(&key));
+        }
         Ok(s)
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.check().map_err(|(key, e)| anyhow::anyhow!("{key}: {e:#}"))
+    }
+
+    /// Checks the settings; an error comes with the key it concerns.
+    fn check(&self) -> Result<(), (String, anyhow::Error)> {
+        let at = |key: &str, msg: String| Err((key.to_string(), anyhow::anyhow!(msg)));
         if self.models.is_empty() {
-            bail!("no models configured");
+            return at("models", "no models configured".into());
         }
         let mut ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
-            bail!("model ids must be unique: {ids:?}");
+            return at("models", format!("model ids must be unique: {ids:?}"));
         }
         if !self.default_model.is_empty() && !ids.contains(&self.default_model.as_str()) {
-            bail!("default_model `{}` is not among the configured models {ids:?}", self.default_model);
+            return at("default_model", format!("`{}` is not among the configured models {ids:?}", self.default_model));
         }
-        if self.engine.max_batch == 0 || self.engine.max_step_tokens == 0 || self.engine.kv_cache_mb == 0 {
-            bail!("engine.max_batch, engine.max_step_tokens and engine.kv_cache_mb must be at least 1");
+        for (key, v) in [
+            ("engine.max_batch", self.engine.max_batch),
+            ("engine.max_step_tokens", self.engine.max_step_tokens),
+            ("engine.kv_cache_mb", self.engine.kv_cache_mb),
+        ] {
+            if v == 0 {
+                return at(key, "must be at least 1".into());
+            }
         }
-        for m in &self.models {
-            m.load_spec(self)?;
+        for (i, m) in self.models.iter().enumerate() {
+            m.load_spec(self).map_err(|e| (format!("models[{i}]"), e))?;
+        }
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            crate::auth::ApiKey::from_hex(&k.name, &k.sha256, &k.scopes).map_err(|e| (format!("auth.keys[{i}]"), e))?;
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return at("tls", "tls.cert and tls.key go together: set both or neither".into());
+        }
+        if self.tls.client_ca.is_some() && self.tls.cert.is_none() {
+            return at("tls.client_ca", "needs tls.cert and tls.key".into());
         }
         Ok(())
     }
@@ -293,6 +327,39 @@ impl Settings {
             panic_on_token: self.engine.panic_on_token,
             ..EngineConfig::default()
         }
+    }
+}
+
+/// Where each setting came from, for error messages.
+#[derive(Default)]
+struct Origins {
+    /// The settings file, and its contents alone (to tell which keys it sets).
+    file: Option<(PathBuf, Option<config::Config>)>,
+    /// `(settings path, variable)` for every `PERSONA__*` variable.
+    env: Vec<(String, String)>,
+}
+
+impl Origins {
+    /// What set `key` (or a key inside it): the variables, else the file, else the defaults.
+    fn of(&self, key: &str) -> String {
+        let within =
+            |path: &str| path == key || path.starts_with(&format!("{key}.")) || path.starts_with(&format!("{key}["));
+        let vars: Vec<&str> = self.env.iter().filter(|(p, _)| within(p)).map(|(_, v)| v.as_str()).collect();
+        if !vars.is_empty() {
+            return format!("the environment: {}", vars.join(", "));
+        }
+        match &self.file {
+            Some((path, Some(c))) if c.get::<config::Value>(key).is_ok() => path.display().to_string(),
+            Some((path, None)) => format!("{} or the defaults", path.display()),
+            _ => "the defaults".to_string(),
+        }
+    }
+
+    fn all(&self) -> String {
+        let mut all = vec!["defaults".to_string()];
+        all.extend(self.file.iter().map(|(p, _)| p.display().to_string()));
+        all.extend(self.env.iter().map(|(_, v)| v.clone()));
+        all.join(", ")
     }
 }
 
@@ -391,6 +458,27 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_the_key_and_where_it_was_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.toml");
+        std::fs::write(&f, "[engine]\nmax_batch = 0\n").unwrap();
+        let e = format!("{:#}", Settings::load_with_env(Some(&f), Vec::new()).unwrap_err());
+        assert!(e.contains("engine.max_batch: must be at least 1") && e.contains(&f.display().to_string()), "{e}");
+        let env = vec![("PERSONA__ENGINE__MAX_QUEUE".to_string(), "many".to_string())];
+        let e = format!("{:#}", Settings::load_with_env(Some(&f), env).unwrap_err());
+        assert!(
+            e.contains("engine.max_queue") && e.contains("set by the environment: PERSONA__ENGINE__MAX_QUEUE"),
+            "{e}"
+        );
+        let env = vec![("PERSONA__TLS__KEY".to_string(), "/k.pem".to_string())];
+        let e = format!("{:#}", Settings::load_with_env(None, env).unwrap_err());
+        assert!(e.contains("tls: tls.cert and tls.key go together") && e.contains("PERSONA__TLS__KEY"), "{e}");
+        let e =
+            format!("{:#}", Settings { default_model: "nope".into(), ..Default::default() }.validate().unwrap_err());
+        assert!(e.starts_with("default_model: `nope`"), "{e}");
+    }
+
+    #[test]
     fn bad_values_are_rejected() {
         let mut s = Settings::default();
         s.models[0].device = "tpu".into();
@@ -486,7 +574,8 @@ mod tests {
         assert_eq!(s.engine.max_batch, 8);
         let err = Settings::load_with_env(None, env(&[("PERSONA__MODELS__0__REQUANTIZE", "int3")])).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("PERSONA__MODELS__0__REQUANTIZE") && msg.contains("int3"), "{msg}");
+        assert!(msg.contains("models[0]") && msg.contains("int3"), "{msg}");
+        assert!(msg.contains("set by the environment: PERSONA__MODELS__0__REQUANTIZE"), "{msg}");
         let s = Settings::load_with_env(
             None,
             env(&[
