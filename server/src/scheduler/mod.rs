@@ -568,10 +568,9 @@ impl Engine {
             match self.waiting.front() {
                 Some(s) if reserved + s.kv_reserve <= self.cfg.kv_cache_bytes => {
                     reserved += s.kv_reserve;
-                    let s = self.waiting.pop_front().expect("front exists");
+                    let mut s = self.waiting.pop_front().expect("front exists");
                     self.cfg.metrics.queue_wait.observe(s.submitted.elapsed().as_secs_f64());
                     self.cfg.metrics.sequence_started(s.is_capture(), s.steered());
-                    let mut s = s;
                     s.enter(Phase::Prefill);
                     self.running.push(s);
                     self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
