@@ -131,21 +131,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<()> {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<Persona>().await;
-    watch_engines(&state, &reporter).await;
-    let metrics = state.metrics.clone();
-    serve_service(
-        PersonaSvc::new(state),
-        metrics,
-        Security::open(),
-        reporter,
-        health,
-        listeners.into(),
-        shutdown,
-        grace,
-    )
-    .await
+    serve_secured(state, listeners, Security::open(), shutdown, grace).await
 }
 
 /// [`serve`] with API keys, TLS and the reflection setting of `security`.
