@@ -303,7 +303,7 @@ impl Settings {
             m.load_spec(self).map_err(|e| (format!("models[{i}]"), e))?;
         }
         for (i, k) in self.auth.keys.iter().enumerate() {
-            crate::auth::ApiKey::from_hex(&k.name, &k.sha256, &k.scopes).map_err(|e| (format!("auth.keys[{i}]"), e))?;
+            crate::security::key_of(k).map_err(|e| (format!("auth.keys[{i}]"), e))?;
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return at("tls", "tls.cert and tls.key go together: set both or neither".into());

@@ -177,7 +177,8 @@ impl KeySources {
     }
 }
 
-fn key_of(k: &ApiKeySettings) -> Result<ApiKey> {
+/// The key an entry of the settings describes (entries without a name are `unnamed`).
+pub(crate) fn key_of(k: &ApiKeySettings) -> Result<ApiKey> {
     let name = if k.name.is_empty() { "unnamed" } else { k.name.as_str() };
     ApiKey::from_hex(name, &k.sha256, &k.scopes)
 }
@@ -194,7 +195,9 @@ impl Security {
         Self { keys: Default::default(), tls: None, reflection: true, key_sources: KeySources::default() }
     }
 
+    /// Keys and TLS as `s` configures them; `s` is validated first (keys, TLS file pairs).
     pub fn from_settings(s: &Settings) -> Result<Self> {
+        s.validate()?;
         let key_sources = KeySources { inline: s.auth.keys.clone(), file: s.auth.keys_file.clone() };
         let keys = Arc::new(RwLock::new(Arc::new(key_sources.load()?)));
         let tls = match (&s.tls.cert, &s.tls.key) {
@@ -203,9 +206,8 @@ impl Security {
                 key: key.clone(),
                 client_ca: s.tls.client_ca.clone(),
             })?)),
-            (None, None) if s.tls.client_ca.is_some() => bail!("tls.client_ca needs tls.cert and tls.key"),
-            (None, None) => None,
-            _ => bail!("tls.cert and tls.key go together: set both or neither"),
+            // Validation refused a lone cert, key or client CA.
+            _ => None,
         };
         Ok(Self { keys, tls, reflection: s.reflection, key_sources })
     }
