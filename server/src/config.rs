@@ -17,6 +17,10 @@ pub struct Settings {
     pub listen: String,
     /// Address of the Prometheus endpoint (`GET /metrics`, plain HTTP); empty = off.
     pub metrics_listen: String,
+    /// Address of the HTTP API (OpenAI-compatible `/v1`, the persona API as JSON under `/api`)
+    /// and the web console (`/`); TLS and API keys as the gRPC side. Empty = off. The same
+    /// address as `metrics_listen` serves `/metrics` there too.
+    pub http_listen: String,
     /// Where persona vectors are stored.
     pub vector_dir: PathBuf,
     /// Where the embedded model is fetched to.
@@ -149,6 +153,7 @@ impl Default for Settings {
         Self {
             listen: "127.0.0.1:50051".into(),
             metrics_listen: String::new(),
+            http_listen: "127.0.0.1:8080".into(),
             vector_dir: "data/vectors".into(),
             model_dir: crate::model::default_model_dir(),
             auto_fetch: true,

@@ -4,7 +4,9 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod judge;
+pub mod live;
 pub mod metrics;
 pub mod model;
 pub mod observe;

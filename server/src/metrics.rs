@@ -383,15 +383,10 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// The HTTP server of `GET /metrics`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    state: crate::service::PersonaSvc,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+/// `GET /metrics`, for the metrics listener or the HTTP API's when they share an address.
+pub fn routes(metrics: Arc<Metrics>, state: crate::service::PersonaSvc) -> axum::Router {
     use axum::http::header::CONTENT_TYPE;
-    let app = axum::Router::new().route(
+    axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let (metrics, state) = (metrics.clone(), state.clone());
@@ -400,7 +395,17 @@ pub async fn serve(
                 ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
             }
         }),
-    );
+    )
+}
+
+/// The HTTP server of `GET /metrics`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    state: crate::service::PersonaSvc,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = routes(metrics, state);
     tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

@@ -54,6 +54,7 @@ pub async fn build_state_with(settings: &Settings, metrics: Arc<Metrics>) -> Res
         judge: crate::judge::Judge::new(&settings.judge),
         own_responses: Default::default(),
         metrics,
+        live: Default::default(),
     }))
 }
 
@@ -99,27 +100,40 @@ async fn watch_engines(state: &AppState, reporter: &tonic_health::server::Health
     }
 }
 
-/// Where the server listens: gRPC, and optionally the Prometheus endpoint (`GET /metrics`).
+/// Where the server listens: gRPC, and optionally the Prometheus endpoint (`GET /metrics`) and
+/// the HTTP API with the console.
 pub struct Listeners {
     pub grpc: TcpListener,
     pub metrics: Option<TcpListener>,
+    pub http: Option<TcpListener>,
+    /// The HTTP listener serves `/metrics` too (`metrics_listen` = `http_listen`).
+    pub metrics_on_http: bool,
 }
 
 impl From<TcpListener> for Listeners {
     fn from(grpc: TcpListener) -> Self {
-        Self { grpc, metrics: None }
+        Self { grpc, metrics: None, http: None, metrics_on_http: false }
     }
 }
 
 impl Listeners {
-    /// Binds `settings.listen`, and `settings.metrics_listen` unless it is empty.
+    /// Binds `settings.listen`, and `settings.metrics_listen` and `settings.http_listen` unless
+    /// they are empty (once when they are the same address).
     pub async fn bind(settings: &Settings) -> Result<Self> {
         let grpc = TcpListener::bind(&settings.listen).await.with_context(|| format!("binding {}", settings.listen))?;
-        let metrics = match settings.metrics_listen.as_str() {
-            "" => None,
-            addr => Some(TcpListener::bind(addr).await.with_context(|| format!("binding metrics_listen {addr}"))?),
+        let bind = |key: &'static str, addr: &str| {
+            let addr = addr.to_owned();
+            async move {
+                match addr.as_str() {
+                    "" => Ok(None),
+                    a => TcpListener::bind(a).await.map(Some).with_context(|| format!("binding {key} {a}")),
+                }
+            }
         };
-        Ok(Self { grpc, metrics })
+        let shared = !settings.http_listen.is_empty() && settings.http_listen == settings.metrics_listen;
+        let http = bind("http_listen", &settings.http_listen).await?;
+        let metrics = if shared { None } else { bind("metrics_listen", &settings.metrics_listen).await? };
+        Ok(Self { grpc, metrics, http, metrics_on_http: shared })
     }
 }
 
@@ -214,14 +228,24 @@ async fn serve_service(
     grace: Duration,
 ) -> Result<()> {
     let listener = listeners.grpc;
-    // The metrics endpoint stays up while calls drain and stops with the gRPC server.
-    let (metrics_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_server = listeners.metrics.map(|l| {
-        let stop = async move {
-            let _ = stopped.await;
-        };
-        tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop))
-    });
+    // The metrics endpoint and the HTTP API stay up while calls drain and stop with the gRPC
+    // server.
+    let (metrics_stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let mut side_servers = Vec::new();
+    if let Some(l) = listeners.metrics {
+        side_servers.push(("metrics endpoint", tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop()))));
+    }
+    if let Some(l) = listeners.http {
+        let on_http = listeners.metrics_on_http.then(|| metrics.clone());
+        let app = crate::http::router(svc.clone(), security.keys.clone(), on_http);
+        side_servers.push(("HTTP API", tokio::spawn(crate::http::serve(l, security.tls.clone(), app, stop()))));
+    }
     let reflection = if security.reflection {
         Some(
             tonic_reflection::server::Builder::configure()
@@ -268,11 +292,11 @@ async fn serve_service(
             Ok(())
         }
     };
-    let _ = metrics_stop.send(());
-    if let Some(task) = metrics_server {
+    let _ = metrics_stop.send(true);
+    for (what, task) in side_servers {
         match task.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint failed"),
-            Err(e) => tracing::warn!(error = %e, "metrics endpoint task failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed"),
+            Err(e) => tracing::warn!(error = %e, "{what} task failed"),
             Ok(Ok(())) => {}
         }
     }

@@ -41,6 +41,7 @@ pub fn generate(
     })?;
     let applied = steering.applied;
     let model = model.clone();
+    let live = (!targets.is_empty()).then(|| Live::new(state.live.clone(), &model.id, &targets, &applied));
     // Dropping this stream (client gone, deadline passed) drops the receiver, which the engine
     // notices at its next step and frees the sequence.
     let stream = UnboundedReceiverStream::new(rx).map(move |ev| match ev {
@@ -54,6 +55,9 @@ pub fn generate(
                 Vec::new()
             };
             watch.token(&scores, &calibrated_scores, &prompt_scores_calibrated);
+            if let Some(live) = &live {
+                live.token(&text, &scores, &calibrated_scores);
+            }
             Ok(pb::GenerateResponse {
                 delta: text,
                 token_ids: vec![id],
@@ -65,10 +69,16 @@ pub fn generate(
                 prompt_scores_calibrated,
             })
         }
-        Ok(GenEvent::Done(s)) => Ok(pb::GenerateResponse {
-            summary: Some(summary(&s, model.id.clone(), watch.summaries(), applied.clone())),
-            ..Default::default()
-        }),
+        Ok(GenEvent::Done(s)) => {
+            let monitors = watch.summaries();
+            if let Some(live) = &live {
+                live.done(&monitors, s.completion_tokens);
+            }
+            Ok(pb::GenerateResponse {
+                summary: Some(summary(&s, model.id.clone(), monitors, applied.clone())),
+                ..Default::default()
+            })
+        }
         Err(e) => Err(Status::from(ServiceError::from(e))),
     });
     Ok(Box::pin(stream))
@@ -197,5 +207,65 @@ impl Watch {
                 ..m.clone()
             })
             .collect()
+    }
+}
+
+/// One monitored generation's events on the live feed ([`crate::live`]).
+struct Live {
+    feed: std::sync::Arc<crate::live::LiveFeed>,
+    request: u64,
+    model: String,
+}
+
+impl Live {
+    /// Announces the generation: its monitors and steering.
+    fn new(
+        feed: std::sync::Arc<crate::live::LiveFeed>,
+        model: &str,
+        targets: &[resolve::Target],
+        steering: &[pb::AppliedSteering],
+    ) -> Self {
+        let request = feed.request_id();
+        feed.publish(serde_json::json!({
+            "kind": "start",
+            "request": request,
+            "model": model,
+            "monitors": targets.iter().map(|t| serde_json::json!({
+                "vector": t.vector, "layer": t.layer, "calibrated": t.calibration.is_ok(),
+            })).collect::<Vec<_>>(),
+            "steering": steering.iter().map(|a| serde_json::json!({
+                "vector": a.vector, "layer": a.layer, "coefficient": a.coefficient,
+            })).collect::<Vec<_>>(),
+        }));
+        Self { feed, request, model: model.to_owned() }
+    }
+
+    fn token(&self, text: &str, raw: &[f32], calibrated: &[f32]) {
+        let finite = |v: f32| if v.is_finite() { serde_json::json!(v) } else { serde_json::Value::Null };
+        self.feed.publish(serde_json::json!({
+            "kind": "token",
+            "request": self.request,
+            "text": text,
+            "scores": raw,
+            "calibrated": calibrated.iter().map(|&c| finite(c)).collect::<Vec<_>>(),
+        }));
+    }
+
+    fn done(&self, monitors: &[pb::MonitorSummary], tokens: usize) {
+        self.feed.publish(serde_json::json!({
+            "kind": "done",
+            "request": self.request,
+            "model": self.model,
+            "tokens": tokens,
+            "monitors": monitors.iter().map(|m| serde_json::json!({
+                "vector": m.vector,
+                "mean": m.mean,
+                "max": m.max,
+                "mean_calibrated": m.calibrated.then_some(m.mean_calibrated),
+                "max_calibrated": m.calibrated.then_some(m.max_calibrated),
+                "alert": m.alert,
+                "first_alert_token": (m.first_alert_token >= 0).then_some(m.first_alert_token),
+            })).collect::<Vec<_>>(),
+        }));
     }
 }

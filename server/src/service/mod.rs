@@ -25,6 +25,13 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+pub use resolve::DEFAULT_MAX_TOKENS;
+
+/// The loaded models, as ListModels answers.
+pub fn list_models(state: &AppState) -> pb::ListModelsResponse {
+    models::list(state)
+}
+
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Everything the handlers share.
@@ -39,6 +46,8 @@ pub struct AppState {
     /// The models' own responses to screened prompts.
     pub own_responses: screen::OwnResponses,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Monitored generations as they happen, for the console.
+    pub live: Arc<crate::live::LiveFeed>,
 }
 
 impl AppState {

@@ -99,7 +99,7 @@ pub fn start_secured(settings: Settings, security: Security) -> Running {
             };
             let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
             addr_tx.send((listener.local_addr().unwrap(), metrics_addr)).unwrap();
-            let listeners = Listeners { grpc: listener, metrics };
+            let listeners = Listeners { grpc: listener, metrics, http: None, metrics_on_http: false };
             let stop = async move {
                 let _ = shutdown_rx.await;
             };

@@ -1,0 +1,248 @@
+//! The HTTP surface on `http_listen`, backed by the same engines as gRPC:
+//!
+//! - `/v1/chat/completions`, `/v1/completions`, `/v1/models`: the OpenAI API, with steering and
+//!   monitoring as extra body fields ([`openai`]);
+//! - `POST /api/v1/<Method>`: every unary and server-streaming RPC of `persona.v1.PersonaService`
+//!   with its messages in the proto3 JSON mapping, streams as server-sent events ([`rpc`]);
+//! - `GET /api/live`: recent monitored generations, then new ones as they happen ([`live`]);
+//! - `/`: the web console, static files built into the binary ([`console`]);
+//! - `/metrics` when `metrics_listen` names the same address.
+//!
+//! API keys and scopes are the gRPC side's: each route is checked as the RPC it amounts to.
+
+pub mod console;
+pub mod live;
+mod openai;
+mod rpc;
+
+use crate::auth::Keys;
+use crate::metrics::Metrics;
+use crate::security::Tls;
+use crate::service::{AppState, PersonaSvc};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use tonic::Code;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Http {
+    svc: PersonaSvc,
+    keys: Keys,
+}
+
+impl Http {
+    /// Checks the request's key as a call of the RPC `method`.
+    fn authorize(&self, method: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+        keys.check(&format!("/persona.v1.PersonaService/{method}"), headers).map_err(ApiError::from)
+    }
+
+    fn state(&self) -> Result<&Arc<AppState>, ApiError> {
+        self.svc.ready_state().ok_or_else(|| {
+            ApiError::from(tonic::Status::unavailable("the server is still loading its models; retry shortly"))
+        })
+    }
+}
+
+/// The HTTP routes; `/metrics` too when `metrics` is given.
+pub fn router(svc: PersonaSvc, keys: Keys, metrics: Option<Arc<Metrics>>) -> axum::Router {
+    let http = Http { svc: svc.clone(), keys };
+    let mut app = axum::Router::new()
+        .merge(openai::routes())
+        .merge(rpc::routes())
+        .merge(live::routes())
+        .with_state(http)
+        .merge(console::routes())
+        // Vectors travel base64-encoded in ImportVector; the gRPC side allows 64 MiB too.
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024));
+    if let Some(m) = metrics {
+        app = app.merge(crate::metrics::routes(m, svc));
+    }
+    app.layer(axum::middleware::from_fn(log_request))
+}
+
+/// One debug line per request, with its status and duration.
+async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let started = std::time::Instant::now();
+    let res = next.run(req).await;
+    tracing::debug!(%method, path, status = res.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1e3, "http");
+    res
+}
+
+/// Serves `app` on `listener` (over TLS when given) until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<Tls>>,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    tracing::info!(http_addr = %addr, tls = tls.is_some(), "HTTP API and console");
+    match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(tls) => {
+            let incoming = TlsListener { addr, inner: Box::pin(crate::security::incoming(listener, tls)) };
+            axum::serve(incoming, app).with_graceful_shutdown(shutdown).await
+        }
+    }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// The TLS connections of [`crate::security::incoming`] as an axum listener.
+struct TlsListener {
+    addr: std::net::SocketAddr,
+    inner: std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<TlsStream>> + Send>>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.inner.next().await {
+                Some(Ok(stream)) => {
+                    let peer = stream.get_ref().0.peer_addr().unwrap_or(self.addr);
+                    return (stream, peer);
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "accepting a TLS connection"),
+                // The accept loop only ends when this listener is dropped.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
+/// An error in the OpenAI API's shape: `{"error": {"message", "type", "param", "code"}}`, with
+/// the HTTP status that matches the gRPC code the engine would have answered.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 about one request field.
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: Some(param) }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: None }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::NOT_FOUND, message: message.into(), param: None }
+    }
+
+    /// OpenAI's error `type` for a status.
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST | StatusCode::CONFLICT | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::SERVICE_UNAVAILABLE => "service_unavailable_error",
+            StatusCode::GATEWAY_TIMEOUT => "timeout_error",
+            StatusCode::NOT_IMPLEMENTED => "not_implemented_error",
+            _ => "server_error",
+        }
+    }
+
+    /// OpenAI's machine-readable `code`, where it has one for the case.
+    fn code(&self) -> Option<&'static str> {
+        match self.status {
+            StatusCode::UNAUTHORIZED => Some("invalid_api_key"),
+            StatusCode::NOT_FOUND if self.message.starts_with("model ") => Some("model_not_found"),
+            StatusCode::TOO_MANY_REQUESTS => Some("rate_limit_exceeded"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": { "message": self.message, "type": self.kind(), "param": self.param, "code": self.code() }
+        })
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(s: tonic::Status) -> Self {
+        let status = match s.code() {
+            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Code::PermissionDenied => StatusCode::FORBIDDEN,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+            // The client is gone; nobody reads this.
+            Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self { status, message: s.message().to_owned(), param: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = (self.status, axum::Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+/// Parses a JSON body, answering 400 with serde's message (which names the field) on failure.
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::bad_request("the request body is empty; send a JSON object"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_map_to_the_openai_statuses() {
+        for (code, status, kind) in [
+            (Code::InvalidArgument, 400, "invalid_request_error"),
+            (Code::FailedPrecondition, 400, "invalid_request_error"),
+            (Code::Unauthenticated, 401, "authentication_error"),
+            (Code::PermissionDenied, 403, "permission_error"),
+            (Code::NotFound, 404, "not_found_error"),
+            (Code::ResourceExhausted, 429, "rate_limit_error"),
+            (Code::Unavailable, 503, "service_unavailable_error"),
+            (Code::Internal, 500, "server_error"),
+        ] {
+            let e = ApiError::from(tonic::Status::new(code, "why"));
+            assert_eq!(e.status.as_u16(), status, "{code:?}");
+            let body = e.body();
+            assert_eq!(body["error"]["type"], kind, "{code:?}");
+            assert_eq!(body["error"]["message"], "why");
+        }
+        let e = ApiError::from(tonic::Status::not_found("model `x` is not loaded (available: a)"));
+        assert_eq!(e.body()["error"]["code"], "model_not_found");
+    }
+}
