@@ -206,6 +206,7 @@ impl ServerProcess {
     async fn start_with(vector_dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_persona-server"))
+            .env("PERSONA__HTTP_LISTEN", "")
             .envs(env.iter().copied())
             .args(["--listen", "127.0.0.1:0"])
             .env("PERSONA__MODEL_DIR", common::embedded_gguf().parent().unwrap())

@@ -67,6 +67,8 @@ pub fn settings(vector_dir: &Path) -> Settings {
     };
     s.models[0].max_context = TEST_CONTEXT;
     s.shutdown_grace_secs = 5;
+    // The HTTP API is bound per test that asks for it ("127.0.0.1:0").
+    s.http_listen = String::new();
     s
 }
 
@@ -75,6 +77,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The Prometheus endpoint, when `metrics_listen` was set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The HTTP API and console, when `http_listen` was set.
+    pub http_addr: Option<SocketAddr>,
     pub shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub done: std::sync::mpsc::Receiver<Result<(), String>>,
 }
@@ -97,9 +101,14 @@ pub fn start_secured(settings: Settings, security: Security) -> Running {
                 "" => None,
                 a => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| e.to_string())?),
             };
+            let http = match settings.http_listen.as_str() {
+                "" => None,
+                a => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| e.to_string())?),
+            };
             let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
-            addr_tx.send((listener.local_addr().unwrap(), metrics_addr)).unwrap();
-            let listeners = Listeners { grpc: listener, metrics, http: None, metrics_on_http: false };
+            let http_addr = http.as_ref().map(|l| l.local_addr().unwrap());
+            addr_tx.send((listener.local_addr().unwrap(), metrics_addr, http_addr)).unwrap();
+            let listeners = Listeners { grpc: listener, metrics, http, metrics_on_http: false };
             let stop = async move {
                 let _ = shutdown_rx.await;
             };
@@ -109,11 +118,11 @@ pub fn start_secured(settings: Settings, security: Security) -> Running {
         });
         let _ = done_tx.send(result);
     });
-    let (addr, metrics_addr) = match addr_rx.recv_timeout(Duration::from_secs(300)) {
+    let (addr, metrics_addr, http_addr) = match addr_rx.recv_timeout(Duration::from_secs(300)) {
         Ok(a) => a,
         Err(_) => panic!("server did not start: {:?}", done.try_recv()),
     };
-    Running { addr, metrics_addr, shutdown: Some(shutdown_tx), done }
+    Running { addr, metrics_addr, http_addr, shutdown: Some(shutdown_tx), done }
 }
 
 /// A server with one vector extracted before any test runs (each test binary keeps its own in a
