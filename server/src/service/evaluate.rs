@@ -515,6 +515,8 @@ impl Sweep {
             scorer: scorer.clone(),
             evaluated_unix: now_unix(),
             layers: picks.clone(),
+            grid: scored.clone(),
+            coherence_threshold: min_coherence,
         });
         let suppression = match (&recommendation, &self.positive_system) {
             (Some(r), Some(system)) => self.suppression(r, system, &bare, reference, &mut tally, tx).await?,

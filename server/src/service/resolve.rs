@@ -372,5 +372,18 @@ pub fn recommendation_to_pb(r: &SteeringRecommendation) -> pb::SteeringRecommend
                 coherence: l.coherence,
             })
             .collect(),
+        cells: r
+            .grid
+            .iter()
+            .map(|c| pb::EvalCell {
+                layer: c.layer as u32,
+                coefficient: c.coefficient,
+                trait_score: c.trait_score,
+                coherence: c.coherence,
+                coherent: c.coherence >= r.coherence_threshold,
+                ..Default::default()
+            })
+            .collect(),
+        coherence_threshold: r.coherence_threshold,
     }
 }

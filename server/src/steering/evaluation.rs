@@ -75,6 +75,13 @@ pub struct SteeringRecommendation {
     pub scorer: String,
     pub evaluated_unix: i64,
     pub layers: Vec<LayerRecommendation>,
+    /// Every evaluated cell, layer-major (recommendations stored before grids were kept have
+    /// none).
+    #[serde(default)]
+    pub grid: Vec<CellScore>,
+    /// The coherence a cell needed to pass.
+    #[serde(default)]
+    pub coherence_threshold: f32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -93,7 +100,7 @@ impl SteeringRecommendation {
 }
 
 /// One cell's averaged scores.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct CellScore {
     pub layer: usize,
     pub coefficient: f32,

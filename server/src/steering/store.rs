@@ -457,6 +457,13 @@ mod tests {
                         trait_score: 61.0,
                         coherence: 88.0,
                     }],
+                    grid: vec![crate::steering::evaluation::CellScore {
+                        layer: 1,
+                        coefficient: 2.5,
+                        trait_score: 61.0,
+                        coherence: 88.0,
+                    }],
+                    coherence_threshold: 79.2,
                 }),
             },
             values: (0..12).map(|i| i as f32 * fill).collect(),
