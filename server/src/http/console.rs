@@ -13,6 +13,7 @@ macro_rules! files {
 
 pub const FILES: &[(&str, &[u8])] = files!(
     "index.html",
+    "errors.js",
     "console.css",
     "app.js",
     "api.js",
