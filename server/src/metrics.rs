@@ -34,6 +34,20 @@ struct RpcCodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    /// The matched route (`/v1/chat/completions`, `/api/v1/Generate`, …), never the raw path.
+    route: String,
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpStatusLabels {
+    route: String,
+    method: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModelLabels {
     model: String,
 }
@@ -87,6 +101,8 @@ pub struct Metrics {
     registry: Registry,
     rpc_handled: Family<RpcCodeLabels, Counter>,
     rpc_seconds: HistogramFamily<RpcLabels>,
+    http_requests: Family<HttpStatusLabels, Counter>,
+    http_seconds: HistogramFamily<HttpLabels>,
     queue_wait: HistogramFamily<ModelLabels>,
     first_token: HistogramFamily<ModelLabels>,
     inter_token: HistogramFamily<ModelLabels>,
@@ -129,6 +145,8 @@ impl Metrics {
             registry: Registry::default(),
             rpc_handled: Family::default(),
             rpc_seconds: Family::new_with_constructor(latency_buckets),
+            http_requests: Family::default(),
+            http_seconds: Family::new_with_constructor(latency_buckets),
             queue_wait: Family::new_with_constructor(latency_buckets),
             first_token: Family::new_with_constructor(latency_buckets),
             inter_token: Family::new_with_constructor(token_latency_buckets),
@@ -151,6 +169,13 @@ impl Metrics {
             vectors: Gauge::default(),
             start_time: Gauge::default(),
         };
+        r.register("http_server_requests", "HTTP API requests, by route and status", m.http_requests.clone());
+        r.register_with_unit(
+            "http_server_request_duration",
+            "HTTP API request duration until the response head (streams go on after it)",
+            Unit::Seconds,
+            m.http_seconds.clone(),
+        );
         r.register("grpc_server_handled", "RPCs completed, by method and gRPC status code", m.rpc_handled.clone());
         r.register_with_unit(
             "grpc_server_handling",
@@ -275,6 +300,15 @@ impl Metrics {
             scores: self.monitor_scores.get_or_create(&labels).clone(),
             alerts: self.alerts.get_or_create(&AlertLabels { model: model.into(), vector: vector.into() }).clone(),
         }
+    }
+
+    /// Counts one HTTP API request.
+    pub fn http_done(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        let (route, method) = (route.to_string(), method.to_string());
+        self.http_seconds
+            .get_or_create(&HttpLabels { route: route.clone(), method: method.clone() })
+            .observe(elapsed.as_secs_f64());
+        self.http_requests.get_or_create(&HttpStatusLabels { route, method, status: status.to_string() }).inc();
     }
 
     /// Counts one finished RPC.

@@ -108,9 +108,6 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 /// a field so log lines inside the call carry it. Health checks get none (probes every few
 /// seconds would drown the traces).
 fn request_span(service: &'static str, method: &str, headers: &http::HeaderMap) -> tracing::Span {
-    use opentelemetry::propagation::TextMapPropagator;
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
     if service == HEALTH {
         return tracing::Span::none();
     }
@@ -123,6 +120,27 @@ fn request_span(service: &'static str, method: &str, headers: &http::HeaderMap) 
         rpc.method = %method,
         trace_id = tracing::field::Empty,
     );
+    continue_trace(span, headers)
+}
+
+/// The span of one HTTP API request, continuing the caller's trace like [`request_span`].
+pub fn http_span(method: &http::Method, route: &str, headers: &http::HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        trace_id = tracing::field::Empty,
+    );
+    continue_trace(span, headers)
+}
+
+/// Makes `span` a child of the trace the request headers carry, and records the trace id.
+fn continue_trace(span: tracing::Span, headers: &http::HeaderMap) -> tracing::Span {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
     let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&HeaderExtractor(headers));
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);

@@ -174,13 +174,16 @@ pub async fn load_and_serve(
     grace: Duration,
 ) -> Result<()> {
     let security = Security::from_settings(settings)?;
-    let addr = listeners.grpc.local_addr()?;
-    if !security.has_keys() && !addr.ip().is_loopback() {
-        tracing::warn!(
-            %addr,
-            "NO API KEYS: listening on a non-loopback address without authentication; anyone who can reach \
-             this port can generate, and overwrite or delete every stored vector (configure auth.keys)"
-        );
+    let mut addrs = vec![listeners.grpc.local_addr()?];
+    addrs.extend(listeners.http.as_ref().map(TcpListener::local_addr).transpose()?);
+    for addr in addrs.into_iter().filter(|a| !a.ip().is_loopback()) {
+        if !security.has_keys() {
+            tracing::warn!(
+                %addr,
+                "NO API KEYS: listening on a non-loopback address without authentication; anyone who can reach \
+                 this port can generate, and overwrite or delete every stored vector (configure auth.keys)"
+            );
+        }
     }
     // Reloads keys and certificates on SIGHUP or when their files change, while the server runs.
     let watcher = tokio::spawn(security.clone().watch(Duration::from_secs(10)));
@@ -242,8 +245,7 @@ async fn serve_service(
         side_servers.push(("metrics endpoint", tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop()))));
     }
     if let Some(l) = listeners.http {
-        let on_http = listeners.metrics_on_http.then(|| metrics.clone());
-        let app = crate::http::router(svc.clone(), security.keys.clone(), on_http);
+        let app = crate::http::router(svc.clone(), security.keys.clone(), metrics.clone(), listeners.metrics_on_http);
         side_servers.push(("HTTP API", tokio::spawn(crate::http::serve(l, security.tls.clone(), app, stop()))));
     }
     let reflection = if security.reflection {

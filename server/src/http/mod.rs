@@ -45,8 +45,8 @@ impl Http {
     }
 }
 
-/// The HTTP routes; `/metrics` too when `metrics` is given.
-pub fn router(svc: PersonaSvc, keys: Keys, metrics: Option<Arc<Metrics>>) -> axum::Router {
+/// The HTTP routes, counted in `metrics`; `/metrics` too when `serve_metrics`.
+pub fn router(svc: PersonaSvc, keys: Keys, metrics: Arc<Metrics>, serve_metrics: bool) -> axum::Router {
     let http = Http { svc: svc.clone(), keys };
     let mut app = axum::Router::new()
         .merge(openai::routes())
@@ -56,19 +56,41 @@ pub fn router(svc: PersonaSvc, keys: Keys, metrics: Option<Arc<Metrics>>) -> axu
         .merge(console::routes())
         // Vectors travel base64-encoded in ImportVector; the gRPC side allows 64 MiB too.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024));
-    if let Some(m) = metrics {
-        app = app.merge(crate::metrics::routes(m, svc));
+    if serve_metrics {
+        app = app.merge(crate::metrics::routes(metrics.clone(), svc));
     }
-    app.layer(axum::middleware::from_fn(log_request))
+    app.layer(axum::middleware::from_fn_with_state(metrics, observe))
 }
 
-/// One debug line per request, with its status and duration.
-async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+/// Each request in its own span (continuing the caller's W3C trace), counted by route and
+/// status, and logged at debug level.
+async fn observe(
+    axum::extract::State(metrics): axum::extract::State<Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use tracing::Instrument;
+    let method = req.method().clone();
+    let route = route_of(&req);
+    let span = crate::observe::http_span(&method, &route, req.headers());
     let started = std::time::Instant::now();
-    let res = next.run(req).await;
-    tracing::debug!(%method, path, status = res.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1e3, "http");
+    let res = next.run(req).instrument(span.clone()).await;
+    let (status, elapsed) = (res.status().as_u16(), started.elapsed());
+    if route != "/metrics" {
+        metrics.http_done(&route, method.as_str(), status, elapsed);
+    }
+    span.in_scope(|| tracing::debug!(%method, route, status, ms = elapsed.as_secs_f64() * 1e3, "http request"));
     res
+}
+
+/// The metrics label of a request's route: the matched route, with the RPC named for
+/// `/api/v1/{method}` (a bounded set); `unmatched` for anything else.
+fn route_of(req: &axum::extract::Request) -> String {
+    let Some(matched) = req.extensions().get::<axum::extract::MatchedPath>() else { return "unmatched".into() };
+    match req.uri().path().strip_prefix("/api/v1/") {
+        Some(m) if crate::auth::scope_of(m).is_some() => format!("/api/v1/{m}"),
+        _ => matched.as_str().to_owned(),
+    }
 }
 
 /// Serves `app` on `listener` (over TLS when given) until `shutdown` resolves.
