@@ -427,7 +427,9 @@ async fn api_keys_and_scopes_over_tls() {
         .with_tls(persona_server::security::TlsFiles { cert, key: key_file, client_ca: None })
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let running = common::start_secured(settings(dir.path()), security);
+    let mut s = settings(dir.path());
+    s.http_listen = "127.0.0.1:0".into();
+    let running = common::start_secured(s, security);
     let ca = pki.ca("one");
     let list = pb::ListVectorsRequest::default;
 
@@ -458,6 +460,18 @@ async fn api_keys_and_scopes_over_tls() {
     let mut generator = tls_client(running.addr, &ca, Some("gen-secret")).await.unwrap();
     let out = generate_text(&mut generator, greedy("What is the capital of France?", 8)).await.unwrap();
     assert!(!out.token_ids.is_empty());
+
+    // The HTTP API of the same server: the same certificate, keys and scopes.
+    let http = running.http_addr.unwrap();
+    assert_eq!(https_get(http, &ca, "/v1/models", None).await.0, 401);
+    assert_eq!(https_get(http, &ca, "/v1/models", Some("guess")).await.0, 401);
+    let (status, body) = https_get(http, &ca, "/v1/models", Some("read-secret")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("smollm2-135m-instruct"), "{body}");
+    let (status, body) = https_get(http, &ca, "/v1/models", Some("gen-secret")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("`read` scope"), "{body}");
+    assert!(https_get(http, &ca, "/", None).await.1.contains("persona-steer console"), "the console's files are open");
 
     // Health needs no key.
     let channel = persona_client::channel(
@@ -675,4 +689,31 @@ async fn each_request_is_traced_to_an_otlp_collector_with_queue_prefill_and_deco
     let line =
         log.iter().find(|l| l.contains("rpc finished") && l.contains("Generate")).expect("a log line per request");
     assert!(line.contains(&format!("trace_id={trace}")), "the log line carries the trace id: {line}");
+}
+
+/// A GET over TLS (verified against `ca` for "localhost"), HTTP/1.1: the status and the body.
+async fn https_get(addr: SocketAddr, ca: &std::path::Path, path: &str, key: Option<&str>) -> (u16, String) {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    // A peer that closes without close_notify is fine here: the body is complete.
+    let _ = tls.read_to_end(&mut raw).await;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }

@@ -267,4 +267,62 @@ mod tests {
         let e = ApiError::from(tonic::Status::not_found("model `x` is not loaded (available: a)"));
         assert_eq!(e.body()["error"]["code"], "model_not_found");
     }
+
+    #[tokio::test]
+    async fn calls_answer_503_until_the_models_are_loaded_and_the_console_is_up_at_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let app = router(PersonaSvc::loading(), Default::default(), Arc::new(Metrics::new()), false);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let request = |head: String| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let body = r#"{"messages": [{"role": "user", "content": "hi"}]}"#;
+        let chat = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let res = request(chat).await;
+        assert!(res.starts_with("HTTP/1.1 503"), "{res}");
+        assert!(res.contains("still loading"), "{res}");
+        assert!(res.contains("service_unavailable_error"), "{res}");
+        let res = request("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
+        assert!(res.starts_with("HTTP/1.1 200") && res.contains("<title>persona-steer console</title>"), "{res}");
+        assert!(res.to_lowercase().contains("content-security-policy"), "{res}");
+        let res = request("GET /console/nope.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
+        assert!(res.starts_with("HTTP/1.1 404"), "{res}");
+    }
+
+    #[test]
+    fn every_console_file_is_built_in_and_every_module_import_resolves() {
+        let names: Vec<&str> = console::FILES.iter().map(|(p, _)| *p).collect();
+        for (path, bytes) in console::FILES {
+            let text = std::str::from_utf8(bytes).unwrap();
+            assert!(!text.trim().is_empty(), "{path} is empty");
+            // `from "./x.js"` / `from "../x.js"` relative to the file, and /console/ references.
+            for spec in text.split("from \"").skip(1).filter_map(|s| s.split('"').next()) {
+                let base = path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                let mut parts: Vec<&str> = if base.is_empty() { vec![] } else { base.split('/').collect() };
+                for seg in spec.split('/') {
+                    match seg {
+                        "." => {}
+                        ".." => {
+                            parts.pop();
+                        }
+                        s => parts.push(s),
+                    }
+                }
+                let target = parts.join("/");
+                assert!(names.contains(&target.as_str()), "{path} imports {spec}: {target} is not built in");
+            }
+            for r in text.split("/console/").skip(1).filter_map(|s| s.split('"').next()) {
+                assert!(names.contains(&r), "{path} references /console/{r}, which is not built in");
+            }
+        }
+    }
 }
