@@ -39,6 +39,11 @@ pub(crate) struct BenchArgs {
     /// ProjectActivation throughput with N concurrent clients, for each N listed (e.g. 1,16).
     #[arg(long, value_delimiter = ',')]
     project: Vec<usize>,
+    /// Also run N concurrent streams through the HTTP API at this base URL (e.g.
+    /// http://127.0.0.1:8080), alternated with the same streams over gRPC, for each N of
+    /// --concurrency (default 1,8): streamed chat completions against Generate, as a client sees them.
+    #[arg(long, value_name = "URL")]
+    http: Option<String>,
     /// Also measure single-stream prefill and decode after the user message in this file (a
     /// long prompt: how cost grows with context); repeatable.
     #[arg(long, value_name = "FILE")]
@@ -87,8 +92,15 @@ pub(crate) async fn bench(c: &mut Client, a: BenchArgs) -> Result<()> {
     if !a.no_single {
         single_stream(c, &a, &base, &steered, layer).await?;
     }
-    for &n in &a.concurrency {
-        concurrent(c, &a, m, layer, n).await?;
+    if let Some(url) = &a.http {
+        let ns = if a.concurrency.is_empty() { vec![1, 8] } else { a.concurrency.clone() };
+        for n in ns {
+            crate::http_bench::http_vs_grpc(c, url, m, layer, a.coefficient, a.max_tokens, a.runs, n).await?;
+        }
+    } else {
+        for &n in &a.concurrency {
+            concurrent(c, &a, m, layer, n).await?;
+        }
     }
     for file in &a.long_prompt {
         long_prompt(c, &a, &base, file).await?;

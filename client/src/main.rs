@@ -8,6 +8,7 @@ mod bench;
 mod evaluate;
 mod extract;
 mod generate;
+mod http_bench;
 mod library;
 mod soak;
 mod streams;

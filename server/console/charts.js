@@ -43,7 +43,9 @@ function label(n) {
  * opts: {title, xLabel, yLabel, y2Label, yRange, y2Range, marks: [{x, label}], height, desc}.
  */
 export function lineChart(series, opts = {}) {
-  const W = opts.width || 640, H = opts.height || 300, m = { l: 54, r: series.some((x) => x.axis === "right") ? 54 : 16, t: 28, b: 42 };
+  // Narrow screens get a narrower drawing, so its text stays legible when scaled to fit.
+  const narrow = window.innerWidth < 700;
+  const W = narrow ? 420 : opts.width || 640, H = opts.height || 300, m = { l: 54, r: series.some((x) => x.axis === "right") ? 54 : 16, t: 28, b: 42 };
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": opts.desc || opts.title || "chart" });
   svg.append(s("title", {}, opts.desc || opts.title || "chart"));
   const xs = series.flatMap((x) => x.points.map((p) => p[0]));

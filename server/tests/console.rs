@@ -189,11 +189,26 @@ async fn drive(b: &Client, base: &str) {
     shoot(b, "spectrum-1280").await;
     no_console_errors(b, "spectrum").await;
 
-    // Sweep: the stored evaluation as two charts.
+    // Sweep: the stored evaluation as two charts; then a new (small) evaluation with progress.
     b.goto(&format!("{base}/#/sweep/vector=evil")).await.unwrap();
     until(b, "sweep charts", "return document.querySelectorAll('svg.chart').length === 2", long).await;
-    assert!(text(b, "main").await.contains("Recommended") || text(b, "main").await.contains("not been evaluated"));
+    assert!(text(b, "main").await.contains("Recommended: layer"));
     shoot(b, "sweep-1280").await;
+    for (label, value) in [("Questions", "1"), ("Tokens per answer", "8"), ("Coefficients", "2 5")] {
+        let input = b.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
+        input.clear().await.unwrap();
+        input.send_keys(value).await.unwrap();
+    }
+    b.find(Locator::XPath("//button[text()='Run evaluation']")).await.unwrap().click().await.unwrap();
+    let done = until(b, "the evaluation's result", "const t = document.querySelector('form [aria-live]').textContent; \
+        return /Done in|nothing recommended/.test(t) && t", long).await;
+    let heat_columns = b
+        .execute("return [...document.querySelectorAll('svg.chart')].at(-1).querySelectorAll('text').length", vec![])
+        .await
+        .unwrap();
+    assert!(heat_columns.as_u64().unwrap() > 0, "{done}");
+    let coefs = b.execute("return document.querySelector('main').textContent.includes('coefficient')", vec![]).await.unwrap();
+    assert_eq!(coefs, true);
     no_console_errors(b, "sweep").await;
 
     // Vectors: the library and the selected vector's separation and calibration charts.
@@ -210,10 +225,29 @@ async fn drive(b: &Client, base: &str) {
     shoot(b, "vectors-1280").await;
     no_console_errors(b, "vectors").await;
 
-    // Traits and the live monitor (its backlog holds the playground's generations).
+    // Traits: draft one offline, then extract it (a small one) with progress.
     b.goto(&format!("{base}/#/traits")).await.unwrap();
     until(b, "the trait library", "return document.querySelectorAll('[role=listitem]').length >= 3", long).await;
     shoot(b, "traits-1280").await;
+    b.find(Locator::Css("input[placeholder='e.g. pessimistic']")).await.unwrap().send_keys("gloomy").await.unwrap();
+    b.find(Locator::Css("textarea[placeholder^='What the trait means']"))
+        .await
+        .unwrap()
+        .send_keys("Expects the worst and says so.")
+        .await
+        .unwrap();
+    b.find(Locator::XPath("//button[text()='Draft']")).await.unwrap().click().await.unwrap();
+    until(b, "the drafted definition", "return document.querySelector('pre.json')", long).await;
+    assert!(text(b, "#trait-title").await.contains("gloomy"), "the draft is selected for extraction");
+    for (label, value) in [("Pairs (0 = all)", "1"), ("Questions (0 = all)", "2"), ("Tokens per answer", "8")] {
+        let input = b.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
+        input.clear().await.unwrap();
+        input.send_keys(value).await.unwrap();
+    }
+    b.find(Locator::XPath("//button[text()='Extract vector']")).await.unwrap().click().await.unwrap();
+    until(b, "the extraction's result", "return /Stored gloomy/.test(document.querySelector('main').textContent)", long).await;
+    shoot(b, "traits-extracted-1280").await;
+    no_console_errors(b, "traits").await;
     b.goto(&format!("{base}/#/monitor")).await.unwrap();
     until(b, "monitored traffic", "return document.querySelectorAll('tbody tr').length >= 3 && document.querySelector('svg.chart')", long).await;
     shoot(b, "monitor-1280").await;
