@@ -242,7 +242,8 @@ async fn serve_service(
     };
     let mut side_servers = Vec::new();
     if let Some(l) = listeners.metrics {
-        side_servers.push(("metrics endpoint", tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop()))));
+        side_servers
+            .push(("metrics endpoint", tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop()))));
     }
     if let Some(l) = listeners.http {
         let app = crate::http::router(svc.clone(), security.keys.clone(), metrics.clone(), listeners.metrics_on_http);

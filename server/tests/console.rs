@@ -164,10 +164,17 @@ async fn drive(b: &Client, base: &str) {
         )
         .await
         .unwrap();
-    let sample = b.execute("return document.querySelector('#answer-steered').innerHTML.slice(0, 400)", vec![]).await.unwrap();
+    let sample =
+        b.execute("return document.querySelector('#answer-steered').innerHTML.slice(0, 400)", vec![]).await.unwrap();
     assert!(tinted.as_u64().unwrap() > 0, "tokens are tinted by their monitor score: {sample}");
-    let prompt_note = b.execute("return document.querySelector('#answer-steered').previousElementSibling.textContent", vec![]).await.unwrap();
-    assert!(prompt_note.as_str().unwrap().contains("before the first token"), "the last-prompt-token reading: {prompt_note}");
+    let prompt_note = b
+        .execute("return document.querySelector('#answer-steered').previousElementSibling.textContent", vec![])
+        .await
+        .unwrap();
+    assert!(
+        prompt_note.as_str().unwrap().contains("before the first token"),
+        "the last-prompt-token reading: {prompt_note}"
+    );
     shoot(b, "playground-1280").await;
     // The coefficient slider to its far end with the keyboard: the steered side re-runs alone.
     let coef = b.find(Locator::Css("form .field:nth-child(3) input[type=range]")).await.unwrap();
@@ -184,7 +191,13 @@ async fn drive(b: &Client, base: &str) {
     b.goto(&format!("{base}/#/spectrum")).await.unwrap();
     b.wait().for_element(Locator::Css("form button[type=submit]")).await.unwrap().click().await.unwrap();
     until(b, "five spectrum cards", "return document.querySelectorAll('.grid5 .card').length === 5", long).await;
-    let labels = b.execute("return [...document.querySelectorAll('.grid5 .card h3 span:first-child')].map(s => s.textContent)", vec![]).await.unwrap();
+    let labels = b
+        .execute(
+            "return [...document.querySelectorAll('.grid5 .card h3 span:first-child')].map(s => s.textContent)",
+            vec![],
+        )
+        .await
+        .unwrap();
     assert_eq!(labels, serde_json::json!(["−2c", "−c", "unsteered", "+c", "+2c"]));
     shoot(b, "spectrum-1280").await;
     no_console_errors(b, "spectrum").await;
@@ -195,19 +208,27 @@ async fn drive(b: &Client, base: &str) {
     assert!(text(b, "main").await.contains("Recommended: layer"));
     shoot(b, "sweep-1280").await;
     for (label, value) in [("Questions", "1"), ("Tokens per answer", "8"), ("Coefficients", "2 5")] {
-        let input = b.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
+        let input =
+            b.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
         input.clear().await.unwrap();
         input.send_keys(value).await.unwrap();
     }
     b.find(Locator::XPath("//button[text()='Run evaluation']")).await.unwrap().click().await.unwrap();
-    let done = until(b, "the evaluation's result", "const t = document.querySelector('form [aria-live]').textContent; \
-        return /Done in|nothing recommended/.test(t) && t", long).await;
+    let done = until(
+        b,
+        "the evaluation's result",
+        "const t = document.querySelector('form [aria-live]').textContent; \
+        return /Done in|nothing recommended/.test(t) && t",
+        long,
+    )
+    .await;
     let heat_columns = b
         .execute("return [...document.querySelectorAll('svg.chart')].at(-1).querySelectorAll('text').length", vec![])
         .await
         .unwrap();
     assert!(heat_columns.as_u64().unwrap() > 0, "{done}");
-    let coefs = b.execute("return document.querySelector('main').textContent.includes('coefficient')", vec![]).await.unwrap();
+    let coefs =
+        b.execute("return document.querySelector('main').textContent.includes('coefficient')", vec![]).await.unwrap();
     assert_eq!(coefs, true);
     no_console_errors(b, "sweep").await;
 
@@ -240,16 +261,29 @@ async fn drive(b: &Client, base: &str) {
     until(b, "the drafted definition", "return document.querySelector('pre.json')", long).await;
     assert!(text(b, "#trait-title").await.contains("gloomy"), "the draft is selected for extraction");
     for (label, value) in [("Pairs (0 = all)", "1"), ("Questions (0 = all)", "2"), ("Tokens per answer", "8")] {
-        let input = b.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
+        let input =
+            b.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
         input.clear().await.unwrap();
         input.send_keys(value).await.unwrap();
     }
     b.find(Locator::XPath("//button[text()='Extract vector']")).await.unwrap().click().await.unwrap();
-    until(b, "the extraction's result", "return /Stored gloomy/.test(document.querySelector('main').textContent)", long).await;
+    until(
+        b,
+        "the extraction's result",
+        "return /Stored gloomy/.test(document.querySelector('main').textContent)",
+        long,
+    )
+    .await;
     shoot(b, "traits-extracted-1280").await;
     no_console_errors(b, "traits").await;
     b.goto(&format!("{base}/#/monitor")).await.unwrap();
-    until(b, "monitored traffic", "return document.querySelectorAll('tbody tr').length >= 3 && document.querySelector('svg.chart')", long).await;
+    until(
+        b,
+        "monitored traffic",
+        "return document.querySelectorAll('tbody tr').length >= 3 && document.querySelector('svg.chart')",
+        long,
+    )
+    .await;
     shoot(b, "monitor-1280").await;
     no_console_errors(b, "monitor").await;
 

@@ -174,7 +174,10 @@ async fn the_openai_python_client_gets_what_grpc_generate_gives() {
 
     // Errors: typed by the openai package from the status, in OpenAI's body shape.
     let e = &got["errors"];
-    assert_eq!((e["unknown_model"]["status"].as_u64(), e["unknown_model"]["class"].as_str()), (Some(404), Some("NotFoundError")));
+    assert_eq!(
+        (e["unknown_model"]["status"].as_u64(), e["unknown_model"]["class"].as_str()),
+        (Some(404), Some("NotFoundError"))
+    );
     assert_eq!(e["unknown_model"]["body"]["code"], "model_not_found");
     assert_eq!(e["stream_unknown_model"]["status"], 404, "a streamed request fails before its stream starts");
     assert_eq!((e["n"]["status"].as_u64(), e["n"]["body"]["param"].as_str()), (Some(400), Some("n")));
@@ -233,7 +236,8 @@ async fn the_persona_api_answers_json_and_streams_server_sent_events() {
     let (status, body) = post(http, "/api/v1/PutVector", &put.to_string()).await;
     assert_eq!(status, 200, "{body}");
     let mut c = persona_client::connect(&running.addr.to_string()).await.unwrap();
-    let got = c.get_vector(pb::GetVectorRequest { name: "wave".into(), include_values: true }).await.unwrap().into_inner();
+    let got =
+        c.get_vector(pb::GetVectorRequest { name: "wave".into(), include_values: true }).await.unwrap().into_inner();
     assert_eq!(got.values, values);
 
     // Generate streams one event per message, the summary last.
@@ -286,4 +290,44 @@ async fn the_persona_api_answers_json_and_streams_server_sent_events() {
         assert_eq!(events[0]["monitors"][0]["vector"], "wave");
         assert_eq!(events[6]["tokens"], 5);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_in_openai_shape_and_the_rest_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.http_listen = "127.0.0.1:0".into();
+    s.engine.max_batch = 1;
+    s.engine.max_queue = 1;
+    let running = start(s);
+    let http = running.http_addr.unwrap();
+    let body = r#"{"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 48, "temperature": 0}"#;
+    let replies = futures_join(6, || post(http, "/v1/chat/completions", body)).await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.0).collect();
+    assert!(statuses.iter().all(|&s| s == 200 || s == 429), "{statuses:?}");
+    assert!(statuses.contains(&429), "one running and one queued: the rest are refused: {statuses:?}");
+    assert!(statuses.contains(&200), "{statuses:?}");
+    for (status, text) in &replies {
+        let v: Value = serde_json::from_str(text).unwrap();
+        if *status == 429 {
+            assert_eq!(v["error"]["type"], "rate_limit_error", "{text}");
+            assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{text}");
+        } else {
+            assert_eq!(v["usage"]["completion_tokens"], 48, "{text}");
+        }
+    }
+}
+
+/// Runs `n` copies of a request concurrently.
+async fn futures_join<F, Fut>(n: usize, f: F) -> Vec<(u16, String)>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (u16, String)> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(f())).collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
 }

@@ -205,7 +205,10 @@ async fn chat(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Resu
                         if p.kind != "text" {
                             return Err(ApiError::invalid(
                                 "messages",
-                                format!("messages[{i}]: content parts of type `{}` are not supported (text only)", p.kind),
+                                format!(
+                                    "messages[{i}]: content parts of type `{}` are not supported (text only)",
+                                    p.kind
+                                ),
                             ));
                         }
                         text.push_str(&p.text);
@@ -224,13 +227,11 @@ async fn chat(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Resu
     if top > 0 && !req.logprobs {
         return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true"));
     }
-    run(http, Kind::Chat, req.common, prompt, req.logprobs, top, resolve_default_chat_tokens()).await
+    run(http, Kind::Chat, req.common, prompt, req.logprobs, top, DEFAULT_CHAT_TOKENS).await
 }
 
 /// `max_tokens` when a chat request gives none: the gRPC default.
-fn resolve_default_chat_tokens() -> u32 {
-    crate::service::DEFAULT_MAX_TOKENS as u32
-}
+const DEFAULT_CHAT_TOKENS: u32 = crate::service::DEFAULT_MAX_TOKENS as u32;
 
 /// `max_tokens` when a completion request gives none, as OpenAI's legacy endpoint.
 const DEFAULT_COMPLETION_TOKENS: u32 = 16;
@@ -250,11 +251,21 @@ async fn completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) 
     let prompt = match req.prompt {
         PromptInput::One(p) => p,
         PromptInput::Many(mut ps) if ps.len() == 1 => ps.remove(0),
-        PromptInput::Many(_) => return Err(ApiError::invalid("prompt", "give one prompt (batches of prompts are not supported)")),
+        PromptInput::Many(_) => {
+            return Err(ApiError::invalid("prompt", "give one prompt (batches of prompts are not supported)"));
+        }
     };
     let top = req.logprobs.unwrap_or(0);
-    run(http, Kind::Completion, req.common, pb::prompt::Kind::Raw(prompt), req.logprobs.is_some(), top, DEFAULT_COMPLETION_TOKENS)
-        .await
+    run(
+        http,
+        Kind::Completion,
+        req.common,
+        pb::prompt::Kind::Raw(prompt),
+        req.logprobs.is_some(),
+        top,
+        DEFAULT_COMPLETION_TOKENS,
+    )
+    .await
 }
 
 /// The gRPC request an OpenAI request amounts to.
@@ -310,8 +321,15 @@ fn generate_request(
         .map(|(i, s)| {
             let source = match (&s.vector, &s.values) {
                 (Some(name), None) => pb::steering_vector::Source::Name(name.clone()),
-                (None, Some(values)) => pb::steering_vector::Source::Inline(pb::InlineVector { values: values.clone() }),
-                _ => return Err(ApiError::invalid("steering", format!("steering[{i}]: give `vector` (a name) or `values`"))),
+                (None, Some(values)) => {
+                    pb::steering_vector::Source::Inline(pb::InlineVector { values: values.clone() })
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        "steering",
+                        format!("steering[{i}]: give `vector` (a name) or `values`"),
+                    ));
+                }
             };
             let positions = match s.positions.as_deref() {
                 None | Some("all") => pb::Positions::All,
@@ -369,12 +387,11 @@ async fn run(
     top_logprobs: u32,
     default_max_tokens: u32,
 ) -> Result<Response, ApiError> {
-    let state = http.state()?.clone();
+    let state = http.state()?;
     let req = generate_request(&common, prompt, logprobs, top_logprobs, default_max_tokens)?;
     let monitors: Vec<String> = req.monitors.iter().map(|m| m.vector.clone()).collect();
     let requested_model = if req.model.is_empty() { state.default_model.clone() } else { req.model.clone() };
-    let svc = crate::service::PersonaSvc::new(state);
-    let stream = svc.generate(tonic::Request::new(req)).await?.into_inner();
+    let stream = http.svc.generate(tonic::Request::new(req)).await?.into_inner();
     let reply = Reply {
         kind,
         id: format!("{}{}", kind.id_prefix(), random_id()),
@@ -589,8 +606,12 @@ fn token_choice(reply: &Reply, m: &pb::GenerateResponse, offset: usize) -> Value
         _ => Value::Null,
     };
     match reply.kind {
-        Kind::Chat => json!([{ "index": 0, "delta": {"content": m.delta}, "logprobs": logprobs, "finish_reason": Value::Null }]),
-        Kind::Completion => json!([{ "index": 0, "text": m.delta, "logprobs": logprobs, "finish_reason": Value::Null }]),
+        Kind::Chat => {
+            json!([{ "index": 0, "delta": {"content": m.delta}, "logprobs": logprobs, "finish_reason": Value::Null }])
+        }
+        Kind::Completion => {
+            json!([{ "index": 0, "text": m.delta, "logprobs": logprobs, "finish_reason": Value::Null }])
+        }
     }
 }
 
@@ -598,7 +619,9 @@ fn token_choice(reply: &Reply, m: &pb::GenerateResponse, offset: usize) -> Value
 fn finish_choice(reply: &Reply, s: &pb::GenerateSummary) -> Value {
     match reply.kind {
         Kind::Chat => json!([{ "index": 0, "delta": {}, "logprobs": Value::Null, "finish_reason": finish_reason(s) }]),
-        Kind::Completion => json!([{ "index": 0, "text": "", "logprobs": Value::Null, "finish_reason": finish_reason(s) }]),
+        Kind::Completion => {
+            json!([{ "index": 0, "text": "", "logprobs": Value::Null, "finish_reason": finish_reason(s) }])
+        }
     }
 }
 
@@ -633,7 +656,9 @@ async fn collect_reply(reply: Reply, mut stream: ResponseStream<pb::GenerateResp
                     "logprobs": logprobs,
                     "finish_reason": finish_reason(s),
                 }),
-                Kind::Completion => json!({ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(s) }),
+                Kind::Completion => {
+                    json!({ "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(s) })
+                }
             };
             let mut out = reply.envelope(false, json!([choice]));
             out["usage"] = usage(s);
@@ -649,7 +674,13 @@ async fn collect_reply(reply: Reply, mut stream: ResponseStream<pb::GenerateResp
         if !m.prompt_scores.is_empty() {
             prompt_last = reply.token_scores(&m)["prompt_last"].take();
         }
-        scores.push(m.scores.iter().zip(m.calibrated_scores.iter().chain(std::iter::repeat(&f32::NAN))).map(|(&a, &b)| (a, b)).collect());
+        scores.push(
+            m.scores
+                .iter()
+                .zip(m.calibrated_scores.iter().chain(std::iter::repeat(&f32::NAN)))
+                .map(|(&a, &b)| (a, b))
+                .collect(),
+        );
         offsets.push(text.len());
         text.push_str(&m.delta);
         if let Some(l) = m.logprob {
@@ -700,7 +731,8 @@ async fn model(
     let state = http.state()?;
     let created = unix_now() - state.started.elapsed().as_secs();
     let models = crate::service::list_models(state).models;
-    let m = models.iter().find(|m| m.id == id).ok_or_else(|| ApiError::not_found(format!("model `{id}` is not loaded")))?;
+    let m =
+        models.iter().find(|m| m.id == id).ok_or_else(|| ApiError::not_found(format!("model `{id}` is not loaded")))?;
     Ok(axum::Json(model_json(m, created)).into_response())
 }
 

@@ -40,7 +40,8 @@ async fn call(
         return Err(ApiError::not_found(format!("no method `{method}` in persona.v1.PersonaService")));
     }
     http.authorize(&method, &headers)?;
-    let svc = crate::service::PersonaSvc::new(http.state()?.clone());
+    // The handlers answer UNAVAILABLE (503) themselves while the models load.
+    let svc = &http.svc;
     let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
     macro_rules! unary {
         ($call:ident) => {{
