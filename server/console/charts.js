@@ -130,9 +130,10 @@ export function heatMap(rows, cols, value, color, opts = {}) {
   const cell = Math.max(30, Math.min(58, Math.floor(560 / Math.max(1, cols.length))));
   const ch = 28;
   const m = { l: 62, t: 44, b: 40 };
-  const W = m.l + cols.length * cell + 10, H = m.t + rows.length * ch + m.b;
+  // Wide enough for the title; never drawn larger than its natural size.
+  const W = Math.max(m.l + cols.length * cell + 10, 8 + 6.6 * (opts.title || "").length), H = m.t + rows.length * ch + m.b;
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "chart", role: "img", "aria-label": opts.desc || opts.title || "heat map",
-    style: `max-width:${W * 1.4}px` });
+    style: `max-width:${Math.round(W * 1.15)}px` });
   svg.append(s("title", {}, opts.desc || opts.title || "heat map"));
   if (opts.title) svg.append(s("text", { x: 4, y: 16, class: "title" }, opts.title));
   rows.forEach((r, i) => {

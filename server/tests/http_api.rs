@@ -240,6 +240,21 @@ async fn the_persona_api_answers_json_and_streams_server_sent_events() {
         c.get_vector(pb::GetVectorRequest { name: "wave".into(), include_values: true }).await.unwrap().into_inner();
     assert_eq!(got.values, values);
 
+    // Export as base64 bytes, import them back under another name: the same values.
+    let (status, body) = post(http, "/api/v1/ExportVector", r#"{"name": "wave"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let exported: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(exported["extension"], "safetensors");
+    let import = serde_json::json!({"name": "wave2", "data": exported["data"]});
+    let (status, body) = post(http, "/api/v1/ImportVector", &import.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let got = c.get_vector(pb::GetVectorRequest { name: "wave2".into(), include_values: true }).await.unwrap();
+    assert_eq!(got.into_inner().values, values);
+    let (status, _) = post(http, "/api/v1/ImportVector", &import.to_string()).await;
+    assert_eq!(status, 409, "ALREADY_EXISTS without overwrite");
+    let (status, _) = post(http, "/api/v1/DeleteVector", r#"{"name": "wave2"}"#).await;
+    assert_eq!(status, 200);
+
     // Generate streams one event per message, the summary last.
     let req = serde_json::json!({
         "prompt": {"raw": "The capital of France is"},

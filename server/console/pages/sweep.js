@@ -89,7 +89,7 @@ function sweepView(rec) {
     ], {
       title: `Layer ${l}: trait and coherence by coefficient`, xLabel: "coefficient", yLabel: "trait (0–100)", y2Label: "coherence (0–100)",
       yRange: [0, 100], y2Range: [0, 100],
-      marks: [...(rl ? [{ x: rl.coefficient ?? 0, label: "recommended", color: "#15803d" }] : []), { y: threshold, label: "" }],
+      marks: [...(rl ? [{ x: rl.coefficient ?? 0, label: "recommended", color: "#15803d" }] : []), { y: threshold, label: "coherence threshold" }],
       desc: `Trait and coherence scores against the steering coefficient at layer ${l}`,
     }));
   }
