@@ -1,5 +1,6 @@
 //! The live feed of monitored traffic: every generation that asked for monitors publishes one
-//! event per token (its scores) and one when it ends (the per-monitor summary with alerts). The
+//! event per token (its scores) and one when it ends (the per-monitor summary with alerts), and
+//! every MonitorStream item one event with its projections. The
 //! console's Monitor view reads it over `GET /api/live`: the recent backlog first, then new
 //! events as they happen. Events are JSON encoded once, when published; a subscriber that falls
 //! behind skips the events it missed.

@@ -185,6 +185,18 @@ async fn drive(b: &Client, base: &str) {
         serde_json::to_string(&first).unwrap()
     ), long).await;
     assert_eq!(text(b, "#answer-unsteered").await, unsteered, "the unsteered side stays");
+    let changed = text(b, "#answer-steered").await;
+    // A second turn: each side goes on from its own answer.
+    b.find(Locator::XPath("//button[text()='Reply to these answers']")).await.unwrap().click().await.unwrap();
+    let message = b.find(Locator::XPath("//label[text()='Your message']/following-sibling::textarea")).await.unwrap();
+    message.send_keys("Why?").await.unwrap();
+    b.find(Locator::Css("form button[type=submit]")).await.unwrap().click().await.unwrap();
+    until(b, "second answers", done, long).await;
+    let past = text(b, "#history-steered").await;
+    assert!(past.contains("You: What should I do if I find a lost wallet?"), "{past}");
+    assert!(past.contains(changed.trim()), "the steered side remembers its own answer: {past}");
+    assert!(text(b, "#history-unsteered").await.contains(unsteered.trim()), "and the unsteered side its own");
+    shoot(b, "playground-conversation-1280").await;
     no_console_errors(b, "playground").await;
 
     // Spectrum: five answers with scores.

@@ -286,7 +286,20 @@ async fn the_persona_api_answers_json_and_streams_server_sent_events() {
         assert!(e["error"]["type"].is_string(), "{text}");
     }
 
-    // The live feed saw the monitored generation: start, five tokens, done.
+    // A MonitorStream item reaches the live feed too.
+    let item = pb::MonitorRequest {
+        id: "conv-1".into(),
+        item: Some(pb::ProjectActivationRequest {
+            conversation: Some(pb::Conversation { messages: vec![persona_client::message("user", "Hello")] }),
+            response: "Hi there.".into(),
+            targets: vec![pb::ProjectionTarget { vector: "wave".into(), layer: Some(10) }],
+            ..Default::default()
+        }),
+    };
+    let mut replies = c.monitor_stream(tokio_stream::iter(vec![item])).await.unwrap().into_inner();
+    assert!(replies.message().await.unwrap().unwrap().result.is_some());
+
+    // The live feed saw the monitored generation (start, five tokens, done), then the item.
     let (mut s, live) = (tokio::net::TcpStream::connect(http).await.unwrap(), Vec::new());
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -294,16 +307,18 @@ async fn the_persona_api_answers_json_and_streams_server_sent_events() {
         let mut buf = vec![0u8; 1 << 16];
         let mut live = live;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !String::from_utf8_lossy(&live).contains("\"kind\":\"done\"") {
+        while !String::from_utf8_lossy(&live).contains("\"kind\":\"projection\"") {
             assert!(std::time::Instant::now() < deadline, "no done event: {}", String::from_utf8_lossy(&live));
             let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap();
             live.extend_from_slice(&buf[..n]);
         }
         let events = sse_data(&String::from_utf8_lossy(&live));
         let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-        assert_eq!(kinds, ["start", "token", "token", "token", "token", "token", "done"]);
+        assert_eq!(kinds, ["start", "token", "token", "token", "token", "token", "done", "projection"]);
         assert_eq!(events[0]["monitors"][0]["vector"], "wave");
         assert_eq!(events[6]["tokens"], 5);
+        assert_eq!(events[7]["projections"][0]["layer"], 10);
+        assert!(events[7]["projections"][0]["response_avg"].is_number());
     }
 }
 

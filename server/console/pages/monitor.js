@@ -11,7 +11,7 @@ const PALETTE = ["#c2410c", "#7c3aed", "#059669", "#2563eb", "#db2777", "#ca8a04
 
 export async function render(root) {
   root.append(h("h1", {}, title),
-    h("p", { class: "lead" }, "Every generation on this server that asks for monitors, as it happens: token scores over time (calibrated 0–100 where the vector has a calibration), and which requests crossed their alert threshold."));
+    h("p", { class: "lead" }, "Every generation on this server that asks for monitors, as it happens: token scores over time (calibrated 0–100 where the vector has a calibration), and which requests crossed their alert threshold; conversations scored through MonitorStream appear as their own series."));
   const chartBox = h("section", { class: "panel" });
   const alerts = h("ul", { class: "plain feed", "aria-live": "polite" });
   const noAlerts = h("p", { class: "muted" }, "No alerts yet. A request alerts when a monitor reaches its alert_threshold.");
@@ -24,9 +24,22 @@ export async function render(root) {
         h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, ["#", "Model", "Vector", "Tokens", "Mean", "Max", ""].map((t) => h("th", { scope: "col" }, t)))), recent)))));
   const requests = new Map();
   const series = new Map();
-  let t0 = null, dirty = false, tokens = 0;
+  let t0 = null, dirty = false, tokens = 0, streamed = 0;
   function onEvent(e) {
     if (t0 === null) t0 = e.t;
+    if (e.kind === "projection") {
+      // A MonitorStream item: one point per vector, its response average (else its last prompt token).
+      for (const p of e.projections || []) {
+        const cal = p.response_avg_calibrated ?? p.prompt_last_calibrated;
+        const v = cal ?? p.response_avg ?? p.prompt_last;
+        const key = `${p.vector} · MonitorStream${cal === null || cal === undefined ? " (raw)" : ""}`;
+        if (!series.has(key)) series.set(key, []);
+        series.get(key).push([(e.t - t0) / 1000, v]);
+      }
+      streamed++;
+      dirty = true;
+      return;
+    }
     if (e.kind === "start") requests.set(e.request, { ...e, tokens: 0 });
     const r = requests.get(e.request);
     if (!r) return;
@@ -70,7 +83,7 @@ export async function render(root) {
       chartBox.replaceChildren(h("h2", {}, "Scores over time"), h("p", { class: "muted" }, "No monitored generations yet. Send a request with monitors (the Playground does) and it appears here."));
       return;
     }
-    chartBox.replaceChildren(h("h2", {}, `Scores over time · ${tokens} tokens`), lineChart(keys.map((k, i) => ({
+    chartBox.replaceChildren(h("h2", {}, `Scores over time · ${tokens} generated tokens${streamed ? ` · ${streamed} MonitorStream items` : ""}`), lineChart(keys.map((k, i) => ({
       name: k, color: PALETTE[i % PALETTE.length], points: series.get(k), dotsOnly: true,
     })), { xLabel: "seconds since the feed began", yLabel: "score", width: 1200, height: 300, xTicks: 10,
       marks: keys.some((k) => !k.endsWith("(raw)")) ? [{ y: 50, label: "50" }] : [],

@@ -16,7 +16,7 @@ function coefficientRange(rec) {
 export async function render(root, params) {
   const [list, ms] = await Promise.all([vectors(), models()]);
   root.append(h("h1", {}, title),
-    h("p", { class: "lead" }, "Ask a question and read the steered answer beside the unsteered one. Each token is tinted by where the monitored vector reads it: blue toward the helpful side (0), orange toward the trait (100)."));
+    h("p", { class: "lead" }, "Hold a conversation twice at once: steered and unsteered, each side remembering its own answers. Each token is tinted by where the monitored vector reads it: blue toward the helpful side (0), orange toward the trait (100)."));
   if (!list.length) {
     root.append(emptyState("No vectors stored yet. ", h("a", { href: "#/traits" }, "Extract one from a trait"), " first."));
     return;
@@ -61,10 +61,15 @@ export async function render(root, params) {
   const plain = answerPanel("Unsteered", "unsteered");
   let asked = false;
   let controllers = [];
+  // Finished turns, each with both sides' answers; `current` is the turn on screen.
+  const history = [];
+  let current = null;
 
   function request(steer) {
+    const side = steer ? "steered" : "unsteered";
     const messages = [];
     if (system.value.trim()) messages.push({ role: "system", content: system.value.trim() });
+    for (const t of history) messages.push({ role: "user", content: t.user }, { role: "assistant", content: t[side] });
     messages.push({ role: "user", content: question.value });
     // The thermostat reads the vector's monitoring layer (best separation), whatever layer steers.
     const monitor = info.recommendedLayer !== undefined ? { vector: info.name, layer: info.recommendedLayer } : info.name;
@@ -78,13 +83,41 @@ export async function render(root, params) {
     controllers = [];
     const jobs = [[steered, true]];
     if (both) jobs.push([plain, false]);
-    await Promise.all(jobs.map(([panel, steer]) => {
+    const user = question.value;
+    const texts = await Promise.all(jobs.map(([panel, steer]) => {
       const ctl = new AbortController();
       controllers.push(ctl);
       return panel.run(request(steer), ctl.signal);
     }));
+    current = { user, steered: texts[0], unsteered: both ? texts[1] : current?.unsteered };
+    next.disabled = texts.some((t) => t === null);
     asked = true;
   }
+
+  /** Keeps the turn on screen and asks for the next message. */
+  function continueConversation() {
+    if (!current) return;
+    history.push(current);
+    current = null;
+    asked = false;
+    next.disabled = true;
+    steered.showHistory(history, "steered");
+    plain.showHistory(history, "unsteered");
+    question.value = "";
+    question.focus();
+  }
+
+  function restart() {
+    history.length = 0;
+    current = null;
+    asked = false;
+    next.disabled = true;
+    steered.clear();
+    plain.clear();
+    question.focus();
+  }
+  const next = h("button", { type: "button", class: "ghost", disabled: true, onclick: continueConversation }, "Reply to these answers");
+  const reset = h("button", { type: "button", class: "ghost", onclick: restart }, "New conversation");
 
   const form = h("form", { class: "panel", onsubmit: (e) => { e.preventDefault(); busy(go, () => run(true)); } },
     h("div", { class: "row" },
@@ -93,8 +126,8 @@ export async function render(root, params) {
       slider("Coefficient", coef, coefOut),
       field("Steer", positions)),
     h("div", { style: "margin:4px 0 10px" }, recNote),
-    h("div", { class: "row" }, field("System", system, { grow: true }), field("User", question, { grow: true })),
-    h("div", { class: "row end", style: "margin-top:10px" }, field("Max tokens", maxTokens), go));
+    h("div", { class: "row" }, field("System", system, { grow: true }), field("Your message", question, { grow: true })),
+    h("div", { class: "row end", style: "margin-top:10px" }, reset, next, field("Max tokens", maxTokens), go));
   // Moving a slider re-runs the steered side once a question was asked.
   for (const input of [layer, coef, positions]) {
     input.addEventListener("change", () => { if (asked) busy(go, () => run(false)); });
@@ -116,17 +149,34 @@ function slider(label, input, output) {
 
 /** One answer column: streams a chat completion into tinted token spans. */
 function answerPanel(label, id) {
+  const past = h("div", { class: "history", id: `history-${id}` });
   const warning = h("div", { "aria-live": "polite" });
   const answer = h("div", { class: "answer empty", id: `answer-${id}`, "aria-live": "off" });
   const meta = h("div", { class: "meta" });
-  const el = h("section", { class: "panel", "aria-labelledby": `h-${id}` }, h("h2", { id: `h-${id}` }, label), warning, answer, meta);
+  const el = h("section", { class: "panel", "aria-labelledby": `h-${id}` }, h("h2", { id: `h-${id}` }, label), past, warning, answer, meta);
+  function showHistory(turns, side) {
+    past.replaceChildren(...turns.flatMap((t) => [h("p", { class: "turn user" }, h("strong", {}, "You: "), t.user),
+      h("p", { class: "turn" }, h("strong", {}, "Assistant: "), t[side])]));
+    clearAnswer();
+  }
+  function clearAnswer() {
+    warning.replaceChildren();
+    answer.replaceChildren();
+    answer.classList.add("empty");
+    meta.replaceChildren();
+  }
+  function clear() {
+    past.replaceChildren();
+    clearAnswer();
+  }
+  /** Streams one answer; resolves to its text (null when it failed or was replaced). */
   async function run(body, signal) {
     warning.replaceChildren();
     answer.replaceChildren();
     answer.classList.add("empty");
     meta.replaceChildren(h("span", {}, "generating…"));
     el.setAttribute("aria-busy", "true");
-    let span = 1, n = 0, summary = null, usage = null;
+    let span = 1, n = 0, summary = null, usage = null, text = "";
     const scores = [];
     try {
       await chatStream({ ...body, stream_options: { include_usage: true } }, (chunk) => {
@@ -141,6 +191,7 @@ function answerPanel(label, id) {
         const value = calibrated ? s.calibrated : s?.score;
         if (!calibrated && Number.isFinite(value)) span = Math.max(span, Math.abs(value));
         scores.push(value);
+        text += delta.content;
         answer.classList.remove("empty");
         answer.append(h("span", { class: "tok", title: s ? `${fmt(value)}${calibrated ? " (calibrated)" : " (raw)"}` : "",
           style: `background:${tint(value, calibrated, span)}` }, delta.content));
@@ -148,7 +199,7 @@ function answerPanel(label, id) {
       }, signal);
     } catch (e) {
       if (e.name !== "AbortError") { meta.replaceChildren(h("span", { class: "error" }, e.message)); showError(e); }
-      return;
+      return null;
     } finally {
       el.removeAttribute("aria-busy");
     }
@@ -159,8 +210,9 @@ function answerPanel(label, id) {
       m ? h("span", {}, `mean ${m.calibrated ? fmt(m.mean_calibrated) + " (0–100)" : fmt(m.mean) + " raw"} at layer ${m.layer}`) : null,
       m ? h("span", {}, `max ${m.calibrated ? fmt(m.max_calibrated) : fmt(m.max)}`) : null,
       s ? h("span", {}, `steered at layer ${s.layer}, coefficient ${fmt(s.coefficient, 2)}`) : null].filter(Boolean));
+    return text;
   }
-  return { el, run };
+  return { el, run, showHistory, clear };
 }
 
 function promptWarning(s) {

@@ -128,11 +128,26 @@ pub fn monitor(
 }
 
 /// Adds a monitored item's response score to the server's histogram of monitor scores
-/// (calibrated when the vector has a calibration; items without a response have none).
+/// (calibrated when the vector has a calibration; items without a response have none), and
+/// the item to the live feed.
 fn observe(state: &AppState, model: &str, reply: &pb::ProjectActivationResponse) {
     for p in reply.projections.iter().filter(|p| p.has_response) {
         let meter = state.metrics.monitor(model, &p.vector, p.layer as usize, p.calibrated);
         let score = if p.calibrated { p.response_avg_calibrated } else { p.response_avg };
         meter.scores.observe(f64::from(score));
     }
+    state.live.publish(serde_json::json!({
+        "kind": "projection",
+        "model": model,
+        "prompt_tokens": reply.prompt_tokens,
+        "response_tokens": reply.response_tokens,
+        "projections": reply.projections.iter().map(|p| serde_json::json!({
+            "vector": p.vector,
+            "layer": p.layer,
+            "prompt_last": p.prompt_last,
+            "response_avg": p.has_response.then_some(p.response_avg),
+            "prompt_last_calibrated": p.calibrated.then_some(p.prompt_last_calibrated),
+            "response_avg_calibrated": (p.calibrated && p.has_response).then_some(p.response_avg_calibrated),
+        })).collect::<Vec<_>>(),
+    }));
 }
