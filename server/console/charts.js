@@ -159,6 +159,12 @@ export function heatMap(rows, cols, value, color, opts = {}) {
   return svg;
 }
 
+/** White → blue for 0–100. */
+export function cohColor(v) {
+  const t = Math.max(0, Math.min(1, v / 100));
+  return `rgb(${255 - Math.round(159 * t)},${255 - Math.round(90 * t)},${255 - Math.round(5 * t)})`;
+}
+
 /** White → orange for 0–100. */
 export function traitColor(v) {
   const t = Math.max(0, Math.min(1, v / 100));

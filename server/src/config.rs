@@ -21,6 +21,10 @@ pub struct Settings {
     /// and the web console (`/`); TLS and API keys as the gRPC side. Empty = off. The same
     /// address as `metrics_listen` serves `/metrics` there too.
     pub http_listen: String,
+    /// Browser origins allowed to call the HTTP API from their pages (CORS), e.g.
+    /// `["https://app.example"]`; `["*"]` = any origin; empty = none (same-origin only, as the
+    /// console).
+    pub http_cors_origins: Vec<String>,
     /// Where persona vectors are stored.
     pub vector_dir: PathBuf,
     /// Where the embedded model is fetched to.
@@ -154,6 +158,7 @@ impl Default for Settings {
             listen: "127.0.0.1:50051".into(),
             metrics_listen: String::new(),
             http_listen: "127.0.0.1:8080".into(),
+            http_cors_origins: Vec::new(),
             vector_dir: "data/vectors".into(),
             model_dir: crate::model::default_model_dir(),
             auto_fetch: true,
@@ -309,6 +314,18 @@ impl Settings {
         }
         for (i, k) in self.auth.keys.iter().enumerate() {
             crate::security::key_of(k).map_err(|e| (format!("auth.keys[{i}]"), e))?;
+        }
+        for (i, o) in self.http_cors_origins.iter().enumerate() {
+            let key = format!("http_cors_origins[{i}]");
+            if o == "*" {
+                if self.http_cors_origins.len() > 1 {
+                    return at(&key, "`*` allows every origin; list no others beside it".into());
+                }
+            } else if !matches!(o.split_once("://"), Some(("http" | "https", host)) if !host.is_empty() && !host.contains('/'))
+                || http::HeaderValue::from_str(o).is_err()
+            {
+                return at(&key, format!("`{o}` is not an origin like https://app.example (scheme and host, no path)"));
+            }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return at("tls", "tls.cert and tls.key go together: set both or neither".into());
@@ -481,6 +498,25 @@ mod tests {
         let e =
             format!("{:#}", Settings { default_model: "nope".into(), ..Default::default() }.validate().unwrap_err());
         assert!(e.starts_with("default_model: `nope`"), "{e}");
+    }
+
+    #[test]
+    fn cors_origins_are_origins_or_a_lone_star() {
+        let with = |o: &[&str]| Settings {
+            http_cors_origins: o.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        with(&["https://app.example", "http://localhost:3000"]).validate().unwrap();
+        with(&["*"]).validate().unwrap();
+        for (bad, why) in [
+            (&["app.example"][..], "is not an origin"),
+            (&["https://app.example/"][..], "is not an origin"),
+            (&["https://app.example/path"][..], "is not an origin"),
+            (&["*", "https://a.example"][..], "list no others"),
+        ] {
+            let e = format!("{:#}", with(bad).validate().unwrap_err());
+            assert!(e.starts_with("http_cors_origins[") && e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -108,11 +108,13 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
     /// The HTTP listener serves `/metrics` too (`metrics_listen` = `http_listen`).
     pub metrics_on_http: bool,
+    /// Origins the HTTP API answers CORS requests from (`http_cors_origins`).
+    pub cors_origins: Vec<String>,
 }
 
 impl From<TcpListener> for Listeners {
     fn from(grpc: TcpListener) -> Self {
-        Self { grpc, metrics: None, http: None, metrics_on_http: false }
+        Self { grpc, metrics: None, http: None, metrics_on_http: false, cors_origins: Vec::new() }
     }
 }
 
@@ -133,7 +135,7 @@ impl Listeners {
         let shared = !settings.http_listen.is_empty() && settings.http_listen == settings.metrics_listen;
         let http = bind("http_listen", &settings.http_listen).await?;
         let metrics = if shared { None } else { bind("metrics_listen", &settings.metrics_listen).await? };
-        Ok(Self { grpc, metrics, http, metrics_on_http: shared })
+        Ok(Self { grpc, metrics, http, metrics_on_http: shared, cors_origins: settings.http_cors_origins.clone() })
     }
 }
 
@@ -246,7 +248,13 @@ async fn serve_service(
             .push(("metrics endpoint", tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop()))));
     }
     if let Some(l) = listeners.http {
-        let app = crate::http::router(svc.clone(), security.keys.clone(), metrics.clone(), listeners.metrics_on_http);
+        let app = crate::http::router(
+            svc.clone(),
+            security.keys.clone(),
+            metrics.clone(),
+            listeners.metrics_on_http,
+            &listeners.cors_origins,
+        );
         side_servers.push(("HTTP API", tokio::spawn(crate::http::serve(l, security.tls.clone(), app, stop()))));
     }
     let reflection = if security.reflection {

@@ -210,6 +210,19 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, Strin
     (status, body)
 }
 
+/// A GET over a plain TCP connection: the status and the body.
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
 /// The SSE `data:` payloads of a (possibly chunked) body.
 fn sse_data(body: &str) -> Vec<Value> {
     body.lines().filter_map(|l| l.strip_prefix("data: ")).filter_map(|d| serde_json::from_str(d).ok()).collect()
@@ -220,9 +233,32 @@ async fn the_persona_api_answers_json_and_streams_server_sent_events() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.http_listen = "127.0.0.1:0".into();
+    s.http_cors_origins = vec!["https://app.example".into()];
     let running = start(s);
     let http = running.http_addr.unwrap();
 
+    // CORS: a listed origin's preflight is answered; another origin gets no grant.
+    for (origin, allowed) in [("https://app.example", true), ("https://evil.example", false)] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        let req = format!(
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\n\
+             Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\
+             Connection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.unwrap();
+        let raw = raw.to_lowercase();
+        let granted = raw.contains(&format!("access-control-allow-origin: {origin}"));
+        assert_eq!(granted, allowed, "{origin}: {raw}");
+        if allowed {
+            assert!(raw.contains("access-control-allow-headers: authorization,content-type"), "{raw}");
+        }
+    }
+
+    let (status, body) = get(http, "/health").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, body) = post(http, "/api/v1/ListModels", "").await;
     assert_eq!(status, 200, "{body}");
     let models: Value = serde_json::from_str(&body).unwrap();

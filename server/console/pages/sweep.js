@@ -2,7 +2,7 @@
 // axes) and the layer × coefficient heat map — and running a new evaluation with progress.
 
 import { stream } from "../api.js";
-import { lineChart, heatMap, traitColor } from "../charts.js";
+import { lineChart, heatMap, traitColor, cohColor } from "../charts.js";
 import { h, field, busy, fmt, vectors, vectorSelect, emptyState } from "../ui.js";
 
 export const title = "Sweep";
@@ -96,12 +96,19 @@ function sweepView(rec) {
   layerSelect.addEventListener("change", drawLine);
   drawLine();
   const byKey = new Map(cells.map((c) => [`${c.layer ?? 0}:${c.coefficient ?? 0}`, c]));
-  const heat = heatMap(layers.map(String), coefficients.map((c) => String(+c.toFixed(2))),
-    (i, j) => byKey.get(`${layers[i]}:${coefficients[j]}`)?.traitScore ?? (byKey.has(`${layers[i]}:${coefficients[j]}`) ? 0 : null),
-    traitColor,
-    { title: "Trait score by layer × coefficient (struck out: incoherent)", rowLabel: "layer", colLabel: "coefficient", fmt: (v) => fmt(v, 0),
-      cross: (i, j) => { const c = byKey.get(`${layers[i]}:${coefficients[j]}`); return c && !c.coherent; },
-      desc: "Heat map of the trait score over steering layer and coefficient" });
+  const metric = h("select", {}, h("option", { value: "traitScore" }, "trait score"), h("option", { value: "coherence" }, "coherence"));
+  const heatBox = h("div");
+  function drawHeat() {
+    const key = metric.value, name = key === "coherence" ? "Coherence" : "Trait score";
+    heatBox.replaceChildren(heatMap(layers.map(String), coefficients.map((c) => String(+c.toFixed(2))),
+      (i, j) => { const c = byKey.get(`${layers[i]}:${coefficients[j]}`); return c ? c[key] ?? 0 : null; },
+      key === "coherence" ? cohColor : traitColor,
+      { title: `${name} by layer × coefficient (struck out: incoherent)`, rowLabel: "layer", colLabel: "coefficient", fmt: (v) => fmt(v, 0),
+        cross: (i, j) => { const c = byKey.get(`${layers[i]}:${coefficients[j]}`); return c && !c.coherent; },
+        desc: `Heat map of the ${name.toLowerCase()} over steering layer and coefficient` }));
+  }
+  metric.addEventListener("change", drawHeat);
+  drawHeat();
   return [
     h("div", { class: "panel" },
       h("p", { style: "margin:0" }, h("strong", {}, `Recommended: layer ${best}, coefficient ${fmt(rec.coefficient, 2)}`),
@@ -109,6 +116,6 @@ function sweepView(rec) {
       h("p", { class: "muted", style: "margin:4px 0 0;font-size:13px" }, `Scored ${rec.scorer || "offline"}.`)),
     h("div", { class: "grid2" },
       h("section", { class: "panel" }, h("div", { class: "row", style: "margin-bottom:8px" }, field("Layer", layerSelect)), chartBox),
-      h("section", { class: "panel" }, heat)),
+      h("section", { class: "panel" }, h("div", { class: "row", style: "margin-bottom:8px" }, field("Heat map of", metric)), heatBox)),
   ];
 }

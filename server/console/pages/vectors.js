@@ -109,6 +109,7 @@ function vectorDetail(v, refresh) {
         h("h2", { id: "vec-title", style: "margin:0" }, v.name, h("span", { class: "badge" }, kindName(v.kind))),
         h("div", { class: "row" },
           h("a", { href: `#/playground/vector=${encodeURIComponent(v.name)}` }, "Steer"),
+          h("a", { href: `#/spectrum/vector=${encodeURIComponent(v.name)}` }, "Spectrum"),
           h("a", { href: `#/sweep/vector=${encodeURIComponent(v.name)}` }, "Sweep"),
           exportBtn, h("button", { type: "button", class: "danger", onclick: () => confirmDelete.showModal() }, "Delete…"))),
       h("div", { class: "meta" }, h("span", {}, `model ${v.model}`), h("span", {}, `${v.nRows} × ${v.dModel}`),

@@ -45,10 +45,18 @@ impl Http {
     }
 }
 
-/// The HTTP routes, counted in `metrics`; `/metrics` too when `serve_metrics`.
-pub fn router(svc: PersonaSvc, keys: Keys, metrics: Arc<Metrics>, serve_metrics: bool) -> axum::Router {
+/// The HTTP routes, counted in `metrics`; `/metrics` too when `serve_metrics`; answering CORS
+/// requests from `cors_origins` (validated settings: origins, or `*`).
+pub fn router(
+    svc: PersonaSvc,
+    keys: Keys,
+    metrics: Arc<Metrics>,
+    serve_metrics: bool,
+    cors_origins: &[String],
+) -> axum::Router {
     let http = Http { svc: svc.clone(), keys };
     let mut app = axum::Router::new()
+        .route("/health", axum::routing::get(health))
         .merge(openai::routes())
         .merge(rpc::routes())
         .merge(live::routes())
@@ -59,7 +67,48 @@ pub fn router(svc: PersonaSvc, keys: Keys, metrics: Arc<Metrics>, serve_metrics:
     if serve_metrics {
         app = app.merge(crate::metrics::routes(metrics.clone(), svc));
     }
-    app.layer(axum::middleware::from_fn_with_state(metrics, observe))
+    let app = app.layer(axum::middleware::from_fn_with_state(metrics, observe));
+    match cors(cors_origins) {
+        Some(layer) => app.layer(layer),
+        None => app,
+    }
+}
+
+/// The CORS layer for `origins` (none when empty): GET and POST with the authorization and
+/// content-type headers, preflights cached for an hour.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
+}
+
+/// `GET /health`, open like gRPC health: 200 once the models are loaded and every engine
+/// serves, else 503 with the reason.
+async fn health(axum::extract::State(http): axum::extract::State<Http>) -> Response {
+    let Some(state) = http.svc.ready_state() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "loading models\n").into_response();
+    };
+    let down: Vec<&str> =
+        state.engines.iter().filter(|(_, e)| !e.health().borrow().serving).map(|(id, _)| id.as_str()).collect();
+    if down.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not serving: {}\n", down.join(", "))).into_response()
+    }
 }
 
 /// Each request in its own span (continuing the caller's W3C trace), counted by route and
@@ -272,7 +321,7 @@ mod tests {
     #[tokio::test]
     async fn calls_answer_503_until_the_models_are_loaded_and_the_console_is_up_at_once() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let app = router(PersonaSvc::loading(), Default::default(), Arc::new(Metrics::new()), false);
+        let app = router(PersonaSvc::loading(), Default::default(), Arc::new(Metrics::new()), false, &[]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -297,6 +346,8 @@ mod tests {
         assert!(res.to_lowercase().contains("content-security-policy"), "{res}");
         let res = request("GET /console/nope.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
         assert!(res.starts_with("HTTP/1.1 404"), "{res}");
+        let res = request("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into()).await;
+        assert!(res.starts_with("HTTP/1.1 503") && res.contains("loading models"), "{res}");
     }
 
     #[test]

@@ -108,7 +108,13 @@ pub fn start_secured(settings: Settings, security: Security) -> Running {
             let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
             let http_addr = http.as_ref().map(|l| l.local_addr().unwrap());
             addr_tx.send((listener.local_addr().unwrap(), metrics_addr, http_addr)).unwrap();
-            let listeners = Listeners { grpc: listener, metrics, http, metrics_on_http: false };
+            let listeners = Listeners {
+                grpc: listener,
+                metrics,
+                http,
+                metrics_on_http: false,
+                cors_origins: settings.http_cors_origins.clone(),
+            };
             let stop = async move {
                 let _ = shutdown_rx.await;
             };
