@@ -10,6 +10,7 @@
 
 pub mod charts;
 pub mod dataset;
+pub mod elicit;
 
 use pb::persona_service_client::PersonaServiceClient;
 pub use persona_proto::v1 as pb;

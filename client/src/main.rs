@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use persona_client::{ConnectOptions, connect_with, pb};
 
 mod bench;
+mod elicit_cmd;
 mod evaluate;
 mod extract;
 mod generate;
@@ -76,6 +77,9 @@ enum Cmd {
     /// A long mixed load with bad requests and dropped streams: statuses, latency, server RSS
     /// (scripts/soak starts a server and runs it).
     Soak(soak::SoakArgs),
+    /// A trait-eliciting dataset (the model's answers under the trait's system prompts, or
+    /// steered; saved without them) and its matched normal dataset, as JSONL for fine-tuning.
+    Dataset(elicit_cmd::DatasetArgs),
 }
 
 #[tokio::main]
@@ -133,5 +137,6 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Spectrum(a) => evaluate::spectrum(&mut c, a).await,
         Cmd::Score(a) => evaluate::score(&mut c, a).await,
         Cmd::Soak(a) => soak::soak(&mut c, a).await,
+        Cmd::Dataset(a) => elicit_cmd::dataset(&mut c, a).await,
     }
 }
