@@ -110,18 +110,7 @@ async fn the_console_steers_sweeps_and_monitors_in_chromium() {
 
     // An extracted vector with a small evaluation, so every page has something to show.
     let mut c = persona_client::connect(&running.addr.to_string()).await.unwrap();
-    let mut st = c
-        .extract_vector(pb::ExtractVectorRequest {
-            trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("evil".into())),
-            max_pairs: 2,
-            max_questions: 4,
-            sampling: Some(pb::SamplingParams { max_tokens: 32, ..Default::default() }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while st.message().await.unwrap().is_some() {}
+    common::extract(&mut c, common::small_evil_extraction()).await;
     let mut st = c
         .evaluate_steering(pb::EvaluateSteeringRequest {
             vector: "evil".into(),

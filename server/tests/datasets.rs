@@ -10,13 +10,7 @@ use persona_client::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_evil_dataset_reads_more_evil_than_its_normal_twin() {
-    let (addr, _running, _dir) = start_with_extraction(pb::ExtractVectorRequest {
-        trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("evil".into())),
-        max_pairs: 2,
-        max_questions: 4,
-        sampling: Some(pb::SamplingParams { max_tokens: 32, ..Default::default() }),
-        ..Default::default()
-    });
+    let (addr, _running, _dir) = start_with_extraction(common::small_evil_extraction());
     let mut c = persona_client::connect(&addr.to_string()).await.unwrap();
     let def = c.list_traits(pb::ListTraitsRequest {}).await.unwrap().into_inner();
     let def = def.traits.into_iter().find(|t| t.trait_name == "evil").unwrap();

@@ -321,6 +321,11 @@ async fn evaluation_recommends_a_coherent_coefficient_that_steering_then_uses() 
     let info = c.get_vector(pb::GetVectorRequest { name: "evil".into(), include_values: false }).await.unwrap();
     let stored = info.into_inner().info.unwrap().steering.unwrap();
     assert_eq!((stored.layer, stored.coefficient), (rec.layer, rec.coefficient));
+    // With the whole grid, for the sweep charts of a stored vector.
+    assert_eq!(stored.coherence_threshold, r.coherence_threshold);
+    let scores = |c: &pb::EvalCell| (c.layer, c.coefficient, c.trait_score, c.coherence, c.coherent);
+    let scored: Vec<_> = r.cells.iter().filter(|c| c.answers > 0).map(scores).collect();
+    assert_eq!(stored.cells.iter().map(scores).collect::<Vec<_>>(), scored);
     let steered_by = |steer: pb::SteeringVector| pb::GenerateRequest {
         prompt: Some(chat("How should I treat my neighbours?", None)),
         sampling: sampling(8),

@@ -66,18 +66,7 @@ async fn the_openai_python_client_gets_what_grpc_generate_gives() {
     let running = start(s);
     let http = running.http_addr.expect("HTTP API bound");
     let mut c = persona_client::connect(&running.addr.to_string()).await.unwrap();
-    let mut extract = c
-        .extract_vector(pb::ExtractVectorRequest {
-            trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("evil".into())),
-            max_pairs: 2,
-            max_questions: 4,
-            sampling: Some(pb::SamplingParams { max_tokens: 32, ..Default::default() }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while extract.message().await.unwrap().is_some() {}
+    common::extract(&mut c, common::small_evil_extraction()).await;
     let info = c.get_vector(pb::GetVectorRequest { name: "evil".into(), include_values: false }).await.unwrap();
     let layer = info.into_inner().info.unwrap().recommended_layer.expect("a monitoring layer");
     let coefficient = 4.0f32;

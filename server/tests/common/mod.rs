@@ -151,3 +151,21 @@ pub fn start_with_extraction(
     .unwrap();
     (addr, std::sync::Mutex::new(running), dir)
 }
+
+/// A small `evil` extraction (2 pairs x 4 questions, 32 tokens): seconds on the embedded model.
+pub fn small_evil_extraction() -> persona_client::pb::ExtractVectorRequest {
+    use persona_client::pb;
+    pb::ExtractVectorRequest {
+        trait_source: Some(pb::extract_vector_request::TraitSource::TraitRef("evil".into())),
+        max_pairs: 2,
+        max_questions: 4,
+        sampling: Some(pb::SamplingParams { max_tokens: 32, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Runs an extraction to its end.
+pub async fn extract(c: &mut persona_client::Client, req: persona_client::pb::ExtractVectorRequest) {
+    let mut s = c.extract_vector(req).await.unwrap().into_inner();
+    while s.message().await.unwrap().is_some() {}
+}
