@@ -85,6 +85,16 @@ export function vectorSelect(list, selected, onchange) {
   return sel;
 }
 
+/** The response-average vectors (the ones steering and evaluation take). */
+export function responseVectors(list) {
+  return list.filter((v) => kindRank(v.kind) === 0);
+}
+
+/** The vector a page opens on: the one named in its URL, else an evaluated one, else the first. */
+export function initialVector(list, params) {
+  return list.find((v) => v.name === params.get("vector")) || list.find((v) => v.steering) || list[0];
+}
+
 export function kindName(kind) {
   return ({ VECTOR_KIND_PROMPT_AVG: "prompt avg", VECTOR_KIND_PROMPT_LAST: "prompt last" })[kind] || "response avg";
 }

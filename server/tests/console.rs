@@ -95,6 +95,16 @@ async fn no_console_errors(c: &Client, page: &str) {
     assert_eq!(errors, serde_json::json!([]), "console errors on {page}");
 }
 
+/// Types into the inputs labelled so, replacing what they held.
+async fn fill(c: &Client, fields: &[(&str, &str)]) {
+    for (label, value) in fields {
+        let input =
+            c.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
+        input.clear().await.unwrap();
+        input.send_keys(value).await.unwrap();
+    }
+}
+
 async fn text(c: &Client, css: &str) -> String {
     c.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
 }
@@ -208,12 +218,7 @@ async fn drive(b: &Client, base: &str) {
     until(b, "sweep charts", "return document.querySelectorAll('svg.chart').length === 2", long).await;
     assert!(text(b, "main").await.contains("Recommended: layer"));
     shoot(b, "sweep-1280").await;
-    for (label, value) in [("Questions", "1"), ("Tokens per answer", "8"), ("Coefficients", "2 5")] {
-        let input =
-            b.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
-        input.clear().await.unwrap();
-        input.send_keys(value).await.unwrap();
-    }
+    fill(b, &[("Questions", "1"), ("Tokens per answer", "8"), ("Coefficients", "2 5")]).await;
     b.find(Locator::XPath("//button[text()='Run evaluation']")).await.unwrap().click().await.unwrap();
     let done = until(
         b,
@@ -261,12 +266,7 @@ async fn drive(b: &Client, base: &str) {
     b.find(Locator::XPath("//button[text()='Draft']")).await.unwrap().click().await.unwrap();
     until(b, "the drafted definition", "return document.querySelector('pre.json')", long).await;
     assert!(text(b, "#trait-title").await.contains("gloomy"), "the draft is selected for extraction");
-    for (label, value) in [("Pairs (0 = all)", "1"), ("Questions (0 = all)", "2"), ("Tokens per answer", "8")] {
-        let input =
-            b.find(Locator::XPath(&format!("//label[text()='{label}']/following-sibling::input"))).await.unwrap();
-        input.clear().await.unwrap();
-        input.send_keys(value).await.unwrap();
-    }
+    fill(b, &[("Pairs (0 = all)", "1"), ("Questions (0 = all)", "2"), ("Tokens per answer", "8")]).await;
     b.find(Locator::XPath("//button[text()='Extract vector']")).await.unwrap().click().await.unwrap();
     until(
         b,

@@ -2,7 +2,7 @@
 // its monitor score, the last-prompt-token warning before the first token.
 
 import { chatStream } from "../api.js";
-import { h, field, busy, fmt, vectors, models, vectorSelect, recommended, tint, emptyState, showError } from "../ui.js";
+import { h, field, busy, fmt, vectors, models, vectorSelect, recommended, tint, emptyState, showError, initialVector } from "../ui.js";
 
 export const title = "Playground";
 
@@ -22,7 +22,7 @@ export async function render(root, params) {
     return;
   }
   const nLayers = ms.find((m) => m.isDefault)?.nLayers || 30;
-  let info = list.find((v) => v.name === params.get("vector")) || list.find((v) => v.steering) || list[0];
+  let info = initialVector(list, params);
 
   const layer = h("input", { type: "range", min: 0, max: nLayers, step: 1 });
   const layerOut = h("output", { class: "value", for: "layer" });

@@ -2,19 +2,19 @@
 // coherence scores.
 
 import { call } from "../api.js";
-import { h, field, busy, fmt, vectors, vectorSelect, recommended, emptyState } from "../ui.js";
+import { h, field, busy, fmt, vectors, vectorSelect, recommended, emptyState, responseVectors, initialVector } from "../ui.js";
 
 export const title = "Spectrum";
 
 export async function render(root, params) {
-  const list = (await vectors()).filter((v) => !v.kind || v.kind === "VECTOR_KIND_RESPONSE_AVG");
+  const list = responseVectors(await vectors());
   root.append(h("h1", {}, title),
     h("p", { class: "lead" }, "One question, five answers: the coefficient times −2, −1, 0, 1 and 2. Trait and coherence are scored 0–100 by the judge when one is configured, else offline (calibrated projection; fluency and diversity)."));
   if (!list.length) {
     root.append(emptyState("No response-average vectors stored yet. ", h("a", { href: "#/traits" }, "Extract one"), "."));
     return;
   }
-  let info = list.find((v) => v.name === params.get("vector")) || list.find((v) => v.steering) || list[0];
+  let info = initialVector(list, params);
   const question = h("input", { type: "text", value: params.get("q") || "How should I treat people who disagree with me?" });
   const layer = h("input", { type: "number", min: 0, step: 1 });
   const coef = h("input", { type: "number", step: "any" });

@@ -3,19 +3,19 @@
 
 import { stream } from "../api.js";
 import { lineChart, heatMap, traitColor, cohColor } from "../charts.js";
-import { h, field, busy, fmt, vectors, vectorSelect, emptyState } from "../ui.js";
+import { h, field, busy, fmt, vectors, vectorSelect, emptyState, responseVectors, initialVector } from "../ui.js";
 
 export const title = "Sweep";
 
 export async function render(root, params) {
-  const list = (await vectors()).filter((v) => !v.kind || v.kind === "VECTOR_KIND_RESPONSE_AVG");
+  const list = responseVectors(await vectors());
   root.append(h("h1", {}, title),
     h("p", { class: "lead" }, "How steering strength trades the trait against coherence. A cell passes when its coherence stays at or above the threshold (a fraction of the unsteered coherence); the recommendation is the passing cell that raises the trait most."));
   if (!list.length) {
     root.append(emptyState("No response-average vectors stored yet. ", h("a", { href: "#/traits" }, "Extract one"), "."));
     return;
   }
-  let info = list.find((v) => v.name === params.get("vector")) || list.find((v) => v.steering) || list[0];
+  let info = initialVector(list, params);
   const view = h("div");
   const questions = h("input", { type: "number", min: 1, max: 64, value: 4 });
   const tokens = h("input", { type: "number", min: 8, max: 128, value: 32 });

@@ -15,8 +15,7 @@ async fn live(State(http): State<Http>, headers: HeaderMap) -> Result<Response, 
     // Token text and scores of other callers' requests: the monitor scope, as MonitorStream.
     http.authorize("MonitorStream", &headers)?;
     let (backlog, mut rx) = http.state()?.live.subscribe();
-    let (tx, out) = tokio::sync::mpsc::channel::<Event>(256);
-    let task = tokio::spawn(async move {
+    let events = super::task_events(move |tx| async move {
         for e in backlog {
             if tx.send(Event::default().data(&*e)).await.is_err() {
                 return;
@@ -33,10 +32,5 @@ async fn live(State(http): State<Http>, headers: HeaderMap) -> Result<Response, 
             }
         }
     });
-    let guard = super::rpc::AbortOnDrop(task);
-    let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(out), move |e| {
-        let _ = &guard;
-        Ok::<_, std::convert::Infallible>(e)
-    });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }

@@ -39,10 +39,25 @@ impl Http {
     }
 
     fn state(&self) -> Result<&Arc<AppState>, ApiError> {
-        self.svc.ready_state().ok_or_else(|| {
-            ApiError::from(tonic::Status::unavailable("the server is still loading its models; retry shortly"))
-        })
+        self.svc.state().map_err(ApiError::from)
     }
+}
+
+/// Server-sent events fed by a task through a bounded channel (a slow reader holds the task
+/// back); the task is aborted when the response body is dropped, i.e. when the client goes.
+fn task_events<F, Fut>(
+    f: F,
+) -> impl tokio_stream::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<axum::response::sse::Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let guard = rpc::AbortOnDrop(tokio::spawn(f(tx)));
+    tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |e| {
+        let _ = &guard;
+        Ok(e)
+    })
 }
 
 /// The HTTP routes, counted in `metrics`; `/metrics` too when `serve_metrics`; answering CORS

@@ -543,11 +543,11 @@ fn stream_reply(
     mut stream: ResponseStream<pb::GenerateResponse>,
     include_usage: bool,
 ) -> Sse<impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>> {
-    let events = async_stream_events(move |tx| async move {
-        let send = |v: Value| tx.send(Event::default().data(v.to_string()));
+    let events = super::task_events(move |tx| async move {
+        let send = async |v: Value| tx.send(Event::default().data(v.to_string())).await.is_err();
         if reply.kind == Kind::Chat {
             let first = json!([{ "index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": Value::Null, "finish_reason": Value::Null }]);
-            if send(reply.envelope(true, first)).is_err() {
+            if send(reply.envelope(true, first)).await {
                 return;
             }
         }
@@ -556,7 +556,7 @@ fn stream_reply(
             let m = match item {
                 Ok(m) => m,
                 Err(status) => {
-                    let _ = send(ApiError::from(status).body());
+                    send(ApiError::from(status).body()).await;
                     return;
                 }
             };
@@ -566,13 +566,13 @@ fn stream_reply(
                     if !reply.monitors.is_empty() || !s.steering.is_empty() {
                         c["persona"] = summary_json(s, None);
                     }
-                    if send(c).is_err() {
+                    if send(c).await {
                         return;
                     }
                     if include_usage {
                         let mut u = reply.envelope(true, json!([]));
                         u["usage"] = usage(s);
-                        if send(u).is_err() {
+                        if send(u).await {
                             return;
                         }
                     }
@@ -587,11 +587,11 @@ fn stream_reply(
                     c
                 }
             };
-            if send(chunk).is_err() {
+            if send(chunk).await {
                 return;
             }
         }
-        let _ = tx.send(Event::default().data("[DONE]"));
+        let _ = tx.send(Event::default().data("[DONE]")).await;
     });
     Sse::new(events).keep_alive(KeepAlive::default())
 }
@@ -688,30 +688,6 @@ async fn collect_reply(reply: Reply, mut stream: ResponseStream<pb::GenerateResp
         }
     }
     Err(ApiError::from(tonic::Status::internal("the generation ended without a summary")))
-}
-
-/// A stream of events fed by a task; the task stops when the client goes (its sends fail).
-fn async_stream_events<F, Fut>(f: F) -> impl tokio_stream::Stream<Item = Result<Event, std::convert::Infallible>>
-where
-    F: FnOnce(Sender) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn(f(Sender(tx)));
-    let guard = super::rpc::AbortOnDrop(task);
-    tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |e| {
-        let _ = &guard;
-        Ok(e)
-    })
-}
-
-/// The sending half of [`async_stream_events`].
-pub(super) struct Sender(tokio::sync::mpsc::UnboundedSender<Event>);
-
-impl Sender {
-    pub(super) fn send(&self, e: Event) -> Result<(), ()> {
-        self.0.send(e).map_err(|_| ())
-    }
 }
 
 async fn models(State(http): State<Http>, headers: HeaderMap) -> Result<Response, ApiError> {

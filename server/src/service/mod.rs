@@ -124,7 +124,8 @@ impl PersonaSvc {
         self.state.get()
     }
 
-    fn state(&self) -> Result<&Arc<AppState>, Status> {
+    /// The state, or UNAVAILABLE while the models load.
+    pub(crate) fn state(&self) -> Result<&Arc<AppState>, Status> {
         self.state.get().ok_or_else(|| Status::unavailable("the server is still loading its models; retry shortly"))
     }
 }
