@@ -16,6 +16,7 @@ pub mod server;
 pub mod service;
 pub mod steering;
 pub mod telemetry;
+pub mod train;
 pub mod traits;
 
 /// Pins the CPU kernel thread count for the whole process: `threads`, or when 0 the value of

@@ -1,5 +1,6 @@
 //! Resident models: loading from a source onto a device, tokenizer and chat template.
 
+pub mod adapted;
 pub mod arch;
 pub mod chat;
 pub mod cpu;
@@ -10,6 +11,7 @@ pub mod tokenizer;
 pub mod weights;
 
 use anyhow::{Context, Result, bail};
+use arch::llama::WeightSource;
 use arch::llama::{Llama, LlamaConfig};
 use candle_core::Device;
 use chat::ChatTemplate;
@@ -87,6 +89,10 @@ pub struct LoadedModel {
     /// Weight formats after loading, e.g. "q8_0 (from q4_1)".
     pub weights: String,
     pub device: String,
+    /// The files the model was loaded from (training reads the base weights from them again).
+    pub files: ModelFiles,
+    /// The LoRA adapter merged in at load, if any.
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 impl LoadedModel {
@@ -117,6 +123,17 @@ impl LoadedModel {
     }
 
     pub fn from_files(id: &str, files: &ModelFiles, device: &Device, opts: &LoadOptions) -> Result<Self> {
+        Self::from_files_adapted(id, files, device, opts, None)
+    }
+
+    /// Loads a model with a PEFT LoRA adapter (a directory) merged into its weights.
+    pub fn from_files_adapted(
+        id: &str,
+        files: &ModelFiles,
+        device: &Device,
+        opts: &LoadOptions,
+        adapter: Option<&Path>,
+    ) -> Result<Self> {
         let cap = |mut cfg: LlamaConfig| {
             if let Some(m) = opts.max_context {
                 cfg.context_length = cfg.context_length.min(m);
@@ -134,7 +151,8 @@ impl LoadedModel {
                 };
                 let template =
                     src.content().metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-                let model = Llama::load(&mut src, cfg).with_context(|| format!("loading {}", file.display()))?;
+                let model =
+                    load_llama(&mut src, cfg, adapter, id).with_context(|| format!("loading {}", file.display()))?;
                 let sources: std::collections::BTreeSet<&str> =
                     src.formats.iter().map(|(from, _)| from.as_str()).collect();
                 let loaded = model.weight_formats();
@@ -146,7 +164,7 @@ impl LoadedModel {
                     .with_context(|| format!("parsing {}", config.display()))?;
                 let cfg = cap(hf.to_llama()?);
                 let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings, opts)?;
-                let model = Llama::load(&mut src, cfg)?;
+                let model = load_llama(&mut src, cfg, adapter, id)?;
                 let format = format!("{} (stored dense)", model.weight_formats());
                 let tok = TextTokenizer::from_file(tokenizer)?;
                 let template = match tokenizer_config {
@@ -165,8 +183,33 @@ impl LoadedModel {
         }
         let template = ChatTemplate::new(template_src, tokenizer.bos_token(), tokenizer.eos_token())?;
         let device = describe_device(device, &model);
-        Ok(Self { id: id.to_string(), model, tokenizer, template, source: String::new(), weights, device })
+        Ok(Self {
+            id: id.to_string(),
+            model,
+            tokenizer,
+            template,
+            source: String::new(),
+            weights,
+            device,
+            files: files.clone(),
+            adapter: adapter.map(Path::to_path_buf),
+        })
     }
+}
+
+/// Loads the model's weights, with an adapter's deltas merged in when one is given. Loading
+/// fails with the adapter's error as its root cause ([`crate::train::peft::PeftError`]) when
+/// the adapter is unreadable or made for another model.
+fn load_llama(src: &mut dyn WeightSource, cfg: LlamaConfig, adapter: Option<&Path>, id: &str) -> Result<Llama> {
+    use crate::train::peft;
+    let Some(dir) = adapter else { return Ok(Llama::load(src, cfg)?) };
+    let ad = peft::load(dir, peft::dims_of(&cfg), peft::Layout::of(&cfg), id)?;
+    let mut merged = adapted::AdaptedSource::new(src, ad.deltas()?);
+    let model = Llama::load(&mut merged, cfg)?;
+    if let Some(name) = merged.unused().first() {
+        bail!("adapter {} changes {name}, which the model does not use", dir.display());
+    }
+    Ok(model)
 }
 
 /// The device and how the forward pass runs there, e.g. `cpu (host kernels)` or

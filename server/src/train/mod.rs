@@ -1,0 +1,16 @@
+//! Fine-tuning: LoRA supervised training on candle's autograd, with optional steering in the
+//! training forward pass (preventative steering), and adapters in PEFT's file format.
+//!
+//! - [`model`]: the differentiable forward pass over dense f32 weights;
+//! - [`lora`]: adapters and their initialisation;
+//! - [`data`]: JSONL samples, chat-templated, loss on the answer only;
+//! - [`trainer`]: the optimisation loop;
+//! - [`peft`]: `adapter_config.json` + `adapter_model.safetensors`, read and written;
+//! - [`frozen`]: a matmul by a frozen weight that skips the weight's gradient.
+
+pub mod data;
+pub mod frozen;
+pub mod lora;
+pub mod model;
+pub mod peft;
+pub mod trainer;
