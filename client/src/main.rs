@@ -8,6 +8,7 @@ mod bench;
 mod elicit_cmd;
 mod evaluate;
 mod extract;
+mod finetune;
 mod generate;
 mod http_bench;
 mod library;
@@ -80,6 +81,19 @@ enum Cmd {
     /// A trait-eliciting dataset (the model's answers under the trait's system prompts, or
     /// steered; saved without them) and its matched normal dataset, as JSONL for fine-tuning.
     Dataset(elicit_cmd::DatasetArgs),
+    /// LoRA fine-tuning on the server (optionally with preventative steering); follows the job
+    /// and serves the result as a new model id.
+    Finetune(finetune::FinetuneArgs),
+    /// Fine-tuning jobs: list, watch, cancel.
+    Jobs {
+        #[command(subcommand)]
+        command: finetune::JobsCmd,
+    },
+    /// Serve a PEFT LoRA adapter over a served base model.
+    LoadAdapter(finetune::LoadAdapterArgs),
+    /// The finetuning shift of a tuned model against its base along stored vectors, and
+    /// optionally both models' trait expression.
+    Shift(finetune::ShiftArgs),
 }
 
 #[tokio::main]
@@ -138,5 +152,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Score(a) => evaluate::score(&mut c, a).await,
         Cmd::Soak(a) => soak::soak(&mut c, a).await,
         Cmd::Dataset(a) => elicit_cmd::dataset(&mut c, a).await,
+        Cmd::Finetune(a) => finetune::finetune(&mut c, a).await,
+        Cmd::Jobs { command } => finetune::jobs(&mut c, command).await,
+        Cmd::LoadAdapter(a) => finetune::load_adapter(&mut c, a).await,
+        Cmd::Shift(a) => finetune::shift(&mut c, a).await,
     }
 }

@@ -2,9 +2,10 @@
 //! configured keys, each with scopes.
 //!
 //! - `generate`: Generate, ScoreText, SteeringSpectrum;
-//! - `monitor`: ProjectActivation, MonitorStream, ScreenDataset;
-//! - `read`: listing, GetVector, ExportVector, GetServerStatus, ListTraits;
-//! - `write`: PutVector, DeleteVector, ImportVector, ExtractVector, DraftTrait, EvaluateSteering.
+//! - `monitor`: ProjectActivation, MonitorStream, ScreenDataset, MeasureShift;
+//! - `read`: listing, GetVector, ExportVector, GetServerStatus, ListTraits, WatchJob, ListJobs;
+//! - `write`: PutVector, DeleteVector, ImportVector, ExtractVector, DraftTrait, EvaluateSteering,
+//!   StartFineTune, CancelJob, LoadAdapter.
 //!
 //! Health is always open; reflection, when served, needs a valid key of any scope. A missing or
 //! unknown key is UNAUTHENTICATED, a key without the method's scope PERMISSION_DENIED. Keys are
@@ -48,11 +49,11 @@ impl Scope {
 pub fn scope_of(method: &str) -> Option<Scope> {
     Some(match method {
         "Generate" | "ScoreText" | "SteeringSpectrum" => Scope::Generate,
-        "ProjectActivation" | "MonitorStream" | "ScreenDataset" => Scope::Monitor,
-        "ListModels" | "ListVectors" | "GetVector" | "ExportVector" | "GetServerStatus" | "ListTraits" => Scope::Read,
-        "PutVector" | "DeleteVector" | "ImportVector" | "ExtractVector" | "DraftTrait" | "EvaluateSteering" => {
-            Scope::Write
-        }
+        "ProjectActivation" | "MonitorStream" | "ScreenDataset" | "MeasureShift" => Scope::Monitor,
+        "ListModels" | "ListVectors" | "GetVector" | "ExportVector" | "GetServerStatus" | "ListTraits" | "WatchJob"
+        | "ListJobs" => Scope::Read,
+        "PutVector" | "DeleteVector" | "ImportVector" | "ExtractVector" | "DraftTrait" | "EvaluateSteering"
+        | "StartFineTune" | "CancelJob" | "LoadAdapter" => Scope::Write,
         _ => return None,
     })
 }

@@ -50,6 +50,28 @@ pub struct Settings {
     pub tls: TlsSettings,
     /// Serve gRPC server reflection (with API keys configured, it needs a valid key).
     pub reflection: bool,
+    /// Fine-tuning jobs (StartFineTune).
+    pub training: TrainingSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainingSettings {
+    /// CPU threads a training job may use (its own pool, so serving keeps the rest).
+    pub threads: usize,
+    /// Jobs that train at once; later ones wait, QUEUED.
+    pub max_running: usize,
+    /// Where trained adapters are saved (`<adapter_dir>/<output_model>/`, PEFT format) and where
+    /// LoadAdapter resolves relative paths.
+    pub adapter_dir: PathBuf,
+    /// Where StartFineTune's `dataset_path` is resolved (paths outside it are refused).
+    pub dataset_dir: PathBuf,
+}
+
+impl Default for TrainingSettings {
+    fn default() -> Self {
+        Self { threads: 1, max_running: 1, adapter_dir: "data/adapters".into(), dataset_dir: "data/datasets".into() }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -123,6 +145,10 @@ pub struct ModelSettings {
     pub max_context: usize,
     /// For hub sources: a GGUF file in the repository to load instead of safetensors.
     pub gguf_file: Option<String>,
+    /// Id of another configured model: this one is that model with the PEFT LoRA adapter
+    /// directory named by `source` merged in (and its requantize, precision, dtype, device and
+    /// context). Empty: `source` is a model.
+    pub base: String,
     /// For hub sources: the hub cache directory (default: hf-hub's, honouring HF_HOME).
     pub hub_cache_dir: Option<PathBuf>,
 }
@@ -173,6 +199,7 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             tls: TlsSettings::default(),
             reflection: true,
+            training: TrainingSettings::default(),
         }
     }
 }
@@ -190,6 +217,7 @@ impl Default for ModelSettings {
             max_context: 0,
             gguf_file: None,
             hub_cache_dir: None,
+            base: String::new(),
         }
     }
 }
@@ -312,6 +340,13 @@ impl Settings {
         for (i, m) in self.models.iter().enumerate() {
             m.load_spec(self).map_err(|e| (format!("models[{i}]"), e))?;
         }
+        for (key, v) in
+            [("training.threads", self.training.threads), ("training.max_running", self.training.max_running)]
+        {
+            if v == 0 {
+                return at(key, "must be at least 1".into());
+            }
+        }
         for (i, k) in self.auth.keys.iter().enumerate() {
             crate::security::key_of(k).map_err(|e| (format!("auth.keys[{i}]"), e))?;
         }
@@ -407,6 +442,26 @@ const DEFAULT_MAX_CONTEXT: usize = 4096;
 
 impl ModelSettings {
     pub fn load_spec(&self, s: &Settings) -> Result<LoadSpec> {
+        if !self.base.is_empty() {
+            let base = s
+                .models
+                .iter()
+                .find(|m| m.id == self.base)
+                .with_context(|| format!("model `{}`: base `{}` is not a configured model", self.id, self.base))?;
+            if !base.base.is_empty() {
+                bail!("model `{}`: base `{}` is itself an adapter; adapters apply to plain models", self.id, base.id);
+            }
+            if self.source.trim().is_empty() {
+                bail!("model `{}`: an adapter model's source is its adapter directory", self.id);
+            }
+            let spec = base.load_spec(s)?;
+            return Ok(LoadSpec {
+                id: self.id.clone(),
+                adapter: Some(PathBuf::from(&self.source)),
+                base: Some(base.id.clone()),
+                ..spec
+            });
+        }
         let requantize = Requantize::parse(&self.requantize).with_context(|| {
             format!(
                 "model `{}`: requantize `{}` (expected auto, int8, dense, q8_0, q4_0, none or f32)",
@@ -434,6 +489,8 @@ impl ModelSettings {
             device,
             device_ordinal: self.device_ordinal,
             max_context: Some(if self.max_context == 0 { DEFAULT_MAX_CONTEXT } else { self.max_context }),
+            adapter: None,
+            base: None,
             hub_gguf_file: self.gguf_file.clone(),
             hub_cache_dir: self.hub_cache_dir.clone(),
             model_dir: s.model_dir.clone(),

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod jobs;
 pub mod judge;
 pub mod live;
 pub mod metrics;

@@ -326,7 +326,7 @@ impl Metrics {
     /// are loaded) and the process.
     pub fn render(&self, state: Option<&AppState>) -> String {
         if let Some(state) = state {
-            for (id, engine) in &state.engines {
+            for (id, engine) in &state.engines() {
                 let s = engine.status();
                 let l = ModelLabels { model: id.clone() };
                 let int = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);

@@ -46,7 +46,7 @@ pub async fn build_state_with(settings: &Settings, metrics: Arc<Metrics>) -> Res
     }
     let store = Arc::new(VectorStore::open(&settings.vector_dir)?);
     Ok(Arc::new(AppState {
-        engines,
+        engines: std::sync::RwLock::new(engines),
         default_model: settings.default_model_id().to_string(),
         store,
         started: std::time::Instant::now(),
@@ -55,6 +55,7 @@ pub async fn build_state_with(settings: &Settings, metrics: Arc<Metrics>) -> Res
         own_responses: Default::default(),
         metrics,
         live: Default::default(),
+        jobs: Arc::new(crate::jobs::Jobs::new(settings.training.clone())),
     }))
 }
 
@@ -84,8 +85,9 @@ pub fn model_health_name(model: &str) -> String {
 async fn watch_engines(state: &AppState, reporter: &tonic_health::server::HealthReporter) {
     use tonic_health::ServingStatus;
     let status = |serving: bool| if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-    let all: Vec<_> = state.engines.values().map(EngineHandle::health).collect();
-    for (id, engine) in &state.engines {
+    let engines = state.engines();
+    let all: Vec<_> = engines.iter().map(|(_, e)| e.health()).collect();
+    for (id, engine) in &engines {
         let mut rx = engine.health();
         reporter.set_service_status(model_health_name(id), status(rx.borrow().serving)).await;
         let (reporter, all, id) = (reporter.clone(), all.clone(), id.clone());

@@ -118,6 +118,8 @@ fn write_hub_cache(cache: &Path, repo: &str, commit: &str, weights: &HashMap<Str
 
 fn spec(source: ModelSource, cache: Option<&Path>, requantize: Requantize) -> LoadSpec {
     LoadSpec {
+        adapter: None,
+        base: None,
         id: "tiny".into(),
         source,
         requantize,

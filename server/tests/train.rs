@@ -256,3 +256,47 @@ fn a_trained_adapter_round_trips_through_peft_and_serves_merged() {
         other => panic!("expected a mismatch, got {:?}", other.err()),
     }
 }
+
+#[test]
+fn a_non_finite_step_is_not_applied_and_training_stops_there() {
+    let tm = train_model();
+    let data = steered_answers(&direction(), 0.0, 8);
+    let cfg = LoraConfig { rank: 2, alpha: 4.0, ..Default::default() };
+    let adapter = Adapter::new(cfg.clone(), tm.dims(), 5, &Device::Cpu).unwrap();
+    // A steering addend that turns to NaN after step 2 (a variable, so the run sees the change).
+    let d = tm.config().hidden_size;
+    let addend = Var::zeros(d, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let mut steer: Vec<Option<Tensor>> = vec![None; tm.config().n_residual_rows()];
+    steer[LAYER] = Some(addend.as_tensor().clone());
+    let hyper = Hyper { lora: cfg, learning_rate: 1e-3, batch_size: 2, epochs: 3, ..Default::default() };
+    let mut kept = None;
+    let out = trainer::train(tm, &adapter, &data, &hyper, &steer, &AtomicBool::new(false), |p, ad| {
+        if p.step == 2 {
+            kept = Some(ad.snapshot().unwrap());
+            addend.set(&Tensor::full(f32::NAN, d, &Device::Cpu).unwrap()).unwrap();
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(out.ending, Ending::NonFinite { step: 3, what: "loss is NaN".into() });
+    assert_eq!(out.steps, 2);
+    assert!(adapter.is_finite().unwrap());
+    let now = adapter.snapshot().unwrap();
+    for (row, old) in now.iter().zip(kept.unwrap()) {
+        for (x, y) in row.iter().zip(old) {
+            let ((a, b), (a0, b0)) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+            assert_eq!(a.to_vec2::<f32>().unwrap(), a0.to_vec2::<f32>().unwrap());
+            assert_eq!(b.to_vec2::<f32>().unwrap(), b0.to_vec2::<f32>().unwrap());
+        }
+    }
+    // Cancelling stops at the next step boundary.
+    let cancel = AtomicBool::new(false);
+    let out = trainer::train(tm, &adapter, &data, &Hyper { epochs: 3, ..hyper }, &[], &cancel, |p, _| {
+        if p.step == 1 {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!((out.ending, out.steps), (Ending::Cancelled, 1));
+}

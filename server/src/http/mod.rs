@@ -117,8 +117,8 @@ async fn health(axum::extract::State(http): axum::extract::State<Http>) -> Respo
     let Some(state) = http.svc.ready_state() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "loading models\n").into_response();
     };
-    let down: Vec<&str> =
-        state.engines.iter().filter(|(_, e)| !e.health().borrow().serving).map(|(id, _)| id.as_str()).collect();
+    let down: Vec<String> =
+        state.engines().into_iter().filter(|(_, e)| !e.health().borrow().serving).map(|(id, _)| id).collect();
     if down.is_empty() {
         (StatusCode::OK, "ok\n").into_response()
     } else {

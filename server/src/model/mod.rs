@@ -55,6 +55,10 @@ pub struct LoadSpec {
     pub device_ordinal: usize,
     /// Cap on the context window (the model's own is used when larger or unset).
     pub max_context: Option<usize>,
+    /// A PEFT LoRA adapter directory merged into the weights at load.
+    pub adapter: Option<std::path::PathBuf>,
+    /// The configured model id the adapter applies to.
+    pub base: Option<String>,
     /// GGUF file name inside a hub repository (hub sources only).
     pub hub_gguf_file: Option<String>,
     pub hub_cache_dir: Option<std::path::PathBuf>,
@@ -93,6 +97,10 @@ pub struct LoadedModel {
     pub files: ModelFiles,
     /// The LoRA adapter merged in at load, if any.
     pub adapter: Option<std::path::PathBuf>,
+    /// The served model an adapted model was built on (its vectors apply here too).
+    pub base: Option<String>,
+    /// How the weights were loaded (an adapter over this model loads the same way).
+    pub options: LoadOptions,
 }
 
 impl LoadedModel {
@@ -118,8 +126,12 @@ impl LoadedModel {
             dtype: spec.dtype,
             max_context: spec.max_context,
         };
-        let loaded = Self::from_files(&spec.id, &files, &device, &opts)?;
-        Ok(Self { source: spec.source.describe(), ..loaded })
+        let loaded = Self::from_files_adapted(&spec.id, &files, &device, &opts, spec.adapter.as_deref())?;
+        let source = match &spec.adapter {
+            Some(a) => format!("{} + adapter {}", spec.source.describe(), a.display()),
+            None => spec.source.describe(),
+        };
+        Ok(Self { source, base: spec.base.clone(), ..loaded })
     }
 
     pub fn from_files(id: &str, files: &ModelFiles, device: &Device, opts: &LoadOptions) -> Result<Self> {
@@ -193,6 +205,23 @@ impl LoadedModel {
             device,
             files: files.clone(),
             adapter: adapter.map(Path::to_path_buf),
+            base: None,
+            options: *opts,
+        })
+    }
+}
+
+impl LoadedModel {
+    /// The model's files opened again on `device`, for reading dense weights (training).
+    pub fn weight_source(&self, device: &Device) -> Result<Box<dyn WeightSource>> {
+        let opts = LoadOptions::default();
+        Ok(match &self.files {
+            ModelFiles::Gguf { file, .. } => Box::new(GgufSource::open(file, device, &opts)?),
+            ModelFiles::Safetensors { config, weights, .. } => {
+                let hf: HfConfig = serde_json::from_str(&std::fs::read_to_string(config)?)
+                    .with_context(|| format!("parsing {}", config.display()))?;
+                Box::new(SafetensorsSource::open(weights, device, hf.tie_word_embeddings, &opts)?)
+            }
         })
     }
 }

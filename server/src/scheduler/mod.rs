@@ -271,6 +271,10 @@ impl EngineHandle {
     }
 
     /// Sequences the engine decodes together at most.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
     pub fn max_batch(&self) -> usize {
         self.cfg.max_batch
     }

@@ -84,6 +84,9 @@ struct Reading {
 /// Generates and reads answers; shared by the evaluation and the spectrum.
 struct Answerer {
     engine: EngineHandle,
+    /// The model that reads answers for their projection and log-probabilities (the
+    /// generator, unless answers of one model are scored by another's vector).
+    reader: EngineHandle,
     monitoring: usize,
     judging: Judging,
     max_tokens: usize,
@@ -104,7 +107,16 @@ impl Answerer {
         // Twice a batch: while some answers are in their read-back pass, others keep the decode
         // batch full (the engine queues the rest).
         let permits = Arc::new(Semaphore::new(2 * engine.max_batch()));
-        Self { engine, monitoring, judging, max_tokens: sampling.max_tokens, sampling: sampling.config, permits }
+        let reader = engine.clone();
+        Self {
+            engine,
+            reader,
+            monitoring,
+            judging,
+            max_tokens: sampling.max_tokens,
+            sampling: sampling.config,
+            permits,
+        }
     }
 
     /// Generates one answer with its steering, then reads it back unsteered after the bare
@@ -133,7 +145,7 @@ impl Answerer {
             return Ok(Reading { text, ..Default::default() });
         }
         let cap = self
-            .engine
+            .reader
             .capture(CaptureJob {
                 prompt_len: ask.bare.len(),
                 tokens: [ask.bare.as_slice(), &ids].concat(),
@@ -280,9 +292,67 @@ fn vector_and_engine(state: &AppState, name: &str) -> ServiceResult<(Arc<StoredV
         return Err(invalid("vector is required"));
     }
     let v = state.store.get(name)?;
-    let engine = state.engine(&v.meta.model)?.clone();
+    let engine = state.engine(&v.meta.model)?;
     let v = resolve::vector_for(&state.store, engine.model(), name)?;
     Ok((v, engine))
+}
+
+/// Mean trait expression and coherence (0-100) of one model's unsteered answers to questions.
+pub struct Expression {
+    pub trait_score: f32,
+    pub coherence: f32,
+    /// How answers were scored ([`Judging::describe`]).
+    pub scorer: String,
+    /// Whether `trait_score` is the calibrated response projection (the offline scorer).
+    pub offline: bool,
+}
+
+/// The trait expression of `generator`'s answers to `questions`, each read by `reader` (the
+/// model `v` belongs to) and scored as EvaluateSteering scores its unsteered cell: by the
+/// judge when configured, else offline. Coherence is relative to the reader's own answers'
+/// fluency when `reference` is given.
+pub async fn expression(
+    state: &AppState,
+    v: &StoredVector,
+    generator: EngineHandle,
+    reader: EngineHandle,
+    questions: &[String],
+    sampling: Option<&pb::SamplingParams>,
+    reference: Option<Reference>,
+) -> ServiceResult<(Expression, Reference)> {
+    let def = definition(state, v, None)?;
+    let (monitoring, judging) = judging(state, v, def.as_ref(), false)?;
+    let offline = matches!(judging, Judging::Offline { .. });
+    let sampling = resolve::sampling(sampling, DEFAULT_ANSWER_TOKENS)?;
+    let answerer = Arc::new(Answerer { reader, ..Answerer::new(generator, monitoring, judging, sampling) });
+    let model = answerer.reader.model().clone();
+    let mut tasks = JoinSet::new();
+    for (i, q) in questions.iter().enumerate() {
+        let prompt = question_prompt(&model, None, q)?;
+        let ask = Ask { bare: prompt.clone(), prompt, plan: SteeringPlan::new(model.config().n_residual_rows()) };
+        let a = answerer.clone();
+        tasks.spawn(async move { (i, a.answer(ask, i as u64).await) });
+    }
+    let mut readings = vec![Reading::default(); questions.len()];
+    while let Some(joined) = tasks.join_next().await {
+        let (i, r) = joined.map_err(|e| ServiceError::Internal(e.to_string()))?;
+        readings[i] = r?;
+    }
+    let own: Vec<(f32, f32)> = readings.iter().filter(|r| r.tokens > 0).map(|r| (r.mean_logprob, r.distinct)).collect();
+    let reference = reference.unwrap_or_else(|| Reference::of(&own));
+    let mut tally = Tally::default();
+    let scores = answerer.score(&readings, |i| questions[i].clone(), reference, &mut tally).await;
+    let kept: Vec<(f32, f32)> = scores.into_iter().flatten().collect();
+    let n = kept.len().max(1) as f32;
+    Ok((
+        Expression {
+            trait_score: kept.iter().map(|s| s.0).sum::<f32>() / n,
+            coherence: kept.iter().map(|s| s.1).sum::<f32>() / n,
+            scorer: answerer.judging.describe(monitoring),
+            offline,
+        },
+        reference,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ pub fn extract(
     state: Arc<AppState>,
     req: pb::ExtractVectorRequest,
 ) -> ServiceResult<ResponseStream<pb::ExtractVectorResponse>> {
-    let engine = state.engine(&req.model)?.clone();
+    let engine = state.engine(&req.model)?;
     let spec = spec(&state, &req)?;
     validate_name(&spec.name)?;
     for (_, suffix) in KINDS {

@@ -3,12 +3,14 @@
 
 mod evaluate;
 mod extract;
+mod finetune;
 mod generate;
 mod models;
 mod project;
 mod resolve;
 mod score;
 mod screen;
+mod shift;
 mod traits;
 mod vectors;
 
@@ -36,7 +38,8 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 
 /// Everything the handlers share.
 pub struct AppState {
-    pub engines: BTreeMap<String, EngineHandle>,
+    /// Served models by id; adapters loaded at runtime join them.
+    pub engines: std::sync::RwLock<BTreeMap<String, EngineHandle>>,
     pub default_model: String,
     pub store: Arc<VectorStore>,
     pub started: std::time::Instant,
@@ -48,16 +51,35 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Monitored generations as they happen, for the console.
     pub live: Arc<crate::live::LiveFeed>,
+    /// Fine-tuning jobs.
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 impl AppState {
     /// The engine for a model id; empty means the default model.
-    pub fn engine(&self, id: &str) -> ServiceResult<&EngineHandle> {
+    pub fn engine(&self, id: &str) -> ServiceResult<EngineHandle> {
         let id = if id.is_empty() { self.default_model.as_str() } else { id };
-        self.engines.get(id).ok_or_else(|| {
-            let known: Vec<&str> = self.engines.keys().map(String::as_str).collect();
+        let engines = self.engines.read().unwrap_or_else(|p| p.into_inner());
+        engines.get(id).cloned().ok_or_else(|| {
+            let known: Vec<&str> = engines.keys().map(String::as_str).collect();
             ServiceError::NotFound(format!("model `{id}` is not loaded (available: {})", known.join(", ")))
         })
+    }
+
+    /// Every served model's id and engine, in id order.
+    pub fn engines(&self) -> Vec<(String, EngineHandle)> {
+        let engines = self.engines.read().unwrap_or_else(|p| p.into_inner());
+        engines.iter().map(|(id, e)| (id.clone(), e.clone())).collect()
+    }
+
+    /// Serves another model; ALREADY_EXISTS when the id is taken.
+    pub fn add_engine(&self, id: &str, engine: EngineHandle) -> ServiceResult<()> {
+        let mut engines = self.engines.write().unwrap_or_else(|p| p.into_inner());
+        if engines.contains_key(id) {
+            return Err(ServiceError::AlreadyExists(format!("model `{id}` is already served")));
+        }
+        engines.insert(id.to_string(), engine);
+        Ok(())
     }
 }
 
@@ -137,6 +159,7 @@ impl PersonaService for PersonaSvc {
     type MonitorStreamStream = ResponseStream<pb::MonitorResponse>;
     type ScreenDatasetStream = ResponseStream<pb::ScreenResponse>;
     type EvaluateSteeringStream = ResponseStream<pb::EvaluateSteeringResponse>;
+    type WatchJobStream = ResponseStream<pb::JobStatus>;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline_of(&req)?;
@@ -245,6 +268,45 @@ impl PersonaService for PersonaSvc {
         req: Request<pb::SteeringSpectrumRequest>,
     ) -> Result<Response<pb::SteeringSpectrumResponse>, Status> {
         Ok(Response::new(evaluate::spectrum(self.state()?, req.into_inner()).await?))
+    }
+
+    async fn start_fine_tune(
+        &self,
+        req: Request<pb::StartFineTuneRequest>,
+    ) -> Result<Response<pb::StartFineTuneResponse>, Status> {
+        let state = self.state()?.clone();
+        let req = req.into_inner();
+        // Reading and tokenizing a dataset is work: off the async threads.
+        let res = tokio::task::spawn_blocking(move || finetune::start(&state, req))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(res))
+    }
+
+    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        Ok(Response::new(finetune::watch(self.state()?, req.into_inner())?))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        Ok(Response::new(finetune::cancel(self.state()?, req.into_inner())?))
+    }
+
+    async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        Ok(Response::new(finetune::list(self.state()?)))
+    }
+
+    async fn load_adapter(
+        &self,
+        req: Request<pb::LoadAdapterRequest>,
+    ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        Ok(Response::new(finetune::load_adapter(self.state()?, req.into_inner()).await?))
+    }
+
+    async fn measure_shift(
+        &self,
+        req: Request<pb::MeasureShiftRequest>,
+    ) -> Result<Response<pb::MeasureShiftResponse>, Status> {
+        Ok(Response::new(shift::measure(self.state()?, req.into_inner()).await?))
     }
 }
 

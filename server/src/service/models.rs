@@ -5,7 +5,7 @@ use persona_proto::v1 as pb;
 
 pub fn list(state: &AppState) -> pb::ListModelsResponse {
     let models = state
-        .engines
+        .engines()
         .iter()
         .map(|(id, e)| {
             let m = e.model();
@@ -21,6 +21,8 @@ pub fn list(state: &AppState) -> pb::ListModelsResponse {
                 source: m.source.clone(),
                 weights: m.weights.clone(),
                 device: m.device.clone(),
+                adapter: m.adapter.as_ref().map(|a| a.display().to_string()).unwrap_or_default(),
+                base_model: m.base.clone().unwrap_or_default(),
             }
         })
         .collect();
@@ -42,7 +44,7 @@ fn memory() -> (u64, u64) {
 
 pub fn status(state: &AppState) -> pb::GetServerStatusResponse {
     let engines = state
-        .engines
+        .engines()
         .iter()
         .map(|(id, e)| {
             let s = e.status();

@@ -81,7 +81,7 @@ pub fn monitor(
     state: Arc<AppState>,
     mut inbound: Streaming<pb::MonitorRequest>,
 ) -> ResponseStream<pb::MonitorResponse> {
-    let in_flight = state.engines.values().map(|e| e.max_batch()).max().unwrap_or(1);
+    let in_flight = state.engines().iter().map(|(_, e)| e.max_batch()).max().unwrap_or(1);
     let (tx, rx) = mpsc::channel(in_flight);
     tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(in_flight));

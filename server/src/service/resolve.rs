@@ -84,7 +84,7 @@ pub fn sampling(p: Option<&pb::SamplingParams>, default_max_tokens: usize) -> Se
 pub fn vector_for(store: &VectorStore, model: &LoadedModel, name: &str) -> ServiceResult<std::sync::Arc<StoredVector>> {
     let v = store.get(name)?;
     let c = model.config();
-    if v.meta.model != model.id {
+    if v.meta.model != model.id && model.base.as_deref() != Some(v.meta.model.as_str()) {
         return Err(invalid(format!("vector `{name}` belongs to model `{}`, not `{}`", v.meta.model, model.id)));
     }
     if v.meta.n_rows != c.n_residual_rows() || v.meta.d_model != c.hidden_size {

@@ -74,7 +74,7 @@ pub async fn start(
     let Some(pb::ScreenRequest { kind: Some(pb::screen_request::Kind::Config(cfg)) }) = first else {
         return Err(invalid("the first message must be a ScreenConfig"));
     };
-    let engine = state.engine(&cfg.model)?.clone();
+    let engine = state.engine(&cfg.model)?;
     if cfg.targets.is_empty() {
         return Err(invalid("config.targets is empty: name at least one vector"));
     }

@@ -134,7 +134,7 @@ pub fn export(state: &AppState, req: pb::ExportVectorRequest) -> ServiceResult<p
         }
         Ok(pb::VectorFormat::Gguf) => {
             let hint =
-                state.engines.get(&m.model).map_or("llama".to_string(), |e| e.model().config().architecture.clone());
+                state.engine(&m.model).ok().map_or("llama".to_string(), |e| e.model().config().architecture.clone());
             Ok(pb::ExportVectorResponse {
                 data: interop::export_gguf(&v.values, m.n_rows, m.d_model, &hint)?,
                 extension: "gguf".into(),

@@ -5,6 +5,7 @@
 //! - [`lora`]: adapters and their initialisation;
 //! - [`data`]: JSONL samples, chat-templated, loss on the answer only;
 //! - [`trainer`]: the optimisation loop;
+//! - [`shift`]: the finetuning shift along persona vectors, measured while training;
 //! - [`peft`]: `adapter_config.json` + `adapter_model.safetensors`, read and written;
 //! - [`frozen`]: a matmul by a frozen weight that skips the weight's gradient.
 
@@ -13,4 +14,5 @@ pub mod frozen;
 pub mod lora;
 pub mod model;
 pub mod peft;
+pub mod shift;
 pub mod trainer;

@@ -47,6 +47,29 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Sequences to read, not learn: padded like [`Self::new`], with no targets.
+    pub fn unlabelled(rows: &[&[u32]], pad: u32, device: &Device) -> Result<Self> {
+        let len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        if len == 0 || rows.iter().any(|r| r.is_empty()) {
+            candle_core::bail!("every sequence needs at least one token");
+        }
+        let mut ids = Vec::with_capacity(rows.len() * len);
+        for r in rows {
+            ids.extend_from_slice(r);
+            ids.extend(std::iter::repeat_n(pad, len - r.len()));
+        }
+        let none = Tensor::zeros(0, DType::U32, device)?;
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (rows.len(), len), device)?,
+            rows: rows.len(),
+            len,
+            positions: none.clone(),
+            targets: none,
+            n_targets: 0,
+            n_tokens: rows.iter().map(|r| r.len()).sum(),
+        })
+    }
+
     /// Pads `rows` (tokens, first learned token index) to the longest; the loss covers
     /// every token from each row's first learned one on.
     pub fn new(rows: &[(&[u32], usize)], pad: u32, device: &Device) -> Result<Self> {

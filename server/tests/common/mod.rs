@@ -69,6 +69,9 @@ pub fn settings(vector_dir: &Path) -> Settings {
     s.shutdown_grace_secs = 5;
     // The HTTP API is bound per test that asks for it ("127.0.0.1:0").
     s.http_listen = String::new();
+    // Adapters and datasets stay inside the test's directory (the vector store skips them).
+    s.training.adapter_dir = vector_dir.join("adapters");
+    s.training.dataset_dir = vector_dir.join("datasets");
     s
 }
 
