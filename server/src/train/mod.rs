@@ -7,12 +7,14 @@
 //! - [`trainer`]: the optimisation loop;
 //! - [`shift`]: the finetuning shift along persona vectors, measured while training;
 //! - [`peft`]: `adapter_config.json` + `adapter_model.safetensors`, read and written;
+//! - [`ops`]: fused differentiable RMSNorm, rotary embedding, causal softmax, SiLU product;
 //! - [`frozen`]: a matmul by a frozen weight that skips the weight's gradient.
 
 pub mod data;
 pub mod frozen;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod peft;
 pub mod shift;
 pub mod trainer;

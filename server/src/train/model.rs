@@ -5,10 +5,11 @@
 //! The base weights are dequantized once from the model's files (the served model keeps its
 //! block kernels); nothing here is shared with the inference path's state.
 
-use super::frozen::frozen_linear;
+use super::frozen::{frozen_linear, lora_linear};
 use super::lora::{Adapter, Dims, Target};
+use super::ops;
 use crate::model::arch::llama::{LlamaConfig, WeightSource};
-use candle_core::{D, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 struct Block {
     attn_norm: Tensor,
@@ -159,18 +160,19 @@ impl TrainModel {
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + self.cfg.rms_norm_eps)?.sqrt()?)?.broadcast_mul(w)
+        ops::rms_norm(x, w, self.cfg.rms_norm_eps)
     }
 
     fn linear(&self, x: &Tensor, block: usize, t: Target, adapter: Option<&Adapter>, train: bool) -> Result<Tensor> {
-        let mut y = frozen_linear(x, &self.blocks[block].proj[t.index()])?;
-        if let Some(ad) = adapter
-            && let Some(l) = ad.layer(block, t)
-        {
-            y = (y + l.forward(x, ad.config.scale(), ad.config.dropout, train)?)?;
+        let w = &self.blocks[block].proj[t.index()];
+        match adapter.and_then(|ad| ad.layer(block, t).map(|l| (ad, l))) {
+            // Dropout gives the adapter its own input: the composite path.
+            Some((ad, l)) if train && ad.config.dropout > 0.0 => {
+                frozen_linear(x, w)? + l.forward(x, ad.config.scale(), ad.config.dropout, train)?
+            }
+            Some((ad, l)) => lora_linear(x, w, l.a.as_tensor(), l.b.as_tensor(), ad.config.scale()),
+            None => frozen_linear(x, w),
         }
-        Ok(y)
     }
 
     fn attention(
@@ -192,29 +194,16 @@ impl TrainModel {
             }
             y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
         };
-        let (cos, sin) = (self.cos.narrow(0, 0, t)?, self.sin.narrow(0, 0, t)?);
-        let rope = |x: Tensor| {
-            if c.rope_interleaved {
-                candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin)
-            } else {
-                candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)
-            }
-        };
+        let rope = |x: Tensor| ops::rope(&x, &self.cos, &self.sin, c.rope_interleaved);
         let q = rope(proj(Target::Q, nh, 0)?)?;
         let k = rope(proj(Target::K, nkv, 1)?)?;
         let v = proj(Target::V, nkv, 2)?;
-        let repeat = |x: Tensor| -> Result<Tensor> {
-            if nh == nkv {
-                return Ok(x);
-            }
-            x.unsqueeze(2)?.broadcast_as((b, nkv, nh / nkv, t, hd))?.reshape((b, nh, t, hd))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let mask: Vec<f32> = (0..t).flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
-        let probs = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, D::Minus1)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+        // Grouped-query attention without repeating keys and values: the query heads sharing
+        // a key head are stacked along the rows (`[b, kv, group · t, hd]`, a free reshape of
+        // `[b, heads, t, hd]` since heads are kv-major), each row at position `row mod t`.
+        let q = q.reshape((b, nkv, (nh / nkv) * t, hd))?;
+        let probs = ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hd as f64).sqrt())?;
+        let y = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b * t, nh * hd))?;
         self.linear(&y, block, Target::O, ad, train)
     }
 
@@ -254,9 +243,10 @@ impl TrainModel {
             let h = self.rms_norm(&x, &blk.attn_norm)?;
             x = (x + self.attention(&h, i, b, t, adapter, train)?)?;
             let h = self.rms_norm(&x, &blk.ffn_norm)?;
-            let gate = self.linear(&h, i, Target::Gate, adapter, train)?.silu()?;
+            let gate = self.linear(&h, i, Target::Gate, adapter, train)?;
             let up = self.linear(&h, i, Target::Up, adapter, train)?;
-            x = steer((&x + self.linear(&(gate * up)?, i, Target::Down, adapter, train)?)?, i + 1)?;
+            let act = ops::silu_mul(&gate, &up)?;
+            x = steer((&x + self.linear(&act, i, Target::Down, adapter, train)?)?, i + 1)?;
             if keep.contains(&(i + 1)) {
                 kept.push(x.clone());
             }

@@ -1,0 +1,401 @@
+//! Fused, differentiable CPU ops for the training forward pass: RMSNorm (frozen weight), rotary
+//! embedding, causal softmax and SiLU-gated product, each one pass over memory forward and one
+//! backward, in place of the five to ten candle ops (and their backward graphs) each would be
+//! as composites. Rows run in parallel on the current rayon pool (a training job's own).
+//!
+//! Off the CPU, or for anything but f32, each falls back to the composite candle ops, which
+//! compute the same function.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("{op} takes f32") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op} takes contiguous input") };
+    Ok(&v[a..b])
+}
+
+fn on_cpu_f32(xs: &[&Tensor]) -> bool {
+    xs.iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm with a frozen weight
+// ---------------------------------------------------------------------------------------------
+
+struct RmsNorm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "train-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let d = self.weight.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(&self.weight) {
+                *y = x * r * w;
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = RmsNormGrad { weight: self.weight.clone(), eps: self.eps };
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// `dx = r (g - x r² mean(g x))` with `g = dy w` and `r = 1/rms(x)`.
+struct RmsNormGrad {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "train-rms-norm-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, dy) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let d = self.weight.len();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(dx, (x, dy))| {
+            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            let gx: f32 = x.iter().zip(dy).zip(&self.weight).map(|((x, dy), w)| dy * w * x).sum::<f32>() / d as f32;
+            for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(&self.weight) {
+                *dx = r * (dy * w - x * r * r * gx);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+/// RMSNorm of the rows of `x` (`[.., d]`) scaled by a weight that is not trained.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if on_cpu_f32(&[x, weight]) {
+        let op = RmsNorm { weight: weight.to_vec1()?, eps: eps as f32 };
+        return x.contiguous()?.apply_op1(op);
+    }
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+// ---------------------------------------------------------------------------------------------
+
+struct Rope {
+    /// `[t, hd/2]` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    t: usize,
+    hd: usize,
+    interleaved: bool,
+    /// Rotate by minus the angle (the backward pass).
+    inverse: bool,
+}
+
+impl Rope {
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let (t, hd, half) = (self.t, self.hd, self.hd / 2);
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        // Rows of one head are t consecutive vectors of hd; position = row index mod t.
+        y.par_chunks_mut(t * hd).zip(x.par_chunks(t * hd)).for_each(|(y, x)| {
+            for p in 0..t {
+                let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
+                let (x, y) = (&x[p * hd..(p + 1) * hd], &mut y[p * hd..(p + 1) * hd]);
+                for i in 0..half {
+                    let (ia, ib) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                    let (a, b, sn) = (x[ia], x[ib], sign * s[i]);
+                    y[ia] = a * c[i] - b * sn;
+                    y[ib] = a * sn + b * c[i];
+                }
+            }
+        });
+        y
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "train-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(self.apply(slice(s, l, self.name())?)), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            t: self.t,
+            hd: self.hd,
+            interleaved: self.interleaved,
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+/// Rotary embedding of `x` (`[b, heads, t, hd]`, positions 0..t) with tables `[≥t, hd/2]`:
+/// pairs `(2i, 2i+1)` when `interleaved` (GGUF llama), `(i, i + hd/2)` otherwise.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (_, _, t, hd) = x.dims4()?;
+    let (cos, sin) = (cos.narrow(0, 0, t)?, sin.narrow(0, 0, t)?);
+    if on_cpu_f32(&[x, &cos, &sin]) {
+        let op = Rope {
+            cos: cos.flatten_all()?.to_vec1()?,
+            sin: sin.flatten_all()?.to_vec1()?,
+            t,
+            hd,
+            interleaved,
+            inverse: false,
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    if interleaved {
+        candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin)
+    } else {
+        candle_nn::rotary_emb::rope_slow(x, &cos, &sin)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal softmax
+// ---------------------------------------------------------------------------------------------
+
+struct CausalSoftmax {
+    scale: f32,
+    /// Keys per row; a row `r` is the query at position `r mod t`.
+    t: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "train-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let t = self.t;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t * t).zip(x.par_chunks(t * t)).for_each(|(y, x)| {
+            for i in 0..t {
+                let (x, y) = (&x[i * t..i * t + i + 1], &mut y[i * t..i * t + i + 1]);
+                let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+                let mut sum = 0f32;
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x * self.scale - m).exp();
+                    sum += *y;
+                }
+                let inv = 1.0 / sum;
+                y.iter_mut().for_each(|v| *v *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = CausalSoftmaxGrad { scale: self.scale, t: self.t };
+        Ok(Some(res.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// `ds = scale · p (dp - Σ p dp)` over each row's visible positions.
+struct CausalSoftmaxGrad {
+    scale: f32,
+    t: usize,
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "train-causal-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (p, dp) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let t = self.t;
+        let mut ds = vec![0f32; p.len()];
+        ds.par_chunks_mut(t * t).zip(p.par_chunks(t * t).zip(dp.par_chunks(t * t))).for_each(|(ds, (p, dp))| {
+            for i in 0..t {
+                let r = i * t..i * t + i + 1;
+                let (p, dp, ds) = (&p[r.clone()], &dp[r.clone()], &mut ds[r]);
+                let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
+                for ((ds, p), dp) in ds.iter_mut().zip(p).zip(dp) {
+                    *ds = self.scale * p * (dp - dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(ds), l1.shape().clone()))
+    }
+}
+
+/// `softmax(scale · s)` over the last dimension of `[.., rows, t]` scores (`rows` a multiple of
+/// `t`: grouped query heads stacked along the rows), row `r` being the query at position
+/// `r mod t`, which sees keys `0..=r mod t` only (the rest get probability 0).
+pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    let t = scores.dim(D::Minus1)?;
+    let rows = scores.dim(D::Minus2)?;
+    if rows % t != 0 {
+        candle_core::bail!("causal softmax over {rows} rows of {t} keys");
+    }
+    if on_cpu_f32(&[scores]) {
+        return scores.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, t });
+    }
+    let mask: Vec<f32> =
+        (0..rows).flat_map(|r| (0..t).map(move |j| if j > r % t { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask = Tensor::from_vec(mask, (rows, t), scores.device())?;
+    candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&mask)?, D::Minus1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// SiLU-gated product
+// ---------------------------------------------------------------------------------------------
+
+struct SiluMul;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+const CHUNK: usize = 4096;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "train-silu-mul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, dy) = (g.contiguous()?, u.contiguous()?, grad.contiguous()?);
+        let dg = Tensor::cat(&[&g, &u], 0)?.apply_op2_no_bwd(&dy, &SiluMulGrad)?;
+        let n = g.dim(0)?;
+        Ok((Some(dg.narrow(0, 0, n)?), Some(dg.narrow(0, n, n)?)))
+    }
+}
+
+/// From `[g; u]` (stacked) and `dy`: `[dg; du]` with `dg = dy u σ(g)(1 + g(1 - σ(g)))` and
+/// `du = dy g σ(g)`.
+struct SiluMulGrad;
+
+impl CustomOp2 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "train-silu-mul-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gu, dy) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
+        let n = dy.len();
+        let (g, u) = gu.split_at(n);
+        let mut out = vec![0f32; 2 * n];
+        let (dg, du) = out.split_at_mut(n);
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
+            .for_each(|((dg, du), ((g, u), dy))| {
+                for i in 0..g.len() {
+                    let s = sigmoid(g[i]);
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    du[i] = dy[i] * g[i] * s;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `silu(gate) · up`, elementwise.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if on_cpu_f32(&[gate, up]) && gate.dims() == up.dims() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul);
+    }
+    gate.silu()? * up
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Value and input gradients of `f` (fused) and `g` (composite) agree on random input.
+    fn agree(
+        shape: &[usize],
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+        g: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, shape, &dev)?;
+        let (a, b) = (f(x.as_tensor())?, g(x.as_tensor())?);
+        let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "values differ by {d}");
+        let ga = (a * &w)?.sum_all()?.backward()?.get(x.as_tensor()).cloned().unwrap();
+        let gb = (b * &w)?.sum_all()?.backward()?.get(x.as_tensor()).cloned().unwrap();
+        let d = (&ga - &gb)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = gb.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-4 * scale.max(1.0), "gradients differ by {d} (scale {scale})");
+        Ok(())
+    }
+
+    #[test]
+    fn fused_ops_match_their_composites_in_value_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, 8, &dev)?;
+        agree(
+            &[5, 8],
+            |x| rms_norm(x, &w, 1e-5),
+            |x| {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_div(&(ms + 1e-5)?.sqrt()?)?.broadcast_mul(&w)
+            },
+        )?;
+        let cos = Tensor::randn(0f32, 1.0, (6, 4), &dev)?;
+        let sin = Tensor::randn(0f32, 1.0, (6, 4), &dev)?;
+        agree(
+            &[2, 3, 5, 8],
+            |x| rope(x, &cos, &sin, true),
+            |x| candle_nn::rotary_emb::rope_i_slow(x, &cos.narrow(0, 0, 5)?, &sin.narrow(0, 0, 5)?),
+        )?;
+        agree(
+            &[2, 3, 5, 8],
+            |x| rope(x, &cos, &sin, false),
+            |x| candle_nn::rotary_emb::rope_slow(x, &cos.narrow(0, 0, 5)?, &sin.narrow(0, 0, 5)?),
+        )?;
+        // Three query heads per key head, stacked along the rows.
+        agree(
+            &[2, 3, 15, 5],
+            |x| causal_softmax(x, 0.5),
+            |x| {
+                let mask: Vec<f32> =
+                    (0..15).flat_map(|r| (0..5).map(move |j| if j > r % 5 { -1e9 } else { 0.0 })).collect();
+                let mask = Tensor::from_vec(mask, (15, 5), &Device::Cpu)?;
+                candle_nn::ops::softmax(&(x * 0.5)?.broadcast_add(&mask)?, D::Minus1)
+            },
+        )?;
+        let up = Tensor::randn(0f32, 1.0, (7, 9), &dev)?;
+        agree(&[7, 9], |x| silu_mul(x, &up), |x| x.silu()? * &up)?;
+        // And the other operand's gradient.
+        let g = Tensor::randn(0f32, 1.0, (7, 9), &dev)?;
+        agree(&[7, 9], |x| silu_mul(&g, x), |x| g.silu()? * x)?;
+        Ok(())
+    }
+}
