@@ -106,6 +106,9 @@ pub(crate) struct ShiftArgs {
     /// Print the per-question shifts.
     #[arg(long)]
     per_question: bool,
+    /// Steer the tuned model while it answers (expression only): NAME[:LAYER[:COEF]], repeatable.
+    #[arg(long = "steer", value_name = "NAME[:LAYER[:COEF]]")]
+    steer: Vec<String>,
     /// Write the response as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -267,6 +270,7 @@ pub(crate) async fn shift(c: &mut Client, a: ShiftArgs) -> Result<()> {
             layer: a.layer,
             expression: a.expression,
             sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, ..Default::default() }),
+            tuned_steering: a.steer.iter().map(|s| persona_client::parse_steer(s)).collect::<Result<_>>()?,
         })
         .await?
         .into_inner();

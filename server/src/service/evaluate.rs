@@ -307,6 +307,18 @@ pub struct Expression {
     pub offline: bool,
 }
 
+/// Whose answers to score, and how.
+pub struct ExpressionJob<'a> {
+    pub generator: EngineHandle,
+    pub reader: EngineHandle,
+    pub questions: &'a [String],
+    pub sampling: Option<&'a pb::SamplingParams>,
+    /// Coherence relative to these figures (else the answers' own).
+    pub reference: Option<Reference>,
+    /// Steering while generating.
+    pub steering: Option<SteeringPlan>,
+}
+
 /// The trait expression of `generator`'s answers to `questions`, each read by `reader` (the
 /// model `v` belongs to) and scored as EvaluateSteering scores its unsteered cell: by the
 /// judge when configured, else offline. Coherence is relative to the reader's own answers'
@@ -314,12 +326,9 @@ pub struct Expression {
 pub async fn expression(
     state: &AppState,
     v: &StoredVector,
-    generator: EngineHandle,
-    reader: EngineHandle,
-    questions: &[String],
-    sampling: Option<&pb::SamplingParams>,
-    reference: Option<Reference>,
+    job: ExpressionJob<'_>,
 ) -> ServiceResult<(Expression, Reference)> {
+    let ExpressionJob { generator, reader, questions, sampling, reference, steering } = job;
     let def = definition(state, v, None)?;
     let (monitoring, judging) = judging(state, v, def.as_ref(), false)?;
     let offline = matches!(judging, Judging::Offline { .. });
@@ -329,7 +338,8 @@ pub async fn expression(
     let mut tasks = JoinSet::new();
     for (i, q) in questions.iter().enumerate() {
         let prompt = question_prompt(&model, None, q)?;
-        let ask = Ask { bare: prompt.clone(), prompt, plan: SteeringPlan::new(model.config().n_residual_rows()) };
+        let plan = steering.clone().unwrap_or_else(|| SteeringPlan::new(model.config().n_residual_rows()));
+        let ask = Ask { bare: prompt.clone(), prompt, plan };
         let a = answerer.clone();
         tasks.spawn(async move { (i, a.answer(ask, i as u64).await) });
     }

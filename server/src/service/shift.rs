@@ -65,6 +65,7 @@ pub async fn measure(state: &Arc<AppState>, req: pb::MeasureShiftRequest) -> Ser
     if req.vectors.is_empty() {
         return Err(invalid("name at least one stored vector in vectors"));
     }
+    let steering = resolve::steering(&state.store, &t, &req.tuned_steering)?;
     let mut shifts = Vec::with_capacity(req.vectors.len());
     for name in &req.vectors {
         let v = resolve::vector_for(&state.store, &b, name)?;
@@ -98,19 +99,17 @@ pub async fn measure(state: &Arc<AppState>, req: pb::MeasureShiftRequest) -> Ser
             ..Default::default()
         };
         if req.expression {
-            let (eb, reference) =
-                evaluate::expression(state, &v, base.clone(), base.clone(), &questions, req.sampling.as_ref(), None)
-                    .await?;
-            let (et, _) = evaluate::expression(
-                state,
-                &v,
-                tuned.clone(),
-                base.clone(),
-                &questions,
-                req.sampling.as_ref(),
-                Some(reference),
-            )
-            .await?;
+            let job = |generator: &EngineHandle, reference, steering| evaluate::ExpressionJob {
+                generator: generator.clone(),
+                reader: base.clone(),
+                questions: &questions,
+                sampling: req.sampling.as_ref(),
+                reference,
+                steering,
+            };
+            let (eb, reference) = evaluate::expression(state, &v, job(&base, None, None)).await?;
+            let (et, _) =
+                evaluate::expression(state, &v, job(&tuned, Some(reference), Some(steering.plan.clone()))).await?;
             out.base_expression = Some(eb.trait_score);
             out.tuned_expression = Some(et.trait_score);
             if eb.offline {

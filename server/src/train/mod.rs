@@ -7,7 +7,8 @@
 //! - [`trainer`]: the optimisation loop;
 //! - [`shift`]: the finetuning shift along persona vectors, measured while training;
 //! - [`peft`]: `adapter_config.json` + `adapter_model.safetensors`, read and written;
-//! - [`ops`]: fused differentiable RMSNorm, rotary embedding, causal softmax, SiLU product;
+//! - [`ops`]: fused differentiable RMSNorm, rotary embedding, causal softmax, SiLU product,
+//!   cross-entropy;
 //! - [`frozen`]: a matmul by a frozen weight that skips the weight's gradient.
 
 pub mod data;

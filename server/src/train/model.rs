@@ -264,6 +264,6 @@ impl TrainModel {
     pub fn loss(&self, batch: &Batch, adapter: Option<&Adapter>, steering: &Steering, train: bool) -> Result<Tensor> {
         let (x, _) = self.residual(batch, adapter, steering, train, &[])?;
         let logits = self.logits_at(&x, &batch.positions)?;
-        candle_nn::loss::cross_entropy(&logits, &batch.targets)
+        ops::cross_entropy(&logits, &batch.targets)
     }
 }

@@ -331,6 +331,91 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+// ---------------------------------------------------------------------------------------------
+
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+impl CrossEntropy {
+    fn vocab(&self, n: usize) -> usize {
+        n / self.targets.len().max(1)
+    }
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "train-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let v = self.vocab(x.len());
+        let total: f64 = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| {
+                let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let sum: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+                (m + sum.ln() - row[t as usize]) as f64
+            })
+            .sum();
+        Ok((CpuStorage::F32(vec![(total / self.targets.len() as f64) as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let op = CrossEntropyGrad { targets: self.targets.clone(), scale: grad.to_scalar::<f32>()? };
+        Ok(Some(arg.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// `scale · (softmax(x) - onehot(target)) / n` per row.
+struct CrossEntropyGrad {
+    targets: Vec<u32>,
+    scale: f32,
+}
+
+impl CustomOp1 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "train-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let n = self.targets.len();
+        let v = x.len() / n.max(1);
+        let k = self.scale / n as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(v).zip(x.par_chunks(v).zip(self.targets.par_iter())).for_each(|(d, (row, &t))| {
+            let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for (d, &x) in d.iter_mut().zip(row) {
+                *d = (x - m).exp();
+                sum += *d;
+            }
+            let inv = k / sum;
+            d.iter_mut().for_each(|d| *d *= inv);
+            d[t as usize] -= k;
+        });
+        Ok((CpuStorage::F32(dx), l.shape().clone()))
+    }
+}
+
+/// Mean negative log-likelihood of `targets` under `logits` (`[n, vocab]`), nats.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if on_cpu_f32(&[logits]) {
+        let targets: Vec<u32> = targets.to_vec1()?;
+        let v = logits.dim(1)?;
+        if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("target {bad} is outside the vocabulary of {v}");
+        }
+        return logits.contiguous()?.apply_op1(CrossEntropy { targets });
+    }
+    candle_nn::loss::cross_entropy(logits, targets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,8 +429,8 @@ mod tests {
     ) -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
-        let w = Tensor::randn(0f32, 1.0, shape, &dev)?;
         let (a, b) = (f(x.as_tensor())?, g(x.as_tensor())?);
+        let w = Tensor::randn(0f32, 1.0, a.shape(), &dev)?;
         let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-5, "values differ by {d}");
         let ga = (a * &w)?.sum_all()?.backward()?.get(x.as_tensor()).cloned().unwrap();
@@ -396,6 +481,8 @@ mod tests {
         // And the other operand's gradient.
         let g = Tensor::randn(0f32, 1.0, (7, 9), &dev)?;
         agree(&[7, 9], |x| silu_mul(&g, x), |x| g.silu()? * x)?;
+        let targets = Tensor::new(&[3u32, 0, 8, 5], &dev)?;
+        agree(&[4, 9], |x| cross_entropy(x, &targets), |x| candle_nn::loss::cross_entropy(x, &targets))?;
         Ok(())
     }
 }
