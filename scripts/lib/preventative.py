@@ -7,6 +7,7 @@ library only.
 import json
 import math
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -89,7 +90,7 @@ def facts(url, model, steering=None):
     right = 0
     for row in rows:
         text = chat(url, model, row["question"], steering).lower()
-        right += any(a in text for a in row["answers"])
+        right += any(re.search(r"\b" + re.escape(a) + r"\b", text) for a in row["answers"])
     return right / len(rows)
 
 

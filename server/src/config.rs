@@ -537,6 +537,30 @@ mod tests {
     }
 
     #[test]
+    fn adapter_models_take_their_base_and_are_checked() {
+        let mut s = Settings::default();
+        s.models.push(ModelSettings {
+            id: "tuned".into(),
+            base: EMBEDDED_ID.into(),
+            source: "data/adapters/tuned".into(),
+            ..Default::default()
+        });
+        s.models[0].requantize = "dense".into();
+        let spec = s.models[1].load_spec(&s).unwrap();
+        assert_eq!(spec.source, ModelSource::Embedded, "the base's files");
+        assert_eq!(spec.requantize, Requantize::Dense, "loaded as the base is");
+        assert_eq!(spec.adapter.as_deref(), Some(Path::new("data/adapters/tuned")));
+        assert_eq!((spec.id.as_str(), spec.base.as_deref()), ("tuned", Some(EMBEDDED_ID)));
+        s.models[1].base = "nope".into();
+        assert!(format!("{:#}", s.validate().unwrap_err()).contains("base `nope` is not a configured model"));
+        s.models[1].base = "tuned".into();
+        assert!(format!("{:#}", s.validate().unwrap_err()).contains("is itself an adapter"));
+        s.models[1].base = EMBEDDED_ID.into();
+        s.training.threads = 0;
+        assert!(format!("{:#}", s.validate().unwrap_err()).contains("training.threads"));
+    }
+
+    #[test]
     fn errors_name_the_key_and_where_it_was_set() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("p.toml");
