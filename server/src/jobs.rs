@@ -318,8 +318,14 @@ impl Jobs {
                 "note": note,
                 "saved_unix": now_unix(),
             });
-            peft::save(&dir, &spec.hyper.lora, &snapshot, peft::Layout::of(base.config()), &base.id, &record)
-                .map_err(|e| format!("saving the adapter: {e}"))?;
+            let files = peft::AdapterFiles {
+                config: &spec.hyper.lora,
+                layers: &snapshot,
+                layout: peft::Layout::of(base.config()),
+                base: &base.id,
+                training: &record,
+            };
+            peft::save(&dir, &files).map_err(|e| format!("saving the adapter: {e}"))?;
             job.update(|s| s.adapter_path = dir.display().to_string());
             Ok(())
         };

@@ -210,8 +210,15 @@ fn a_trained_adapter_round_trips_through_peft_and_serves_merged() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("adapter");
     let c = tm.config();
-    peft::save(&dir, &cfg, &adapter.snapshot().unwrap(), peft::Layout::of(c), "smollm2", &serde_json::json!({}))
-        .unwrap();
+    let snapshot = adapter.snapshot().unwrap();
+    let files = peft::AdapterFiles {
+        config: &cfg,
+        layers: &snapshot,
+        layout: peft::Layout::of(c),
+        base: "smollm2",
+        training: &serde_json::json!({}),
+    };
+    peft::save(&dir, &files).unwrap();
     let st = std::fs::read(dir.join(peft::WEIGHTS_FILE)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&st).unwrap();
     assert!(st.names().contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));

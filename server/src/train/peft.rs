@@ -118,23 +118,26 @@ fn tensor_name(block: usize, t: Target, which: &str) -> String {
     format!("base_model.model.model.layers.{block}.{}.{}.lora_{which}.weight", t.hf_parent(), t.hf_name())
 }
 
-/// Writes an adapter (`layers` in the model's layout) as a PEFT directory at `dir`, replacing
-/// any adapter there only once the new one is complete. `training` is stored beside it.
-pub fn save(
-    dir: &Path,
-    config: &LoraConfig,
-    layers: &[BlockWeights],
-    layout: Layout,
-    base: &str,
-    training: &serde_json::Value,
-) -> Result<()> {
+/// What an adapter directory holds: the adapter (`layers` in the model's layout), the base's
+/// name, and our record of how it was trained.
+pub struct AdapterFiles<'a> {
+    pub config: &'a LoraConfig,
+    pub layers: &'a [BlockWeights],
+    pub layout: Layout,
+    pub base: &'a str,
+    pub training: &'a serde_json::Value,
+}
+
+/// Writes an adapter as a PEFT directory at `dir`, replacing any adapter there only once the new
+/// one is complete.
+pub fn save(dir: &Path, files: &AdapterFiles<'_>) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io("creating", parent, e))?;
     let name = dir.file_name().ok_or_else(|| PeftError::Invalid(format!("{} names no directory", dir.display())))?;
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io("creating", &tmp, e))?;
-    let written = write_files(&tmp, config, layers, layout, base, training);
+    let written = write_files(&tmp, files);
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -158,16 +161,9 @@ pub fn save(
     Ok(())
 }
 
-fn write_files(
-    dir: &Path,
-    config: &LoraConfig,
-    layers: &[BlockWeights],
-    layout: Layout,
-    base: &str,
-    training: &serde_json::Value,
-) -> Result<()> {
+fn write_files(dir: &Path, files: &AdapterFiles<'_>) -> Result<()> {
+    let AdapterFiles { config, layers, layout, base, training } = *files;
     let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
-    let mut used_layers = Vec::new();
     for (block, row) in layers.iter().enumerate() {
         for t in Target::ALL {
             let Some((a, b)) = &row[t.index()] else { continue };
@@ -185,7 +181,6 @@ fn write_files(
                 let bytes = v.iter().flat_map(|f| f.to_le_bytes()).collect();
                 tensors.push((tensor_name(block, t, which), bytes, x.dims().to_vec()));
             }
-            used_layers.push(block);
         }
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
@@ -408,7 +403,9 @@ mod tests {
         let snap = ad.snapshot().unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a");
-        save(&dir, &cfg, &snap, layout, "base", &json!({"steps": 1})).unwrap();
+        let record = json!({});
+        let files = |base| AdapterFiles { config: &cfg, layers: &snap, layout, base, training: &record };
+        save(&dir, &files("base")).unwrap();
         let back = load(&dir, dims, layout, "m").unwrap();
         assert_eq!(back.config.rank, 2);
         assert_eq!(back.config.targets, Target::ALL.to_vec());
@@ -421,7 +418,7 @@ mod tests {
             }
         }
         // Saving again replaces the adapter whole.
-        save(&dir, &cfg, &snap, layout, "base2", &json!({})).unwrap();
+        save(&dir, &files("base2")).unwrap();
         assert_eq!(load(&dir, dims, layout, "m").unwrap().base.as_deref(), Some("base2"));
         let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(leftovers.len(), 1, "no temporary directories left: {leftovers:?}");
