@@ -252,7 +252,7 @@ impl Jobs {
                     let s = p.measure(&model, adapter).map_err(err("measuring the shift"))?;
                     Ok(pb::ShiftPoint {
                         vector: p.vector.clone(),
-                        layer: p.layer as u32,
+                        layer: p.layer() as u32,
                         step: step as u32,
                         shift: s.mean,
                         shift_std: s.std,

@@ -222,7 +222,7 @@ impl Answerer {
 }
 
 /// The chat prompt of a question, with an optional system prompt.
-fn question_prompt(model: &LoadedModel, system: Option<&str>, question: &str) -> ServiceResult<Vec<u32>> {
+pub(super) fn question_prompt(model: &LoadedModel, system: Option<&str>, question: &str) -> ServiceResult<Vec<u32>> {
     let mut messages = Vec::new();
     if let Some(s) = system.filter(|s| !s.trim().is_empty()) {
         messages.push(Message::new("system", s.to_string()));

@@ -6,7 +6,6 @@ use super::{AppState, ResponseStream, resolve};
 use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::jobs::{JobSpec, ShiftSpec, is_terminal};
 use crate::model::LoadedModel;
-use crate::model::chat::Message;
 use crate::train::data;
 use crate::train::lora::{LoraConfig, Target};
 use crate::train::trainer::Hyper;
@@ -121,7 +120,7 @@ fn shift_prompts(
 ) -> ServiceResult<Vec<Vec<u32>>> {
     shift_questions(state, trait_name, vector)?
         .iter()
-        .map(|q| resolve::tokenize(model, &resolve::render_chat(model, &[Message::new("user", q.clone())])?))
+        .map(|q| super::evaluate::question_prompt(model, None, q))
         .collect()
 }
 

@@ -10,15 +10,15 @@
 use super::finetune::shift_questions;
 use super::{AppState, evaluate, resolve};
 use crate::error::{ServiceError, ServiceResult, invalid};
-use crate::model::chat::Message;
 use crate::scheduler::{CaptureJob, EngineHandle};
 use crate::steering::plan::SteeringPlan;
+use crate::steering::probe::Probe;
 use crate::train::shift::Shift;
 use persona_proto::v1 as pb;
 use std::sync::Arc;
 
-/// Last-prompt-token activation at `layer` of each prompt.
-async fn last_token(engine: &EngineHandle, prompts: &[Vec<u32>], layer: usize) -> ServiceResult<Vec<Vec<f32>>> {
+/// The projection on `probe` of each prompt's last-token activation at the probe's layer.
+async fn last_token(engine: &EngineHandle, prompts: &[Vec<u32>], probe: &Probe) -> ServiceResult<Vec<f32>> {
     let n_rows = engine.model().config().n_residual_rows();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -34,17 +34,12 @@ async fn last_token(engine: &EngineHandle, prompts: &[Vec<u32>], layer: usize) -
             (i, engine.capture(job).await)
         });
     }
-    let mut out = vec![Vec::new(); prompts.len()];
+    let mut out = vec![0.0; prompts.len()];
     while let Some(joined) = tasks.join_next().await {
         let (i, c) = joined.map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let c = c?;
-        out[i] = c.prompt_last[layer * c.d_model..(layer + 1) * c.d_model].to_vec();
+        out[i] = probe.score_at_layer(&c?.prompt_last);
     }
     Ok(out)
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 pub async fn measure(state: &Arc<AppState>, req: pb::MeasureShiftRequest) -> ServiceResult<pb::MeasureShiftResponse> {
@@ -70,20 +65,15 @@ pub async fn measure(state: &Arc<AppState>, req: pb::MeasureShiftRequest) -> Ser
     for name in &req.vectors {
         let v = resolve::vector_for(&state.store, &b, name)?;
         let layer = resolve::layer_or_recommended(&b, req.layer, Some(&v))?;
-        let row = v.row(layer).unwrap_or_default();
-        let norm = dot(row, row).sqrt();
-        if !(norm.is_finite() && norm > 0.0) {
-            return Err(ServiceError::FailedPrecondition(format!("vector `{name}` is zero at layer {layer}")));
-        }
-        let unit: Vec<f32> = row.iter().map(|x| x / norm).collect();
+        let probe = Probe::new(layer, v.row(layer).unwrap_or_default())
+            .ok_or_else(|| ServiceError::FailedPrecondition(format!("vector `{name}` is zero at layer {layer}")))?;
         let questions = shift_questions(state, &v.meta.trait_name, name)?;
-        let prompt = |m: &crate::model::LoadedModel, q: &str| -> ServiceResult<Vec<u32>> {
-            resolve::tokenize(m, &resolve::render_chat(m, &[Message::new("user", q.to_string())])?)
+        let prompts = |m: &crate::model::LoadedModel| {
+            questions.iter().map(|q| evaluate::question_prompt(m, None, q)).collect::<ServiceResult<Vec<_>>>()
         };
-        let bp = questions.iter().map(|q| prompt(&b, q)).collect::<ServiceResult<Vec<_>>>()?;
-        let tp = questions.iter().map(|q| prompt(&t, q)).collect::<ServiceResult<Vec<_>>>()?;
-        let (hb, ht) = tokio::try_join!(last_token(&base, &bp, layer), last_token(&tuned, &tp, layer))?;
-        let per: Vec<f32> = ht.iter().zip(&hb).map(|(x, y)| dot(x, &unit) - dot(y, &unit)).collect();
+        let (bp, tp) = (prompts(&b)?, prompts(&t)?);
+        let (hb, ht) = tokio::try_join!(last_token(&base, &bp, &probe), last_token(&tuned, &tp, &probe))?;
+        let per: Vec<f32> = ht.iter().zip(&hb).map(|(x, y)| x - y).collect();
         let s = Shift::of(per.clone());
         let mut out = pb::VectorShift {
             vector: name.clone(),

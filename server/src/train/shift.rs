@@ -6,6 +6,7 @@
 
 use super::lora::Adapter;
 use super::model::{Batch, TrainModel};
+use crate::steering::probe::Probe;
 use candle_core::{Result, Tensor};
 
 /// Mean and standard deviation of a set of per-prompt shifts.
@@ -25,33 +26,29 @@ impl Shift {
     }
 }
 
-/// One vector's probe: its unit direction at `layer`, the prompts, and the base's readings.
+/// One vector's probe at its layer, the prompts, and the base's readings along it.
 pub struct ShiftProbe {
     pub vector: String,
-    pub layer: usize,
-    unit: Vec<f32>,
+    probe: Probe,
     prompts: Vec<Vec<u32>>,
     base: Vec<f32>,
 }
 
-/// The residual stream at `layer` at each prompt's last token (rows padded at the end, so the
-/// causal mask keeps padding out of every real position).
-fn last_token_states(
+/// The projection on `probe` of the residual stream at its layer at each prompt's last token
+/// (rows padded at the end, so the causal mask keeps padding out of every real position).
+fn last_token_scores(
     model: &TrainModel,
     adapter: Option<&Adapter>,
     prompts: &[Vec<u32>],
-    layer: usize,
-) -> Result<Vec<Vec<f32>>> {
+    probe: &Probe,
+) -> Result<Vec<f32>> {
     let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     let batch = Batch::unlabelled(&rows, 0, model.device())?;
-    let (_, kept) = model.residual(&batch, adapter, &[], false, &[layer])?;
+    let (_, kept) = model.residual(&batch, adapter, &[], false, &[probe.layer])?;
     let idx: Vec<u32> = prompts.iter().enumerate().map(|(r, p)| (r * batch.len + p.len() - 1) as u32).collect();
     let n = idx.len();
-    kept[0].index_select(&Tensor::from_vec(idx, n, model.device())?, 0)?.to_vec2()
-}
-
-fn project(states: &[Vec<f32>], unit: &[f32]) -> Vec<f32> {
-    states.iter().map(|s| s.iter().zip(unit).map(|(a, b)| a * b).sum()).collect()
+    let states: Vec<Vec<f32>> = kept[0].index_select(&Tensor::from_vec(idx, n, model.device())?, 0)?.to_vec2()?;
+    Ok(states.iter().map(|s| probe.score(s)).collect())
 }
 
 impl ShiftProbe {
@@ -63,21 +60,23 @@ impl ShiftProbe {
         direction: &[f32],
         prompts: Vec<Vec<u32>>,
     ) -> Result<Self> {
-        let norm = direction.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if !(norm.is_finite() && norm > 0.0) {
-            candle_core::bail!("vector `{vector}` is zero at layer {layer}");
-        }
+        let Some(probe) = Probe::new(layer, direction) else {
+            candle_core::bail!("vector `{vector}` is zero at layer {layer}")
+        };
         if prompts.is_empty() {
             candle_core::bail!("no prompts to measure the shift of `{vector}` on");
         }
-        let unit: Vec<f32> = direction.iter().map(|x| x / norm).collect();
-        let base = project(&last_token_states(model, None, &prompts, layer)?, &unit);
-        Ok(Self { vector: vector.to_string(), layer, unit, prompts, base })
+        let base = last_token_scores(model, None, &prompts, &probe)?;
+        Ok(Self { vector: vector.to_string(), probe, prompts, base })
+    }
+
+    pub fn layer(&self) -> usize {
+        self.probe.layer
     }
 
     /// The shift of the adapted model along the vector.
     pub fn measure(&self, model: &TrainModel, adapter: &Adapter) -> Result<Shift> {
-        let tuned = project(&last_token_states(model, Some(adapter), &self.prompts, self.layer)?, &self.unit);
+        let tuned = last_token_scores(model, Some(adapter), &self.prompts, &self.probe)?;
         Ok(Shift::of(tuned.iter().zip(&self.base).map(|(t, b)| t - b).collect()))
     }
 }
@@ -90,6 +89,5 @@ mod tests {
     fn shifts_summarise_as_mean_and_spread() {
         let s = Shift::of(vec![1.0, 3.0]);
         assert_eq!((s.mean, s.std), (2.0, 1.0));
-        assert_eq!(project(&[vec![1.0, 2.0]], &[0.0, 1.0]), vec![2.0]);
     }
 }
