@@ -225,31 +225,30 @@ impl Jobs {
         let base = spec.base.model();
         job.set_state(pb::JobState::Loading, "dequantizing the base weights for training");
         let device = base.model.device().clone();
-        let err = ctx;
         let model = {
             let mut src = base.weight_source(&device).map_err(|e| format!("opening the base model's files: {e:#}"))?;
-            TrainModel::load(src.as_mut(), base.config().clone()).map_err(err("loading the training weights"))?
+            TrainModel::load(src.as_mut(), base.config().clone()).map_err(ctx("loading the training weights"))?
         };
         let adapter = Adapter::new(spec.hyper.lora.clone(), model.dims(), spec.hyper.seed, &device)
-            .map_err(err("creating the adapter"))?;
+            .map_err(ctx("creating the adapter"))?;
         let steering = trainer::steering_addends(
             base.config().n_residual_rows(),
             &spec.steering.iter().map(|(l, v)| (*l, 1.0, v.clone())).collect::<Vec<_>>(),
             &device,
         )
-        .map_err(err("steering"))?;
+        .map_err(ctx("steering"))?;
         job.set_state(pb::JobState::Loading, "reading the base model's activations for the shift");
         let probes = spec
             .shifts
             .iter()
             .map(|s| ShiftProbe::new(&model, &s.vector, s.layer, &s.direction, s.prompts.clone()))
             .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(err("measuring the base activations"))?;
+            .map_err(ctx("measuring the base activations"))?;
         let measure = |step: usize, adapter: &Adapter| -> Result<Vec<pb::ShiftPoint>, String> {
             probes
                 .iter()
                 .map(|p| {
-                    let s = p.measure(&model, adapter).map_err(err("measuring the shift"))?;
+                    let s = p.measure(&model, adapter).map_err(ctx("measuring the shift"))?;
                     Ok(pb::ShiftPoint {
                         vector: p.vector.clone(),
                         layer: p.layer() as u32,
@@ -289,13 +288,13 @@ impl Jobs {
             });
             true
         })
-        .map_err(err("training"))?;
+        .map_err(ctx("training"))?;
         if let Some(e) = shift_error {
             return Err(e);
         }
         let dir = self.adapter_path(&spec.output_model);
         let save = |note: &str| -> Result<(), String> {
-            let snapshot = adapter.snapshot().map_err(err("copying the adapter"))?;
+            let snapshot = adapter.snapshot().map_err(ctx("copying the adapter"))?;
             let status = job.status();
             let record = serde_json::json!({
                 "base_model": base.id,

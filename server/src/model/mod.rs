@@ -172,8 +172,7 @@ impl LoadedModel {
                 (model, tok, template, formats)
             }
             ModelFiles::Safetensors { config, weights, tokenizer, tokenizer_config } => {
-                let hf: HfConfig = serde_json::from_str(&std::fs::read_to_string(config)?)
-                    .with_context(|| format!("parsing {}", config.display()))?;
+                let hf = HfConfig::read(config)?;
                 let cfg = cap(hf.to_llama()?);
                 let mut src = SafetensorsSource::open(weights, device, hf.tie_word_embeddings, opts)?;
                 let model = load_llama(&mut src, cfg, adapter, id)?;
@@ -218,8 +217,7 @@ impl LoadedModel {
         Ok(match &self.files {
             ModelFiles::Gguf { file, .. } => Box::new(GgufSource::open(file, device, &opts)?),
             ModelFiles::Safetensors { config, weights, .. } => {
-                let hf: HfConfig = serde_json::from_str(&std::fs::read_to_string(config)?)
-                    .with_context(|| format!("parsing {}", config.display()))?;
+                let hf = HfConfig::read(config)?;
                 Box::new(SafetensorsSource::open(weights, device, hf.tie_word_embeddings, &opts)?)
             }
         })

@@ -330,6 +330,13 @@ fn default_ctx() -> usize {
 }
 
 impl HfConfig {
+    /// Reads and parses a `config.json`.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
     pub fn to_llama(&self) -> Result<LlamaConfig> {
         let arch = if self.model_type.is_empty() { "llama".to_string() } else { self.model_type.clone() };
         if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {

@@ -173,18 +173,7 @@ pub fn start(state: &Arc<AppState>, req: pb::StartFineTuneRequest) -> ServiceRes
         .unwrap_or_default();
     let shifts = shift_specs(state, &model, &req.shift_vectors, None)?;
     let total_steps = hyper.total_steps(parsed.examples.len());
-    let params = {
-        let dims = crate::train::peft::dims_of(model.config());
-        hyper
-            .lora
-            .targets
-            .iter()
-            .map(|&t| {
-                let (o, i) = dims.shape(t);
-                hyper.lora.rank * (o + i) * dims.n_layers
-            })
-            .sum::<usize>()
-    };
+    let params = hyper.lora.n_params(crate::train::peft::dims_of(model.config()));
     let spec = JobSpec {
         base: engine,
         output_model: req.output_model.clone(),

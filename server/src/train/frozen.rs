@@ -5,7 +5,8 @@
 //! one reads. LoRA training multiplies by ~200 frozen weights per pass; this op runs the same
 //! forward (candle's matmul) and returns only `∂L/∂x = ∂L/∂y · W` in its backward.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use super::ops::{on_cpu_f32, slice};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 struct FrozenMatmul {
@@ -19,12 +20,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("frozen-matmul takes f32 input") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul takes a contiguous input")
-        };
-        let x = Tensor::from_slice(&data[start..end], layout.dims(), &Device::Cpu)?;
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = tensor(storage, layout, self.name())?.matmul(&self.weight.t()?)?;
         let shape = y.shape().clone();
         Ok((CpuStorage::F32(y.flatten_all()?.to_vec1()?), shape))
     }
@@ -37,7 +33,7 @@ impl CustomOp1 for FrozenMatmul {
 /// `x · Wᵀ` for a 2-D `x` (`[n, in]`) and a weight no gradient is wanted for. Off the CPU (or
 /// for non-f32 input) it is candle's matmul, which also computes the weight's gradient.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && x.rank() == 2 {
+    if on_cpu_f32(&[x, weight]) && x.rank() == 2 {
         x.contiguous()?.apply_op1(FrozenMatmul { weight: weight.clone() })
     } else {
         x.matmul(&weight.t()?)
@@ -51,10 +47,9 @@ struct LoraMatmul {
     scale: f64,
 }
 
-fn tensor(s: &CpuStorage, l: &Layout) -> Result<Tensor> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("lora-matmul takes f32 input") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("lora-matmul takes contiguous input") };
-    Tensor::from_slice(&data[a..b], l.dims(), &Device::Cpu)
+/// A copy of a contiguous f32 CPU storage as a tensor, for candle's matmul.
+fn tensor(s: &CpuStorage, l: &Layout, op: &str) -> Result<Tensor> {
+    Tensor::from_slice(slice(s, l, op)?, l.dims(), &Device::Cpu)
 }
 
 impl CustomOp3 for LoraMatmul {
@@ -71,7 +66,8 @@ impl CustomOp3 for LoraMatmul {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, a, b) = (tensor(s1, l1)?, tensor(s2, l2)?, tensor(s3, l3)?);
+        let op = self.name();
+        let (x, a, b) = (tensor(s1, l1, op)?, tensor(s2, l2, op)?, tensor(s3, l3, op)?);
         let y = x.matmul(&self.weight.t()?)?;
         let low = ((x.matmul(&a.t()?)? * self.scale)?).matmul(&b.t()?)?;
         let shape = y.shape().clone();
@@ -104,8 +100,7 @@ impl CustomOp3 for LoraMatmul {
 /// `x Wᵀ + scale · (x Aᵀ) Bᵀ` for a 2-D `x`, a frozen `W` and trainable `A` (`[r, in]`) and `B`
 /// (`[out, r]`); composite ops off the CPU.
 pub fn lora_linear(x: &Tensor, weight: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
-    let cpu = [x, weight, a, b].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-    if cpu && x.rank() == 2 {
+    if on_cpu_f32(&[x, weight, a, b]) && x.rank() == 2 {
         let op = LoraMatmul { weight: weight.clone(), scale };
         return x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op);
     }

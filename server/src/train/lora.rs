@@ -94,6 +94,17 @@ impl LoraConfig {
         if self.use_rslora { self.alpha / (self.rank as f64).sqrt() } else { self.alpha / self.rank as f64 }
     }
 
+    /// Trainable parameters of an adapter of this shape over a model of `dims`.
+    pub fn n_params(&self, dims: Dims) -> usize {
+        self.targets
+            .iter()
+            .map(|&t| {
+                let (out, inp) = dims.shape(t);
+                self.rank * (out + inp) * dims.n_layers
+            })
+            .sum()
+    }
+
     pub fn validate(&self) -> std::result::Result<(), String> {
         if self.rank == 0 || self.rank > 1024 {
             return Err(format!("LoRA rank must be in 1..=1024, got {}", self.rank));
@@ -285,6 +296,7 @@ mod tests {
         assert_eq!(y.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "B starts at zero");
         // r (in + out) per target: q 2·16, k and v 2·12, o 2·16, gate, up and down 2·20; two blocks.
         assert_eq!(ad.n_params(), 2 * (32 + 24 + 24 + 32 + 40 + 40 + 40));
+        assert_eq!(ad.config.n_params(dims()), ad.n_params());
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 use super::frozen::{frozen_linear, lora_linear};
 use super::lora::{Adapter, Dims, Target};
 use super::ops;
-use crate::model::arch::llama::{LlamaConfig, WeightSource};
+use crate::model::arch::llama::{LlamaConfig, WeightSource, rope_tables};
 use candle_core::{DType, Device, Result, Tensor};
 
 struct Block {
@@ -135,15 +135,8 @@ impl TrainModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = src.dense("output_norm.weight")?;
-        let half = cfg.head_dim / 2;
-        let inv: Vec<f32> =
-            (0..half).map(|i| 1f32 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
-        let inv = Tensor::from_vec(inv, (1, half), &device)?;
-        let t = Tensor::arange(0u32, cfg.context_length as u32, &device)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.context_length, 1))?;
-        let freqs = t.matmul(&inv)?;
-        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()?, cfg, embed, blocks, norm, lm_head, device })
+        let (cos, sin) = rope_tables(&cfg, &device)?;
+        Ok(Self { cos, sin, cfg, embed, blocks, norm, lm_head, device })
     }
 
     pub fn config(&self) -> &LlamaConfig {

@@ -9,13 +9,15 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+/// The f32 values of a contiguous CPU storage.
+pub(super) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("{op} takes f32") };
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op} takes contiguous input") };
     Ok(&v[a..b])
 }
 
-fn on_cpu_f32(xs: &[&Tensor]) -> bool {
+/// Whether every tensor is f32 on the CPU (where the fused ops run).
+pub(super) fn on_cpu_f32(xs: &[&Tensor]) -> bool {
     xs.iter().all(|x| x.device().is_cpu() && x.dtype() == DType::F32)
 }
 
@@ -28,6 +30,11 @@ struct RmsNorm {
     eps: f32,
 }
 
+/// `1 / sqrt(mean(x²) + eps)` of one row.
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
+}
+
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "train-rms-norm"
@@ -38,7 +45,7 @@ impl CustomOp1 for RmsNorm {
         let d = self.weight.len();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
-            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            let r = inv_rms(x, self.eps);
             for ((y, x), w) in y.iter_mut().zip(x).zip(&self.weight) {
                 *y = x * r * w;
             }
@@ -68,7 +75,7 @@ impl CustomOp2 for RmsNormGrad {
         let d = self.weight.len();
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(dx, (x, dy))| {
-            let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            let r = inv_rms(x, self.eps);
             let gx: f32 = x.iter().zip(dy).zip(&self.weight).map(|((x, dy), w)| dy * w * x).sum::<f32>() / d as f32;
             for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(&self.weight) {
                 *dx = r * (dy * w - x * r * r * gx);
