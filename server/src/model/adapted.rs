@@ -8,24 +8,24 @@ use super::arch::llama::WeightSource;
 use super::weights::{MatmulRole, Precision};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub struct AdaptedSource<'a> {
     inner: &'a mut dyn WeightSource,
     /// `[out, in]` f32 changes by GGUF tensor name.
     deltas: BTreeMap<String, Tensor>,
     /// Names merged so far (every delta must be used).
-    pub merged: Vec<String>,
+    merged: BTreeSet<String>,
 }
 
 impl<'a> AdaptedSource<'a> {
     pub fn new(inner: &'a mut dyn WeightSource, deltas: BTreeMap<String, Tensor>) -> Self {
-        Self { inner, deltas, merged: Vec::new() }
+        Self { inner, deltas, merged: BTreeSet::new() }
     }
 
     /// Deltas no weight took (names the model does not have).
     pub fn unused(&self) -> Vec<&str> {
-        self.deltas.keys().filter(|k| !self.merged.contains(k)).map(String::as_str).collect()
+        self.deltas.keys().filter(|k| !self.merged.contains(*k)).map(String::as_str).collect()
     }
 
     fn merged_dense(&mut self, name: &str) -> Result<Option<Tensor>> {
@@ -35,9 +35,7 @@ impl<'a> AdaptedSource<'a> {
             candle_core::bail!("adapter delta for {name} is {:?}, the weight is {:?}", delta.dims(), w.dims());
         }
         let delta = delta.to_device(w.device())?;
-        if !self.merged.iter().any(|m| m == name) {
-            self.merged.push(name.to_string());
-        }
+        self.merged.insert(name.to_string());
         Ok(Some((w + delta)?))
     }
 }

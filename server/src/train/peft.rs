@@ -15,7 +15,7 @@ use crate::model::arch::llama::LlamaConfig;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -353,11 +353,6 @@ fn to_tensor(view: &safetensors::tensor::TensorView<'_>) -> candle_core::Result<
         d => candle_core::bail!("unsupported dtype {d:?}"),
     };
     Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?.to_dtype(DType::F32)
-}
-
-/// The directory adapters trained by this server go to: `<dir>/<name>`.
-pub fn adapter_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
 }
 
 #[cfg(test)]
