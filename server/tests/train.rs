@@ -143,6 +143,69 @@ fn the_training_forward_pass_is_the_served_one_with_steering() {
     assert!(effect > 100.0 * d, "steering moves the logits by {effect}, far more than the paths differ ({d})");
 }
 
+/// The fused block halves against candle's composite graph: the same loss and the same
+/// gradient for every adapter matrix and for the steering coefficient, with padding, steering
+/// and an adapter on all projections or on some.
+#[test]
+fn the_fused_block_halves_match_the_composite_graph_in_value_and_gradient() {
+    use persona_server::train::lora::Target;
+    let fused = train_model();
+    let mut composite = fused.clone();
+    composite.set_fused(false);
+    let data = [("How do I make tea?", "Boil water and steep the leaves."), ("Name a colour.", "Blue.")];
+    let m = dense_model();
+    let examples: Vec<Example> = data
+        .iter()
+        .enumerate()
+        .map(|(i, (q, a))| {
+            let prompt = prompt_tokens(q);
+            let mut tokens = prompt.clone();
+            tokens.extend(m.tokenizer.encode(a).unwrap());
+            Example { prompt_len: prompt.len(), tokens, line: i + 1 }
+        })
+        .collect();
+    let batch = batch_of(&examples);
+    assert_ne!(examples[0].tokens.len(), examples[1].tokens.len(), "the batch is padded");
+    let v = direction();
+    let c = Var::new(0.7f32, &Device::Cpu).unwrap();
+    let mut steer: Vec<Option<Tensor>> = vec![None; fused.config().n_residual_rows()];
+    steer[LAYER] = Some(Tensor::new(v.as_slice(), &Device::Cpu).unwrap().broadcast_mul(c.as_tensor()).unwrap());
+    for targets in [Target::ALL.to_vec(), vec![Target::Q, Target::V, Target::Down]] {
+        let cfg = LoraConfig { rank: 4, alpha: 8.0, targets: targets.clone(), ..Default::default() };
+        let adapter = Adapter::new(cfg, fused.dims(), 3, &Device::Cpu).unwrap();
+        // B starts at zero; give it values so that every gradient is non-trivial.
+        for var in adapter.vars() {
+            let t = var.as_tensor();
+            var.set(&(Tensor::randn(0f32, 0.02, t.shape(), &Device::Cpu).unwrap() + t).unwrap()).unwrap();
+        }
+        let run = |tm: &TrainModel| {
+            let loss = tm.loss(&batch, Some(&adapter), &steer, true).unwrap();
+            let grads = loss.backward().unwrap();
+            let mut gs: Vec<Tensor> =
+                adapter.vars().iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()).collect();
+            gs.push(grads.get(c.as_tensor()).unwrap().clone());
+            (loss.to_scalar::<f32>().unwrap(), gs)
+        };
+        let ((lf, gf), (lc, gc)) = (run(fused), run(&composite));
+        assert!((lf - lc).abs() < 1e-4 * lc.abs(), "{targets:?}: loss {lf} fused, {lc} composite");
+        assert_eq!(gf.len(), gc.len());
+        for (i, (f, c)) in gf.iter().zip(&gc).enumerate() {
+            let scale = c.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff = (f - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0, "{targets:?}: gradient {i} is zero");
+            assert!(diff <= 2e-3 * scale, "{targets:?}: gradient {i} differs by {diff} (largest {scale})");
+        }
+    }
+    // Without an adapter: the same logits.
+    let all = Tensor::arange(0u32, (batch.rows * batch.len) as u32, &Device::Cpu).unwrap();
+    let logits = |tm: &TrainModel| {
+        let (x, _) = tm.residual(&batch, None, &steer, false, &[]).unwrap();
+        tm.logits_at(&x, &all).unwrap().to_vec2::<f32>().unwrap()
+    };
+    let d = max_diff(&logits(fused), &logits(&composite));
+    assert!(d < 1e-3, "unadapted logits differ by {d}");
+}
+
 #[test]
 fn lora_training_lowers_the_loss_and_preventative_steering_takes_the_pressure_off() {
     let tm = train_model();

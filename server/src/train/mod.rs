@@ -9,8 +9,10 @@
 //! - [`peft`]: `adapter_config.json` + `adapter_model.safetensors`, read and written;
 //! - [`ops`]: fused differentiable RMSNorm, rotary embedding, causal softmax, SiLU product,
 //!   cross-entropy;
-//! - [`frozen`]: a matmul by a frozen weight that skips the weight's gradient.
+//! - [`frozen`]: a matmul by a frozen weight that skips the weight's gradient;
+//! - [`block`]: each half of a transformer block as one fused CPU op with its own backward.
 
+pub mod block;
 pub mod data;
 pub mod frozen;
 pub mod lora;

@@ -5,22 +5,59 @@
 //! The base weights are dequantized once from the model's files (the served model keeps its
 //! block kernels); nothing here is shared with the inference path's state.
 
+use super::block::{self, AttentionWeights, Geometry, HalfAdapter, MlpWeights};
 use super::frozen::{frozen_linear, lora_linear};
 use super::lora::{Adapter, Dims, Target};
 use super::ops;
 use crate::model::arch::llama::{LlamaConfig, WeightSource, rope_tables};
 use candle_core::{DType, Device, Result, Tensor};
 
+#[derive(Clone)]
 struct Block {
     attn_norm: Tensor,
     ffn_norm: Tensor,
-    /// Frozen `[out, in]` weights in [`Target`] order.
-    proj: [Tensor; 7],
-    /// q, k, v biases (Qwen2).
-    qkv_bias: Option<[Tensor; 3]>,
+    /// The frozen q, k and v weights stacked (`[q + k + v widths, d]`), as the fused attention
+    /// reads them; the composite graph takes row ranges.
+    qkv: Tensor,
+    o: Tensor,
+    /// Gate rows, then up rows: `[2 · intermediate, d]`.
+    gate_up: Tensor,
+    down: Tensor,
+    /// q, k, v biases stacked (Qwen2).
+    qkv_bias: Option<Tensor>,
 }
 
-/// A model prepared for training: frozen dense weights and rotary tables.
+impl Block {
+    /// The frozen `[out, in]` weight of one projection.
+    fn proj(&self, t: Target, cfg: &LlamaConfig) -> Result<Tensor> {
+        let (qw, kvw, f) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size);
+        match t {
+            Target::Q => self.qkv.narrow(0, 0, qw),
+            Target::K => self.qkv.narrow(0, qw, kvw),
+            Target::V => self.qkv.narrow(0, qw + kvw, kvw),
+            Target::O => Ok(self.o.clone()),
+            Target::Gate => self.gate_up.narrow(0, 0, f),
+            Target::Up => self.gate_up.narrow(0, f, f),
+            Target::Down => Ok(self.down.clone()),
+        }
+    }
+
+    /// One of the q, k, v biases.
+    fn bias(&self, i: usize, cfg: &LlamaConfig) -> Result<Option<Tensor>> {
+        let (qw, kvw) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        let (start, len) = [(0, qw), (qw, kvw), (qw + kvw, kvw)][i];
+        self.qkv_bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()
+    }
+}
+
+/// The attention targets, then the MLP's: each block half's adapted projections in the order
+/// the fused halves lay out their parameters.
+const ATTENTION: [Target; 4] = [Target::Q, Target::K, Target::V, Target::O];
+const MLP: [Target; 3] = [Target::Gate, Target::Up, Target::Down];
+
+/// A model prepared for training: frozen dense weights and rotary tables. Clones share the
+/// weights.
+#[derive(Clone)]
 pub struct TrainModel {
     cfg: LlamaConfig,
     embed: Tensor,
@@ -30,6 +67,8 @@ pub struct TrainModel {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Whether block halves run as the fused CPU ops ([`block`]) where they can.
+    fused: bool,
 }
 
 /// A padded batch of token sequences and the positions whose next token is learned.
@@ -118,25 +157,34 @@ impl TrainModel {
         let blocks = (0..cfg.n_layers)
             .map(|i| {
                 let p = format!("blk.{i}");
-                let proj = Target::ALL.map(|t| src.dense(&format!("{p}.{}.weight", t.gguf_name())));
-                let [q, k, v, o, g, u, d] = proj;
-                let qkv_bias = if cfg.qkv_bias {
-                    let mut b = |t: Target| src.dense(&format!("{p}.{}.bias", t.gguf_name()));
-                    Some([b(Target::Q)?, b(Target::K)?, b(Target::V)?])
-                } else {
-                    None
+                let mut w = |t: Target, what: &str| src.dense(&format!("{p}.{}.{what}", t.gguf_name()));
+                let mut stack = |ts: &[Target], what: &str| -> Result<Tensor> {
+                    Tensor::cat(&ts.iter().map(|&t| w(t, what)).collect::<Result<Vec<_>>>()?, 0)
                 };
+                let qkv = stack(&[Target::Q, Target::K, Target::V], "weight")?;
+                let qkv_bias =
+                    if cfg.qkv_bias { Some(stack(&[Target::Q, Target::K, Target::V], "bias")?) } else { None };
+                let gate_up = stack(&[Target::Gate, Target::Up], "weight")?;
                 Ok(Block {
                     attn_norm: src.dense(&format!("{p}.attn_norm.weight"))?,
                     ffn_norm: src.dense(&format!("{p}.ffn_norm.weight"))?,
-                    proj: [q?, k?, v?, o?, g?, u?, d?],
+                    qkv,
+                    o: src.dense(&format!("{p}.{}.weight", Target::O.gguf_name()))?,
+                    gate_up,
+                    down: src.dense(&format!("{p}.{}.weight", Target::Down.gguf_name()))?,
                     qkv_bias,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = src.dense("output_norm.weight")?;
         let (cos, sin) = rope_tables(&cfg, &device)?;
-        Ok(Self { cos, sin, cfg, embed, blocks, norm, lm_head, device })
+        Ok(Self { cos, sin, cfg, embed, blocks, norm, lm_head, device, fused: true })
+    }
+
+    /// Runs block halves as candle's composite graph even on the CPU (`false`), to compare the
+    /// fused ops with it; they compute the same function.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -157,7 +205,7 @@ impl TrainModel {
     }
 
     fn linear(&self, x: &Tensor, block: usize, t: Target, adapter: Option<&Adapter>, train: bool) -> Result<Tensor> {
-        let w = &self.blocks[block].proj[t.index()];
+        let w = &self.blocks[block].proj(t, &self.cfg)?;
         match adapter.and_then(|ad| ad.layer(block, t).map(|l| (ad, l))) {
             // Dropout gives the adapter its own input: the composite path.
             Some((ad, l)) if train && ad.config.dropout > 0.0 => {
@@ -179,11 +227,10 @@ impl TrainModel {
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let bias = self.blocks[block].qkv_bias.as_ref();
         let proj = |target: Target, heads: usize, i: usize| -> Result<Tensor> {
             let mut y = self.linear(h, block, target, ad, train)?;
-            if let Some(bs) = bias {
-                y = y.broadcast_add(&bs[i])?;
+            if let Some(bias) = self.blocks[block].bias(i, c)? {
+                y = y.broadcast_add(&bias)?;
             }
             y.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
         };
@@ -232,14 +279,42 @@ impl TrainModel {
         if keep.contains(&0) {
             kept.push(x.clone());
         }
+        // Dropout gives each adapter its own input, which only the composite graph does.
+        let dropout = train && adapter.is_some_and(|a| a.config.dropout > 0.0);
+        let fused = self.fused && !dropout && block::available(&x);
+        let geometry = Geometry { b, t, d: self.cfg.hidden_size, eps: self.cfg.rms_norm_eps as f32 };
         for (i, blk) in self.blocks.iter().enumerate() {
-            let h = self.rms_norm(&x, &blk.attn_norm)?;
-            x = (x + self.attention(&h, i, b, t, adapter, train)?)?;
-            let h = self.rms_norm(&x, &blk.ffn_norm)?;
-            let gate = self.linear(&h, i, Target::Gate, adapter, train)?;
-            let up = self.linear(&h, i, Target::Up, adapter, train)?;
-            let act = ops::silu_mul(&gate, &up)?;
-            x = steer((&x + self.linear(&act, i, Target::Down, adapter, train)?)?, i + 1)?;
+            if fused {
+                let ad = |targets: &[Target]| adapter.map(|a| half_adapter(a, i, targets)).transpose();
+                let w = AttentionWeights {
+                    norm: &blk.attn_norm,
+                    qkv: &blk.qkv,
+                    qkv_bias: blk.qkv_bias.as_ref(),
+                    o: &blk.o,
+                    cos: &self.cos,
+                    sin: &self.sin,
+                    n_heads: self.cfg.n_heads,
+                    n_kv_heads: self.cfg.n_kv_heads,
+                    head_dim: self.cfg.head_dim,
+                    rope_interleaved: self.cfg.rope_interleaved,
+                };
+                x = block::attention(&x, geometry, &w, ad(&ATTENTION)?.flatten().as_ref())?;
+                let w = MlpWeights {
+                    norm: &blk.ffn_norm,
+                    gate_up: &blk.gate_up,
+                    down: &blk.down,
+                    intermediate: self.cfg.intermediate_size,
+                };
+                x = steer(block::mlp(&x, geometry, &w, ad(&MLP)?.flatten().as_ref())?, i + 1)?;
+            } else {
+                let h = self.rms_norm(&x, &blk.attn_norm)?;
+                x = (x + self.attention(&h, i, b, t, adapter, train)?)?;
+                let h = self.rms_norm(&x, &blk.ffn_norm)?;
+                let gate = self.linear(&h, i, Target::Gate, adapter, train)?;
+                let up = self.linear(&h, i, Target::Up, adapter, train)?;
+                let act = ops::silu_mul(&gate, &up)?;
+                x = steer((&x + self.linear(&act, i, Target::Down, adapter, train)?)?, i + 1)?;
+            }
             if keep.contains(&(i + 1)) {
                 kept.push(x.clone());
             }
@@ -259,4 +334,23 @@ impl TrainModel {
         let logits = self.logits_at(&x, &batch.positions)?;
         ops::cross_entropy(&logits, &batch.targets)
     }
+}
+
+/// One block half's adapted projections among `targets`, their `A` and `B` flattened and
+/// concatenated in that order (autograd splits the gradients back), or `None` when none is.
+fn half_adapter(adapter: &Adapter, block: usize, targets: &[Target]) -> Result<Option<HalfAdapter>> {
+    let present: Vec<_> = targets.iter().filter_map(|&t| adapter.layer(block, t).map(|l| (t, l))).collect();
+    if present.is_empty() {
+        return Ok(None);
+    }
+    let flat = |f: &dyn Fn(&super::lora::LoraLayer) -> Tensor| -> Result<Tensor> {
+        Tensor::cat(&present.iter().map(|(_, l)| f(l).flatten_all()).collect::<Result<Vec<_>>>()?, 0)
+    };
+    Ok(Some(HalfAdapter {
+        targets: present.iter().map(|(t, _)| *t).collect(),
+        a: flat(&|l| l.a.as_tensor().clone())?,
+        b: flat(&|l| l.b.as_tensor().clone())?,
+        rank: adapter.config.rank,
+        scale: adapter.config.scale(),
+    }))
 }

@@ -31,7 +31,7 @@ struct RmsNorm {
 }
 
 /// `1 / sqrt(mean(x²) + eps)` of one row.
-fn inv_rms(x: &[f32], eps: f32) -> f32 {
+pub(super) fn inv_rms(x: &[f32], eps: f32) -> f32 {
     1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
 }
 
@@ -271,7 +271,7 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
 
 struct SiluMul;
 
-fn sigmoid(x: f32) -> f32 {
+pub(super) fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
