@@ -56,6 +56,7 @@ pub async fn build_state_with(settings: &Settings, metrics: Arc<Metrics>) -> Res
         metrics,
         live: Default::default(),
         jobs: Arc::new(crate::jobs::Jobs::new(settings.training.clone())),
+        models_added: tokio::sync::watch::Sender::new(0),
     }))
 }
 
@@ -81,21 +82,45 @@ pub fn model_health_name(model: &str) -> String {
 /// Publishes every engine's health: each model as its own health service
 /// ([`model_health_name`]), SERVING or NOT_SERVING; and `persona.v1.PersonaService` NOT_SERVING
 /// while any model's engine is down (recovering from a panic, or given up after a crash loop),
-/// so a probe on the service sees a replica that cannot serve all its models.
-async fn watch_engines(state: &AppState, reporter: &tonic_health::server::HealthReporter) {
+/// so a probe on the service sees a replica that cannot serve all its models. Models added
+/// while serving (adapters) are published when they arrive.
+async fn watch_engines(state: &Arc<AppState>, reporter: &tonic_health::server::HealthReporter) {
+    let mut added = state.models_added.subscribe();
+    let mut watched = std::collections::BTreeSet::new();
+    watch_new_engines(state, reporter, &mut watched).await;
+    // The task holds the state weakly: it ends with the state, whose sender it listens to.
+    let (state, reporter) = (Arc::downgrade(state), reporter.clone());
+    tokio::spawn(async move {
+        while added.changed().await.is_ok() {
+            let Some(state) = state.upgrade() else { break };
+            watch_new_engines(&state, &reporter, &mut watched).await;
+        }
+    });
+}
+
+/// Starts reporting the health of each engine not in `watched` yet.
+async fn watch_new_engines(
+    state: &Arc<AppState>,
+    reporter: &tonic_health::server::HealthReporter,
+    watched: &mut std::collections::BTreeSet<String>,
+) {
     use tonic_health::ServingStatus;
     let status = |serving: bool| if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-    let engines = state.engines();
-    let all: Vec<_> = engines.iter().map(|(_, e)| e.health()).collect();
-    for (id, engine) in &engines {
+    for (id, engine) in state.engines() {
+        if !watched.insert(id.clone()) {
+            continue;
+        }
         let mut rx = engine.health();
-        reporter.set_service_status(model_health_name(id), status(rx.borrow().serving)).await;
-        let (reporter, all, id) = (reporter.clone(), all.clone(), id.clone());
+        let serving = rx.borrow().serving;
+        reporter.set_service_status(model_health_name(&id), status(serving)).await;
+        let (reporter, state) = (reporter.clone(), Arc::downgrade(state));
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 let serving = rx.borrow_and_update().serving;
                 reporter.set_service_status(model_health_name(&id), status(serving)).await;
-                let every = all.iter().all(|h| h.borrow().serving);
+                let Some(state) = state.upgrade() else { break };
+                let every = state.engines().iter().all(|(_, e)| e.health().borrow().serving);
+                drop(state);
                 reporter.set_service_status(<Persona as tonic::server::NamedService>::NAME, status(every)).await;
             }
         });

@@ -224,6 +224,24 @@ async fn fine_tuning_jobs_train_save_serve_and_fail_cleanly() {
         .model
         .unwrap();
     assert_eq!(m.base_model, "smollm2-135m-instruct");
+    // Health reports the models added while serving, each under its own service name.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for model in ["pirate", "pirate-again"] {
+        let service = persona_server::server::model_health_name(model);
+        let mut status = 0;
+        for _ in 0..50 {
+            let req = tonic_health::pb::HealthCheckRequest { service: service.clone() };
+            match health.check(req).await {
+                Ok(r) if r.get_ref().status == 1 => {
+                    status = 1;
+                    break;
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        assert_eq!(status, 1, "{service} is SERVING");
+    }
     assert_eq!(
         c.load_adapter(pb::LoadAdapterRequest {
             model: "pirate-again".into(),

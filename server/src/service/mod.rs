@@ -53,6 +53,8 @@ pub struct AppState {
     pub live: Arc<crate::live::LiveFeed>,
     /// Fine-tuning jobs.
     pub jobs: Arc<crate::jobs::Jobs>,
+    /// Counts the models added while serving, so that health reporting picks them up.
+    pub models_added: tokio::sync::watch::Sender<u64>,
 }
 
 impl AppState {
@@ -79,6 +81,8 @@ impl AppState {
             return Err(ServiceError::AlreadyExists(format!("model `{id}` is already served")));
         }
         engines.insert(id.to_string(), engine);
+        drop(engines);
+        self.models_added.send_modify(|n| *n += 1);
         Ok(())
     }
 }
