@@ -408,7 +408,7 @@ pub fn register(
             None => ServiceError::Internal(format!("loading `{id}`: {e:#}")),
         })?;
     let model =
-        LoadedModel { source: format!("{} + adapter {}", b.source, dir.display()), base: Some(b.id.clone()), ..loaded };
+        LoadedModel { source: crate::model::adapted_source(&b.source, dir), base: Some(b.id.clone()), ..loaded };
     let cfg = EngineConfig { metrics: state.metrics.model(id), ..base.config().clone() };
     let engine = EngineHandle::spawn(Arc::new(model), cfg)
         .map_err(|e| ServiceError::Internal(format!("starting the engine of `{id}`: {e}")))?;

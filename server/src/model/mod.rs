@@ -103,6 +103,12 @@ pub struct LoadedModel {
     pub options: LoadOptions,
 }
 
+/// How ListModels describes a model served with an adapter merged in: the base's source and
+/// the adapter's directory.
+pub fn adapted_source(base: &str, adapter: &std::path::Path) -> String {
+    format!("{base} + adapter {}", adapter.display())
+}
+
 impl LoadedModel {
     pub fn config(&self) -> &LlamaConfig {
         self.model.config()
@@ -128,7 +134,7 @@ impl LoadedModel {
         };
         let loaded = Self::from_files_adapted(&spec.id, &files, &device, &opts, spec.adapter.as_deref())?;
         let source = match &spec.adapter {
-            Some(a) => format!("{} + adapter {}", spec.source.describe(), a.display()),
+            Some(a) => adapted_source(&spec.source.describe(), a),
             None => spec.source.describe(),
         };
         Ok(Self { source, base: spec.base.clone(), ..loaded })
