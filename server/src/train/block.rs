@@ -314,7 +314,7 @@ pub(super) struct Geometry {
 
 /// `x + o(attention(rope(q), rope(k), v))` with `q, k, v` from `rms_norm(x)`.
 pub(super) struct AttentionHalf {
-    shape: Geometry,
+    geometry: Geometry,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -371,17 +371,17 @@ pub(super) struct HalfAdapter {
 }
 
 impl AttentionHalf {
-    fn new(shape: Geometry, w: &AttentionWeights, adapter: Option<&HalfAdapter>) -> Result<Self> {
+    fn new(geometry: Geometry, w: &AttentionWeights, adapter: Option<&HalfAdapter>) -> Result<Self> {
         let (nh, nkv, hd) = (w.n_heads, w.n_kv_heads, w.head_dim);
         let (qw, kvw) = (nh * hd, nkv * hd);
         let targets = adapter.map(|a| a.targets.as_slice()).unwrap_or(&[]);
         let rank = adapter.map_or(0, |a| a.rank);
         let qkv = [(Target::Q, qw), (Target::K, kvw), (Target::V, kvw)];
-        let (projs, a_len, b_len) = lay_out(&[(&qkv, shape.d), (&[(Target::O, shape.d)], qw)], targets, rank);
+        let (projs, a_len, b_len) = lay_out(&[(&qkv, geometry.d), (&[(Target::O, geometry.d)], qw)], targets, rank);
         let half = hd / 2;
-        let table = |t: &Tensor| -> Result<Vec<f32>> { t.narrow(0, 0, shape.t)?.flatten_all()?.to_vec1() };
+        let table = |t: &Tensor| -> Result<Vec<f32>> { t.narrow(0, 0, geometry.t)?.flatten_all()?.to_vec1() };
         Ok(Self {
-            shape,
+            geometry,
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: hd,
@@ -399,7 +399,7 @@ impl AttentionHalf {
     }
 
     fn forward(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>> {
-        let Geometry { b, t, d, eps } = self.shape;
+        let Geometry { b, t, d, eps } = self.geometry;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (n, qw, kvw) = (b * t, nh * hd, nkv * hd);
         let width = qw + 2 * kvw;
@@ -469,7 +469,7 @@ impl AttentionHalf {
     fn backward(&self, x: &[f32], dz: &[f32], lora: Option<&Lora>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let s = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(s) = s else { candle_core::bail!("attention backward before its forward") };
-        let Geometry { b, t, d, .. } = self.shape;
+        let Geometry { b, t, d, .. } = self.geometry;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (n, qw, kvw) = (b * t, nh * hd, nkv * hd);
         let width = qw + 2 * kvw;
@@ -552,7 +552,7 @@ impl AttentionHalf {
 
 /// `x + down(silu(gate(h)) · up(h))` with `h = rms_norm(x)`.
 pub(super) struct MlpHalf {
-    shape: Geometry,
+    geometry: Geometry,
     inter: usize,
     norm: Tensor,
     /// `[2 · intermediate, d]`: gate rows, then up rows.
@@ -583,14 +583,14 @@ pub(super) struct MlpWeights<'a> {
 }
 
 impl MlpHalf {
-    fn new(shape: Geometry, w: &MlpWeights, adapter: Option<&HalfAdapter>) -> Self {
+    fn new(geometry: Geometry, w: &MlpWeights, adapter: Option<&HalfAdapter>) -> Self {
         let f = w.intermediate;
         let targets = adapter.map(|a| a.targets.as_slice()).unwrap_or(&[]);
         let rank = adapter.map_or(0, |a| a.rank);
         let gu = [(Target::Gate, f), (Target::Up, f)];
-        let (projs, a_len, b_len) = lay_out(&[(&gu, shape.d), (&[(Target::Down, shape.d)], f)], targets, rank);
+        let (projs, a_len, b_len) = lay_out(&[(&gu, geometry.d), (&[(Target::Down, geometry.d)], f)], targets, rank);
         Self {
-            shape,
+            geometry,
             inter: f,
             norm: w.norm.clone(),
             gate_up: w.gate_up.clone(),
@@ -604,7 +604,7 @@ impl MlpHalf {
     }
 
     fn forward(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>> {
-        let Geometry { b, t, d, eps } = self.shape;
+        let Geometry { b, t, d, eps } = self.geometry;
         let (n, f) = (b * t, self.inter);
         let (norm, wgu, wd) = (Host::of(&self.norm), Host::of(&self.gate_up), Host::of(&self.down));
         let (h, inv) = rms_forward(x, norm.f32()?, eps);
@@ -627,7 +627,7 @@ impl MlpHalf {
     fn backward(&self, x: &[f32], dz: &[f32], lora: Option<&Lora>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let s = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(s) = s else { candle_core::bail!("MLP backward before its forward") };
-        let Geometry { b, t, d, .. } = self.shape;
+        let Geometry { b, t, d, .. } = self.geometry;
         let (n, f) = (b * t, self.inter);
         let (norm, wgu, wd) = (Host::of(&self.norm), Host::of(&self.gate_up), Host::of(&self.down));
         let (mut da, mut db) = (vec![0f32; self.lens.0], vec![0f32; self.lens.1]);
@@ -680,7 +680,7 @@ impl MlpHalf {
 /// `apply_op3` with the half's flat `A` and `B` with one.
 trait Half: Send + Sync + 'static {
     const NAME: &'static str;
-    fn shape(&self) -> Geometry;
+    fn geometry(&self) -> Geometry;
     fn lens(&self) -> (usize, usize);
     fn rank_scale(&self) -> (usize, f32);
     fn run(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>>;
@@ -689,8 +689,8 @@ trait Half: Send + Sync + 'static {
 
 impl Half for AttentionHalf {
     const NAME: &'static str = "train-attention-half";
-    fn shape(&self) -> Geometry {
-        self.shape
+    fn geometry(&self) -> Geometry {
+        self.geometry
     }
     fn lens(&self) -> (usize, usize) {
         self.lens
@@ -708,8 +708,8 @@ impl Half for AttentionHalf {
 
 impl Half for MlpHalf {
     const NAME: &'static str = "train-mlp-half";
-    fn shape(&self) -> Geometry {
-        self.shape
+    fn geometry(&self) -> Geometry {
+        self.geometry
     }
     fn lens(&self) -> (usize, usize) {
         self.lens
@@ -729,7 +729,7 @@ struct Op<H>(H);
 
 impl<H: Half> Op<H> {
     fn residual_shape(&self) -> Shape {
-        let s = self.0.shape();
+        let s = self.0.geometry();
         Shape::from((s.b * s.t, s.d))
     }
 
@@ -830,14 +830,14 @@ pub(super) fn available(x: &Tensor) -> bool {
 /// The attention half over the residual stream `x` (`[b · t, d]`).
 pub(super) fn attention(
     x: &Tensor,
-    shape: Geometry,
+    geometry: Geometry,
     w: &AttentionWeights,
     adapter: Option<&HalfAdapter>,
 ) -> Result<Tensor> {
-    apply(AttentionHalf::new(shape, w, adapter)?, x, adapter)
+    apply(AttentionHalf::new(geometry, w, adapter)?, x, adapter)
 }
 
 /// The MLP half over the residual stream `x` (`[b · t, d]`).
-pub(super) fn mlp(x: &Tensor, shape: Geometry, w: &MlpWeights, adapter: Option<&HalfAdapter>) -> Result<Tensor> {
-    apply(MlpHalf::new(shape, w, adapter), x, adapter)
+pub(super) fn mlp(x: &Tensor, geometry: Geometry, w: &MlpWeights, adapter: Option<&HalfAdapter>) -> Result<Tensor> {
+    apply(MlpHalf::new(geometry, w, adapter), x, adapter)
 }
