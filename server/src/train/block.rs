@@ -308,13 +308,34 @@ pub(super) struct Geometry {
     pub eps: f32,
 }
 
+/// What both halves keep besides their weights: the batch geometry, their projections'
+/// segments, and their adapters' rank, scale and flat lengths.
+struct Frame {
+    geometry: Geometry,
+    projs: Vec<Proj>,
+    rank: usize,
+    scale: f32,
+    lens: (usize, usize),
+}
+
+impl Frame {
+    /// Lays out the projections of one half (see [`lay_out`]) for `adapter`'s targets.
+    fn new(geometry: Geometry, groups: &[(&[(Target, usize)], usize)], adapter: Option<&HalfAdapter>) -> Self {
+        let targets = adapter.map(|a| a.targets.as_slice()).unwrap_or(&[]);
+        let rank = adapter.map_or(0, |a| a.rank);
+        let (projs, a_len, b_len) = lay_out(groups, targets, rank);
+        Self { geometry, projs, rank, scale: adapter.map_or(0.0, |a| a.scale as f32), lens: (a_len, b_len) }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention half
 // ---------------------------------------------------------------------------------------------
 
 /// `x + o(attention(rope(q), rope(k), v))` with `q, k, v` from `rms_norm(x)`.
 pub(super) struct AttentionHalf {
-    geometry: Geometry,
+    /// Projections `[qkv, o]`.
+    frame: Frame,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -324,11 +345,6 @@ pub(super) struct AttentionHalf {
     qkv_bias: Option<Tensor>,
     o: Tensor,
     rotary: Rotary,
-    /// `[qkv, o]`.
-    projs: Vec<Proj>,
-    rank: usize,
-    scale: f32,
-    lens: (usize, usize),
     saved: Mutex<Option<Arc<AttentionSaved>>>,
 }
 
@@ -374,14 +390,12 @@ impl AttentionHalf {
     fn new(geometry: Geometry, w: &AttentionWeights, adapter: Option<&HalfAdapter>) -> Result<Self> {
         let (nh, nkv, hd) = (w.n_heads, w.n_kv_heads, w.head_dim);
         let (qw, kvw) = (nh * hd, nkv * hd);
-        let targets = adapter.map(|a| a.targets.as_slice()).unwrap_or(&[]);
-        let rank = adapter.map_or(0, |a| a.rank);
         let qkv = [(Target::Q, qw), (Target::K, kvw), (Target::V, kvw)];
-        let (projs, a_len, b_len) = lay_out(&[(&qkv, geometry.d), (&[(Target::O, geometry.d)], qw)], targets, rank);
+        let frame = Frame::new(geometry, &[(&qkv, geometry.d), (&[(Target::O, geometry.d)], qw)], adapter);
         let half = hd / 2;
         let table = |t: &Tensor| -> Result<Vec<f32>> { t.narrow(0, 0, geometry.t)?.flatten_all()?.to_vec1() };
         Ok(Self {
-            geometry,
+            frame,
             n_heads: nh,
             n_kv_heads: nkv,
             head_dim: hd,
@@ -390,23 +404,27 @@ impl AttentionHalf {
             qkv_bias: w.qkv_bias.cloned(),
             o: w.o.clone(),
             rotary: Rotary { cos: table(w.cos)?, sin: table(w.sin)?, half, interleaved: w.rope_interleaved },
-            projs,
-            rank,
-            scale: adapter.map_or(0.0, |a| a.scale as f32),
-            lens: (a_len, b_len),
             saved: Mutex::new(None),
         })
     }
+}
+
+impl Half for AttentionHalf {
+    const NAME: &'static str = "train-attention-half";
+
+    fn frame(&self) -> &Frame {
+        &self.frame
+    }
 
     fn forward(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>> {
-        let Geometry { b, t, d, eps } = self.geometry;
+        let Geometry { b, t, d, eps } = self.frame.geometry;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (n, qw, kvw) = (b * t, nh * hd, nkv * hd);
         let width = qw + 2 * kvw;
         let (norm, wqkv, wo) = (Host::of(&self.norm), Host::of(&self.qkv), Host::of(&self.o));
         let (h, inv) = rms_forward(x, norm.f32()?, eps);
         let mut qkv = vec![0f32; n * width];
-        let low_qkv = self.projs[0].forward(Mat::new(&h, n, d), wqkv.f32()?, lora, &mut qkv, false)?;
+        let low_qkv = self.frame.projs[0].forward(Mat::new(&h, n, d), wqkv.f32()?, lora, &mut qkv, false)?;
         if let Some(bias) = &self.qkv_bias {
             let bias = Host::of(bias);
             let bias = bias.f32()?;
@@ -460,7 +478,7 @@ impl AttentionHalf {
             },
         )?;
         let mut out = x.to_vec();
-        let low_o = self.projs[1].forward(Mat::new(&y, n, qw), wo.f32()?, lora, &mut out, true)?;
+        let low_o = self.frame.projs[1].forward(Mat::new(&y, n, qw), wo.f32()?, lora, &mut out, true)?;
         let saved = AttentionSaved { inv, h, low_qkv, q, k, v, probs, y, low_o };
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(saved));
         Ok(out)
@@ -469,15 +487,15 @@ impl AttentionHalf {
     fn backward(&self, x: &[f32], dz: &[f32], lora: Option<&Lora>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let s = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(s) = s else { candle_core::bail!("attention backward before its forward") };
-        let Geometry { b, t, d, .. } = self.geometry;
+        let Geometry { b, t, d, .. } = self.frame.geometry;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (n, qw, kvw) = (b * t, nh * hd, nkv * hd);
         let width = qw + 2 * kvw;
         let (norm, wqkv, wo) = (Host::of(&self.norm), Host::of(&self.qkv), Host::of(&self.o));
-        let (mut da, mut db) = (vec![0f32; self.lens.0], vec![0f32; self.lens.1]);
+        let (mut da, mut db) = (vec![0f32; self.frame.lens.0], vec![0f32; self.frame.lens.1]);
         let mut dy = vec![0f32; n * qw];
         let dzm = Mat::new(dz, n, d);
-        self.projs[1].backward(
+        self.frame.projs[1].backward(
             dzm,
             Mat::new(&s.y, n, qw),
             &s.low_o,
@@ -530,7 +548,7 @@ impl AttentionHalf {
         drop(dy);
         let mut dh = vec![0f32; n * d];
         let dqkv = Mat::new(&dqkv, n, width);
-        self.projs[0].backward(
+        self.frame.projs[0].backward(
             dqkv,
             Mat::new(&s.h, n, d),
             &s.low_qkv,
@@ -552,17 +570,13 @@ impl AttentionHalf {
 
 /// `x + down(silu(gate(h)) · up(h))` with `h = rms_norm(x)`.
 pub(super) struct MlpHalf {
-    geometry: Geometry,
+    /// Projections `[gate_up, down]`.
+    frame: Frame,
     inter: usize,
     norm: Tensor,
     /// `[2 · intermediate, d]`: gate rows, then up rows.
     gate_up: Tensor,
     down: Tensor,
-    /// `[gate_up, down]`.
-    projs: Vec<Proj>,
-    rank: usize,
-    scale: f32,
-    lens: (usize, usize),
     saved: Mutex<Option<Arc<MlpSaved>>>,
 }
 
@@ -585,31 +599,32 @@ pub(super) struct MlpWeights<'a> {
 impl MlpHalf {
     fn new(geometry: Geometry, w: &MlpWeights, adapter: Option<&HalfAdapter>) -> Self {
         let f = w.intermediate;
-        let targets = adapter.map(|a| a.targets.as_slice()).unwrap_or(&[]);
-        let rank = adapter.map_or(0, |a| a.rank);
         let gu = [(Target::Gate, f), (Target::Up, f)];
-        let (projs, a_len, b_len) = lay_out(&[(&gu, geometry.d), (&[(Target::Down, geometry.d)], f)], targets, rank);
         Self {
-            geometry,
+            frame: Frame::new(geometry, &[(&gu, geometry.d), (&[(Target::Down, geometry.d)], f)], adapter),
             inter: f,
             norm: w.norm.clone(),
             gate_up: w.gate_up.clone(),
             down: w.down.clone(),
-            projs,
-            rank,
-            scale: adapter.map_or(0.0, |a| a.scale as f32),
-            lens: (a_len, b_len),
             saved: Mutex::new(None),
         }
     }
+}
+
+impl Half for MlpHalf {
+    const NAME: &'static str = "train-mlp-half";
+
+    fn frame(&self) -> &Frame {
+        &self.frame
+    }
 
     fn forward(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>> {
-        let Geometry { b, t, d, eps } = self.geometry;
+        let Geometry { b, t, d, eps } = self.frame.geometry;
         let (n, f) = (b * t, self.inter);
         let (norm, wgu, wd) = (Host::of(&self.norm), Host::of(&self.gate_up), Host::of(&self.down));
         let (h, inv) = rms_forward(x, norm.f32()?, eps);
         let mut gu = vec![0f32; n * 2 * f];
-        let low_gu = self.projs[0].forward(Mat::new(&h, n, d), wgu.f32()?, lora, &mut gu, false)?;
+        let low_gu = self.frame.projs[0].forward(Mat::new(&h, n, d), wgu.f32()?, lora, &mut gu, false)?;
         let mut act = vec![0f32; n * f];
         act.par_chunks_mut(f).zip(gu.par_chunks(2 * f)).for_each(|(a, gu)| {
             let (g, u) = gu.split_at(f);
@@ -618,7 +633,7 @@ impl MlpHalf {
             }
         });
         let mut out = x.to_vec();
-        let low_d = self.projs[1].forward(Mat::new(&act, n, f), wd.f32()?, lora, &mut out, true)?;
+        let low_d = self.frame.projs[1].forward(Mat::new(&act, n, f), wd.f32()?, lora, &mut out, true)?;
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(Arc::new(MlpSaved { inv, h, low_gu, gu, act, low_d }));
         Ok(out)
@@ -627,13 +642,13 @@ impl MlpHalf {
     fn backward(&self, x: &[f32], dz: &[f32], lora: Option<&Lora>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let s = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(s) = s else { candle_core::bail!("MLP backward before its forward") };
-        let Geometry { b, t, d, .. } = self.geometry;
+        let Geometry { b, t, d, .. } = self.frame.geometry;
         let (n, f) = (b * t, self.inter);
         let (norm, wgu, wd) = (Host::of(&self.norm), Host::of(&self.gate_up), Host::of(&self.down));
-        let (mut da, mut db) = (vec![0f32; self.lens.0], vec![0f32; self.lens.1]);
+        let (mut da, mut db) = (vec![0f32; self.frame.lens.0], vec![0f32; self.frame.lens.1]);
         let mut d_act = vec![0f32; n * f];
         let dzm = Mat::new(dz, n, d);
-        self.projs[1].backward(
+        self.frame.projs[1].backward(
             dzm,
             Mat::new(&s.act, n, f),
             &s.low_d,
@@ -656,7 +671,7 @@ impl MlpHalf {
         drop(d_act);
         let mut dh = vec![0f32; n * d];
         let dgu = Mat::new(&dgu, n, 2 * f);
-        self.projs[0].backward(
+        self.frame.projs[0].backward(
             dgu,
             Mat::new(&s.h, n, d),
             &s.low_gu,
@@ -680,57 +695,19 @@ impl MlpHalf {
 /// `apply_op3` with the half's flat `A` and `B` with one.
 trait Half: Send + Sync + 'static {
     const NAME: &'static str;
-    fn geometry(&self) -> Geometry;
-    fn lens(&self) -> (usize, usize);
-    fn rank_scale(&self) -> (usize, f32);
-    fn run(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>>;
-    fn run_backward(&self, x: &[f32], dz: &[f32], lora: Option<&Lora>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)>;
-}
-
-impl Half for AttentionHalf {
-    const NAME: &'static str = "train-attention-half";
-    fn geometry(&self) -> Geometry {
-        self.geometry
-    }
-    fn lens(&self) -> (usize, usize) {
-        self.lens
-    }
-    fn rank_scale(&self) -> (usize, f32) {
-        (self.rank, self.scale)
-    }
-    fn run(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>> {
-        self.forward(x, lora)
-    }
-    fn run_backward(&self, x: &[f32], dz: &[f32], lora: Option<&Lora>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        self.backward(x, dz, lora)
-    }
-}
-
-impl Half for MlpHalf {
-    const NAME: &'static str = "train-mlp-half";
-    fn geometry(&self) -> Geometry {
-        self.geometry
-    }
-    fn lens(&self) -> (usize, usize) {
-        self.lens
-    }
-    fn rank_scale(&self) -> (usize, f32) {
-        (self.rank, self.scale)
-    }
-    fn run(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>> {
-        self.forward(x, lora)
-    }
-    fn run_backward(&self, x: &[f32], dz: &[f32], lora: Option<&Lora>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        self.backward(x, dz, lora)
-    }
+    fn frame(&self) -> &Frame;
+    /// The half's output; keeps what [`Half::backward`] needs.
+    fn forward(&self, x: &[f32], lora: Option<&Lora>) -> Result<Vec<f32>>;
+    /// The gradients of the input and of the flat `A` and `B`, from the output's.
+    fn backward(&self, x: &[f32], dz: &[f32], lora: Option<&Lora>) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)>;
 }
 
 struct Op<H>(H);
 
 impl<H: Half> Op<H> {
     fn residual_shape(&self) -> Shape {
-        let s = self.0.geometry();
-        Shape::from((s.b * s.t, s.d))
+        let g = self.0.frame().geometry;
+        Shape::from((g.b * g.t, g.d))
     }
 
     fn check(&self, l: &Layout) -> Result<()> {
@@ -741,17 +718,11 @@ impl<H: Half> Op<H> {
     }
 
     fn lora<'a>(&self, a: &'a [f32], b: &'a [f32]) -> Result<Lora<'a>> {
-        if (a.len(), b.len()) != self.0.lens() {
-            candle_core::bail!(
-                "{}: adapter vectors of {} and {}, expected {:?}",
-                H::NAME,
-                a.len(),
-                b.len(),
-                self.0.lens()
-            );
+        let f = self.0.frame();
+        if (a.len(), b.len()) != f.lens {
+            candle_core::bail!("{}: adapter vectors of {} and {}, expected {:?}", H::NAME, a.len(), b.len(), f.lens);
         }
-        let (rank, scale) = self.0.rank_scale();
-        Ok(Lora { a, b, rank, scale })
+        Ok(Lora { a, b, rank: f.rank, scale: f.scale })
     }
 }
 
@@ -762,13 +733,13 @@ impl<H: Half> CustomOp1 for Op<H> {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.check(l)?;
-        Ok((CpuStorage::F32(self.0.run(slice(s, l, H::NAME)?, None)?), self.residual_shape()))
+        Ok((CpuStorage::F32(self.0.forward(slice(s, l, H::NAME)?, None)?), self.residual_shape()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (x, grad) = (x.contiguous()?, grad.contiguous()?);
         let (x, grad) = (Host::of(&x), Host::of(&grad));
-        let (dx, _, _) = self.0.run_backward(x.f32()?, grad.f32()?, None)?;
+        let (dx, _, _) = self.0.backward(x.f32()?, grad.f32()?, None)?;
         Ok(Some(Tensor::from_vec(dx, self.residual_shape(), &Device::Cpu)?))
     }
 }
@@ -789,7 +760,7 @@ impl<H: Half> CustomOp3 for Op<H> {
     ) -> Result<(CpuStorage, Shape)> {
         self.check(l1)?;
         let lora = self.lora(slice(s2, l2, H::NAME)?, slice(s3, l3, H::NAME)?)?;
-        Ok((CpuStorage::F32(self.0.run(slice(s1, l1, H::NAME)?, Some(&lora))?), self.residual_shape()))
+        Ok((CpuStorage::F32(self.0.forward(slice(s1, l1, H::NAME)?, Some(&lora))?), self.residual_shape()))
     }
 
     fn bwd(
@@ -803,7 +774,7 @@ impl<H: Half> CustomOp3 for Op<H> {
         let (x, a, b, grad) = (x.contiguous()?, a.contiguous()?, b.contiguous()?, grad.contiguous()?);
         let (x, a, b, grad) = (Host::of(&x), Host::of(&a), Host::of(&b), Host::of(&grad));
         let lora = self.lora(a.f32()?, b.f32()?)?;
-        let (dx, da, db) = self.0.run_backward(x.f32()?, grad.f32()?, Some(&lora))?;
+        let (dx, da, db) = self.0.backward(x.f32()?, grad.f32()?, Some(&lora))?;
         let dev = Device::Cpu;
         let (na, nb) = (da.len(), db.len());
         Ok((
