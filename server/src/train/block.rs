@@ -14,7 +14,9 @@
 //! and `linear`); the tests check these ops against it in value and in every gradient.
 
 use super::lora::Target;
-use super::ops::{inv_rms, on_cpu_f32, sigmoid, slice};
+use super::ops::{
+    on_cpu_f32, rms_norm_grad_row, rms_norm_row, rotate, sigmoid, silu_mul_grad, slice, softmax_grad_row, softmax_row,
+};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -255,10 +257,7 @@ fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let mut h = vec![0f32; x.len()];
     let mut inv = vec![0f32; x.len() / d];
     h.par_chunks_mut(d).zip(inv.par_iter_mut()).zip(x.par_chunks(d)).for_each(|((h, r), x)| {
-        *r = inv_rms(x, eps);
-        for ((h, x), w) in h.iter_mut().zip(x).zip(w) {
-            *h = x * *r * w;
-        }
+        *r = rms_norm_row(x, w, eps, h);
     });
     (h, inv)
 }
@@ -266,14 +265,10 @@ fn rms_forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
 /// `dx += r (dh w - x r² mean(dh w x))`, RMSNorm's input gradient.
 fn rms_backward(x: &[f32], inv: &[f32], w: &[f32], dh: &[f32], dx: &mut [f32]) {
     let d = w.len();
-    dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dh.par_chunks(d))).zip(inv.par_iter()).for_each(
-        |((dx, (x, dh)), &r)| {
-            let gx: f32 = x.iter().zip(dh).zip(w).map(|((x, g), w)| g * w * x).sum::<f32>() / d as f32;
-            for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(dh).zip(w) {
-                *dx += r * (g * w - x * r * r * gx);
-            }
-        },
-    );
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dh.par_chunks(d)))
+        .zip(inv.par_iter())
+        .for_each(|((dx, (x, dh)), &r)| rms_norm_grad_row(x, dh, w, r, dx));
 }
 
 /// The rotary tables' first `t` rows (`[t, hd/2]` each) and the pairing convention.
@@ -287,15 +282,8 @@ struct Rotary {
 impl Rotary {
     /// Rotates one head vector at position `p`, by minus the angle with `inverse`.
     fn rotate(&self, v: &mut [f32], p: usize, inverse: bool) {
-        let h = self.half;
-        let (c, s) = (&self.cos[p * h..(p + 1) * h], &self.sin[p * h..(p + 1) * h]);
-        for i in 0..h {
-            let (ia, ib) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + h) };
-            let sn = if inverse { -s[i] } else { s[i] };
-            let (a, b) = (v[ia], v[ib]);
-            v[ia] = a * c[i] - b * sn;
-            v[ib] = a * sn + b * c[i];
-        }
+        let at = p * self.half..(p + 1) * self.half;
+        rotate(v, &self.cos[at.clone()], &self.sin[at], self.interleaved, inverse);
     }
 }
 
@@ -463,13 +451,7 @@ impl Half for AttentionHalf {
                     gemm(p, t, qh, kh.t(), scale, false, false)?;
                     for (i, r) in p.chunks_mut(t).enumerate() {
                         let (seen, masked) = r.split_at_mut(i + 1);
-                        let m = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                        let mut sum = 0f32;
-                        seen.iter_mut().for_each(|v| {
-                            *v = (*v - m).exp();
-                            sum += *v;
-                        });
-                        seen.iter_mut().for_each(|v| *v /= sum);
+                        softmax_row(seen);
                         masked.fill(0.0);
                     }
                     gemm(&mut y[head * hd..], qw, Mat::new(p, t, t), vh, 1.0, false, false)?;
@@ -521,10 +503,7 @@ impl Half for AttentionHalf {
                 gemm(&mut ds, t, doh, vh.t(), 1.0, false, false)?;
                 gemm(&mut dv[kv * t * hd..], hd, p.t(), doh, 1.0, true, false)?;
                 for (i, (ds, p)) in ds.chunks_mut(t).zip(p.data.chunks(t)).enumerate() {
-                    let dot: f32 = ds[..=i].iter().zip(&p[..=i]).map(|(a, b)| a * b).sum();
-                    for (g, p) in ds[..=i].iter_mut().zip(&p[..=i]) {
-                        *g = scale * p * (*g - dot);
-                    }
+                    softmax_grad_row(&p[..=i], &mut ds[..=i], scale);
                     ds[i + 1..].fill(0.0);
                 }
                 let dsm = Mat::new(&ds, t, t);
@@ -663,9 +642,7 @@ impl Half for MlpHalf {
             let (dg, du) = dgu.split_at_mut(f);
             let (g, u) = gu.split_at(f);
             for i in 0..f {
-                let sg = sigmoid(g[i]);
-                dg[i] = da[i] * u[i] * sg * (1.0 + g[i] * (1.0 - sg));
-                du[i] = da[i] * g[i] * sg;
+                (dg[i], du[i]) = silu_mul_grad(g[i], u[i], da[i]);
             }
         });
         drop(d_act);

@@ -35,6 +35,23 @@ pub(super) fn inv_rms(x: &[f32], eps: f32) -> f32 {
     1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
 }
 
+/// One row of RMSNorm: `y = x r w` with `r = 1/rms(x)`, which it returns.
+pub(super) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 {
+    let r = inv_rms(x, eps);
+    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+        *y = x * r * w;
+    }
+    r
+}
+
+/// One row of RMSNorm's input gradient, added to `dx`: `r (dy w - x r² mean(dy w x))`.
+pub(super) fn rms_norm_grad_row(x: &[f32], dy: &[f32], w: &[f32], r: f32, dx: &mut [f32]) {
+    let gx: f32 = x.iter().zip(dy).zip(w).map(|((x, dy), w)| dy * w * x).sum::<f32>() / w.len() as f32;
+    for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+        *dx += r * (dy * w - x * r * r * gx);
+    }
+}
+
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "train-rms-norm"
@@ -45,10 +62,7 @@ impl CustomOp1 for RmsNorm {
         let d = self.weight.len();
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
-            let r = inv_rms(x, self.eps);
-            for ((y, x), w) in y.iter_mut().zip(x).zip(&self.weight) {
-                *y = x * r * w;
-            }
+            rms_norm_row(x, &self.weight, self.eps, y);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -75,11 +89,7 @@ impl CustomOp2 for RmsNormGrad {
         let d = self.weight.len();
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(dx, (x, dy))| {
-            let r = inv_rms(x, self.eps);
-            let gx: f32 = x.iter().zip(dy).zip(&self.weight).map(|((x, dy), w)| dy * w * x).sum::<f32>() / d as f32;
-            for (((dx, x), dy), w) in dx.iter_mut().zip(x).zip(dy).zip(&self.weight) {
-                *dx = r * (dy * w - x * r * r * gx);
-            }
+            rms_norm_grad_row(x, dy, &self.weight, inv_rms(x, self.eps), dx);
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
@@ -110,22 +120,29 @@ struct Rope {
     inverse: bool,
 }
 
+/// Rotates one head vector in place by the angles whose cosines and sines are `cos` and `sin`
+/// (`hd/2` each), or by minus them with `inverse`: pairs `(2i, 2i+1)` when `interleaved`,
+/// `(i, i + hd/2)` otherwise.
+pub(super) fn rotate(v: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool, inverse: bool) {
+    let half = cos.len();
+    for i in 0..half {
+        let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+        let sn = if inverse { -sin[i] } else { sin[i] };
+        let (a, b) = (v[ia], v[ib]);
+        v[ia] = a * cos[i] - b * sn;
+        v[ib] = a * sn + b * cos[i];
+    }
+}
+
 impl Rope {
     fn apply(&self, x: &[f32]) -> Vec<f32> {
         let (t, hd, half) = (self.t, self.hd, self.hd / 2);
-        let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut y = vec![0f32; x.len()];
+        let mut y = x.to_vec();
         // Rows of one head are t consecutive vectors of hd; position = row index mod t.
-        y.par_chunks_mut(t * hd).zip(x.par_chunks(t * hd)).for_each(|(y, x)| {
-            for p in 0..t {
-                let (c, s) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
-                let (x, y) = (&x[p * hd..(p + 1) * hd], &mut y[p * hd..(p + 1) * hd]);
-                for i in 0..half {
-                    let (ia, ib) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
-                    let (a, b, sn) = (x[ia], x[ib], sign * s[i]);
-                    y[ia] = a * c[i] - b * sn;
-                    y[ib] = a * sn + b * c[i];
-                }
+        y.par_chunks_mut(t * hd).for_each(|y| {
+            for (p, v) in y.chunks_mut(hd).enumerate() {
+                let at = p * half..(p + 1) * half;
+                rotate(v, &self.cos[at.clone()], &self.sin[at], self.interleaved, self.inverse);
             }
         });
         y
@@ -187,6 +204,27 @@ struct CausalSoftmax {
     t: usize,
 }
 
+/// Softmax in place over a row's visible scores (already scaled).
+pub(super) fn softmax_row(seen: &mut [f32]) {
+    let m = seen.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in seen.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    seen.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Softmax's gradient over a row's visible positions, in place: `g` holds `dp` on entry and
+/// `scale · p (dp - Σ p dp)` on return.
+pub(super) fn softmax_grad_row(p: &[f32], g: &mut [f32], scale: f32) {
+    let dot: f32 = p.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
+    for (g, p) in g.iter_mut().zip(p) {
+        *g = scale * p * (*g - dot);
+    }
+}
+
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "train-causal-softmax"
@@ -199,14 +237,8 @@ impl CustomOp1 for CausalSoftmax {
         y.par_chunks_mut(t * t).zip(x.par_chunks(t * t)).for_each(|(y, x)| {
             for i in 0..t {
                 let (x, y) = (&x[i * t..i * t + i + 1], &mut y[i * t..i * t + i + 1]);
-                let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
-                let mut sum = 0f32;
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x * self.scale - m).exp();
-                    sum += *y;
-                }
-                let inv = 1.0 / sum;
-                y.iter_mut().for_each(|v| *v *= inv);
+                y.iter_mut().zip(x).for_each(|(y, x)| *y = x * self.scale);
+                softmax_row(y);
             }
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -236,11 +268,8 @@ impl CustomOp2 for CausalSoftmaxGrad {
         ds.par_chunks_mut(t * t).zip(p.par_chunks(t * t).zip(dp.par_chunks(t * t))).for_each(|(ds, (p, dp))| {
             for i in 0..t {
                 let r = i * t..i * t + i + 1;
-                let (p, dp, ds) = (&p[r.clone()], &dp[r.clone()], &mut ds[r]);
-                let dot: f32 = p.iter().zip(dp).map(|(a, b)| a * b).sum();
-                for ((ds, p), dp) in ds.iter_mut().zip(p).zip(dp) {
-                    *ds = self.scale * p * (dp - dot);
-                }
+                ds[r.clone()].copy_from_slice(&dp[r.clone()]);
+                softmax_grad_row(&p[r.clone()], &mut ds[r], self.scale);
             }
         });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
@@ -301,6 +330,12 @@ impl CustomOp2 for SiluMul {
     }
 }
 
+/// `(dg, du)` of `silu(g) · u` from its output's gradient `dy`.
+pub(super) fn silu_mul_grad(g: f32, u: f32, dy: f32) -> (f32, f32) {
+    let s = sigmoid(g);
+    (dy * u * s * (1.0 + g * (1.0 - s)), dy * g * s)
+}
+
 /// From `[g; u]` (stacked) and `dy`: `[dg; du]` with `dg = dy u σ(g)(1 + g(1 - σ(g)))` and
 /// `du = dy g σ(g)`.
 struct SiluMulGrad;
@@ -321,9 +356,7 @@ impl CustomOp2 for SiluMulGrad {
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
             .for_each(|((dg, du), ((g, u), dy))| {
                 for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] = dy[i] * g[i] * s;
+                    (dg[i], du[i]) = silu_mul_grad(g[i], u[i], dy[i]);
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
