@@ -4,6 +4,7 @@
 //! adapter (GGUF Q4 blocks stay bit for bit). Serving an adapted model costs what serving the
 //! base costs.
 
+use super::arch::embedding::TokenEmbedding;
 use super::arch::llama::WeightSource;
 use super::weights::{MatmulRole, Precision};
 use candle_core::quantized::{QMatMul, QTensor};
@@ -69,6 +70,15 @@ impl WeightSource for AdaptedSource<'_> {
 
     fn precision(&self) -> Precision {
         self.inner.precision()
+    }
+
+    fn embedding(&mut self, name: &str) -> Result<TokenEmbedding> {
+        // Adapters change projections, never the embedding table.
+        if self.deltas.contains_key(name) {
+            Ok(TokenEmbedding::Dense(self.dense(name)?))
+        } else {
+            self.inner.embedding(name)
+        }
     }
 
     fn raw(&mut self, name: &str) -> Result<Option<QTensor>> {

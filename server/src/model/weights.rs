@@ -2,6 +2,7 @@
 //! have no fast CPU kernel) and Hugging Face safetensors checkpoints (f32/f16/bf16).
 
 use super::LoadOptions;
+use super::arch::embedding::TokenEmbedding;
 use super::arch::llama::{LlamaConfig, WeightSource};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::safetensors::MmapedSafetensors;
@@ -209,8 +210,11 @@ impl GgufSource {
     /// Architecture hyper-parameters from the GGUF metadata.
     pub fn config(&self) -> Result<LlamaConfig> {
         let arch = self.md("general.architecture")?.to_string()?.clone();
+        if arch == "gemma3" {
+            return super::arch::gemma3::config_from_gguf(&self.content);
+        }
         if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-            candle_core::bail!("unsupported architecture `{arch}` (supported: llama, mistral, qwen2)");
+            candle_core::bail!("unsupported architecture `{arch}` (supported: llama, mistral, qwen2, gemma3)");
         }
         let get = |k: &str| self.md(&format!("{arch}.{k}"));
         let n_heads = get("attention.head_count")?.to_u32()? as usize;
@@ -236,6 +240,7 @@ impl GgufSource {
             context_length: get("context_length").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(4096),
             rope_interleaved: arch != "qwen2",
             qkv_bias: arch == "qwen2",
+            gemma3: None,
             architecture: arch,
         })
     }
@@ -267,6 +272,10 @@ impl WeightSource for GgufSource {
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {
         self.read(name)?.dequantize(&self.device)?.to_dtype(DType::F32)
+    }
+
+    fn embedding(&mut self, name: &str) -> Result<TokenEmbedding> {
+        TokenEmbedding::from_qtensor(&self.content.tensor(&mut self.file, name, &Device::Cpu)?)
     }
 
     fn raw(&mut self, name: &str) -> Result<Option<QTensor>> {
@@ -340,7 +349,10 @@ impl HfConfig {
     pub fn to_llama(&self) -> Result<LlamaConfig> {
         let arch = if self.model_type.is_empty() { "llama".to_string() } else { self.model_type.clone() };
         if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-            candle_core::bail!("unsupported model_type `{arch}` (supported: llama, mistral, qwen2)");
+            candle_core::bail!(
+                "unsupported model_type `{arch}` in a safetensors checkpoint (supported: llama, mistral, qwen2; \
+                 Gemma 3 loads from GGUF)"
+            );
         }
         Ok(LlamaConfig {
             vocab_size: self.vocab_size,
@@ -355,6 +367,7 @@ impl HfConfig {
             context_length: self.max_position_embeddings,
             rope_interleaved: false,
             qkv_bias: arch == "qwen2",
+            gemma3: None,
             architecture: arch,
         })
     }

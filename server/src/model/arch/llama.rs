@@ -1,4 +1,5 @@
-//! Llama-family decoder: Llama 2/3, SmolLM/SmolLM2, Mistral, and Qwen2 (q/k/v bias).
+//! Llama-family decoder: Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2 (q/k/v bias), and Gemma 3
+//! (its differences are listed in [`gemma3`](super::gemma3)).
 //!
 //! Pre-norm transformer blocks (RMSNorm → grouped-query attention with rotary embeddings →
 //! residual; RMSNorm → SwiGLU MLP → residual). Weights come from a [`WeightSource`] that speaks
@@ -18,12 +19,14 @@
 
 use super::super::cpu::QLinear;
 use super::super::cpu::attention::{self, Heads, HostKv, RowSpan};
-use super::super::cpu::elementwise::SiluMul;
+use super::super::cpu::elementwise::{Activation, GatedMul};
 use super::super::device::attention::{self as batch_attention, RowPlace, StepPlan};
 use super::super::device::kv::{KvGeometry, KvPool, SlotLease};
 use super::super::device::steering::SteeringCache;
 use super::super::weights::{MatmulRole, Precision};
-use candle_core::quantized::QMatMul;
+use super::embedding::TokenEmbedding;
+use super::gemma3::Gemma3Params;
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -47,12 +50,42 @@ pub struct LlamaConfig {
     pub rope_interleaved: bool,
     /// Qwen2 adds biases to the q, k and v projections.
     pub qkv_bias: bool,
+    /// Gemma 3's block (sandwich norms, QK-norm, GeGLU, scaled embeddings, sliding windows).
+    pub gemma3: Option<Gemma3Params>,
 }
 
 impl LlamaConfig {
     /// Residual rows a persona vector has for this model: the embeddings plus one per block.
     pub fn n_residual_rows(&self) -> usize {
         self.n_layers + 1
+    }
+
+    /// The sliding window layer `layer` attends over, if it is a local layer.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.gemma3.as_ref().filter(|g| g.is_local(layer)).map(|g| g.sliding_window)
+    }
+
+    /// Rotary bases in use: the global one first, then the local layers' if they have their own.
+    pub fn rope_thetas(&self) -> Vec<f32> {
+        match &self.gemma3 {
+            Some(g) => vec![self.rope_theta, g.rope_theta_local],
+            None => vec![self.rope_theta],
+        }
+    }
+
+    /// Index into [`Self::rope_thetas`] of layer `layer`'s base.
+    pub fn rope_table(&self, layer: usize) -> usize {
+        usize::from(self.window(layer).is_some())
+    }
+
+    /// The MLP gate's activation.
+    pub fn activation(&self) -> Activation {
+        if self.gemma3.is_some() { Activation::GeluTanh } else { Activation::Silu }
+    }
+
+    /// Factor applied to token embeddings before the first block (√d_model for Gemma).
+    pub fn embedding_scale(&self) -> Option<f32> {
+        self.gemma3.as_ref().map(|_| (self.hidden_size as f32).sqrt())
     }
 }
 
@@ -82,6 +115,10 @@ pub trait WeightSource {
     }
     /// A small dense tensor (norm weights, biases, embeddings), as f32.
     fn dense(&mut self, name: &str) -> Result<Tensor>;
+    /// The token embedding table (sources that store blocks keep them).
+    fn embedding(&mut self, name: &str) -> Result<TokenEmbedding> {
+        Ok(TokenEmbedding::Dense(self.dense(name)?))
+    }
     fn contains(&self, name: &str) -> bool;
     fn device(&self) -> &Device;
 }
@@ -92,14 +129,18 @@ enum Weight {
 }
 
 /// One weight in the block-quantized CPU format: Q4_0/Q4_1 blocks are kept bit for bit,
-/// anything else becomes int8 blocks.
+/// anything else (K-quants, Q5_0, Q8_0, dense) becomes int8 blocks.
 fn block_weight(src: &mut dyn WeightSource, name: &str) -> Result<QLinear> {
-    if let Some(qt) = src.raw(name)?
-        && let Some(l) = QLinear::from_q4(&qt)?
-    {
-        return Ok(l);
+    match src.raw(name)? {
+        Some(qt) => match QLinear::from_q4(&qt)? {
+            Some(l) => Ok(l),
+            None if matches!(qt.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                QLinear::from_dense(&qt.dequantize(&Device::Cpu)?)
+            }
+            None => QLinear::from_quantized(&qt),
+        },
+        None => QLinear::from_dense(&src.dense(name)?),
     }
-    QLinear::from_dense(&src.dense(name)?)
 }
 
 struct Linear {
@@ -257,6 +298,7 @@ impl RmsNorm {
 struct Mlp {
     gate_up: Projections,
     down: Linear,
+    act: Activation,
 }
 
 impl Mlp {
@@ -265,10 +307,11 @@ impl Mlp {
         Ok(Self {
             gate_up: Projections::load(src, &names, vec![cfg.intermediate_size; 2], false, MatmulRole::Other)?,
             down: Linear::load(src, &[format!("{prefix}.ffn_down")], false, MatmulRole::Other)?,
+            act: cfg.activation(),
         })
     }
 
-    /// `host`: the host path, where the fused SiLU·up runs as one CPU op.
+    /// `host`: the host path, where the fused act(gate)·up runs as one CPU op.
     fn forward(&self, xs: &Tensor, host: bool) -> Result<Tensor> {
         if let Projections::Fused { sizes, .. } = &self.gate_up
             && host
@@ -277,10 +320,13 @@ impl Mlp {
         {
             // The block kernels return f32 for f32 input: one fused pass on the host.
             let gu = self.gate_up.forward_joint(xs)?;
-            return self.down.forward(&SiluMul { inter: sizes[0] }.forward(&gu.contiguous()?)?);
+            return self.down.forward(&GatedMul { inter: sizes[0], act: self.act }.forward(&gu.contiguous()?)?);
         }
         let gu = self.gate_up.forward(xs)?;
-        let gate = candle_nn::ops::silu(&gu[0])?;
+        let gate = match self.act {
+            Activation::Silu => candle_nn::ops::silu(&gu[0])?,
+            Activation::GeluTanh => gu[0].gelu()?,
+        };
         self.down.forward(&(gate * &gu[1])?)
     }
 }
@@ -410,18 +456,57 @@ pub struct ForwardOutput {
 struct Attention {
     qkv: Projections,
     o: Linear,
+    /// Gemma's per-head RMSNorm of queries and keys, before rotation.
+    qk_norm: Option<QkNorm>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    /// Sliding window of a local layer.
+    window: Option<usize>,
+    /// Which of the model's rotary tables this layer uses.
+    rope_table: usize,
+}
+
+/// Query and key norms over head_dim, as tensors (device path) and host copies.
+struct QkNorm {
+    q: RmsNorm,
+    k: RmsNorm,
+    q_host: Vec<f32>,
+    k_host: Vec<f32>,
+}
+
+impl QkNorm {
+    fn load(src: &mut dyn WeightSource, prefix: &str, eps: f64) -> Result<Self> {
+        let q = RmsNorm::load(src, &format!("{prefix}.attn_q_norm.weight"), eps)?;
+        let k = RmsNorm::load(src, &format!("{prefix}.attn_k_norm.weight"), eps)?;
+        let (q_host, k_host) = (q.weight.to_vec1()?, k.weight.to_vec1()?);
+        Ok(Self { q, k, q_host, k_host })
+    }
+
+    /// Normalises the query and key heads of packed q|k|v rows in place.
+    fn apply_host(&self, h: &Heads, qkv: &mut [f32]) {
+        let (hd, eps) = (h.head_dim, self.q.eps);
+        for row in qkv.chunks_exact_mut(h.qkv_width()) {
+            let (q, rest) = row.split_at_mut(h.n_heads * hd);
+            let k = &mut rest[..h.n_kv_heads * hd];
+            for (heads, w) in [(q, &self.q_host), (k, &self.k_host)] {
+                for head in heads.chunks_exact_mut(hd) {
+                    let ms = head.iter().map(|x| x * x).sum::<f32>() / hd as f32;
+                    let inv = 1.0 / (ms + eps).sqrt();
+                    head.iter_mut().zip(w.iter()).for_each(|(x, w)| *x *= inv * w);
+                }
+            }
+        }
+    }
 }
 
 /// Row layout shared by all layers of one pass.
 struct PackedRows {
     /// (offset into the packed tokens, number of tokens, first position).
     spans: Vec<(usize, usize, usize)>,
-    /// Per-token rotary tables, `[n_tokens, head_dim / 2]`: host copies (f32) on the host path,
-    /// tensors in the compute dtype on the device path.
-    rope: Rope,
+    /// Per-token rotary tables, `[n_tokens, head_dim / 2]`, one per rotary base: host copies
+    /// (f32) on the host path, tensors in the compute dtype on the device path.
+    rope: Vec<Rope>,
     /// The device path's batch layout.
     plan: Option<StepPlan>,
 }
@@ -432,7 +517,8 @@ enum Rope {
 }
 
 impl Attention {
-    fn load(src: &mut dyn WeightSource, prefix: &str, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(src: &mut dyn WeightSource, idx: usize, cfg: &LlamaConfig) -> Result<Self> {
+        let prefix = &format!("blk.{idx}");
         let names = [format!("{prefix}.attn_q"), format!("{prefix}.attn_k"), format!("{prefix}.attn_v")];
         let kv = cfg.n_kv_heads * cfg.head_dim;
         Ok(Self {
@@ -444,9 +530,15 @@ impl Attention {
                 MatmulRole::Attention,
             )?,
             o: Linear::load(src, &[format!("{prefix}.attn_output")], false, MatmulRole::Other)?,
+            qk_norm: match cfg.gemma3 {
+                Some(_) => Some(QkNorm::load(src, prefix, cfg.rms_norm_eps)?),
+                None => None,
+            },
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
             head_dim: cfg.head_dim,
+            window: cfg.window(idx),
+            rope_table: cfg.rope_table(idx),
         })
     }
 
@@ -459,7 +551,7 @@ impl Attention {
         interleaved: bool,
         pool: Option<&KvPool>,
     ) -> Result<Tensor> {
-        match (&packed.rope, &packed.plan, pool) {
+        match (&packed.rope[self.rope_table], &packed.plan, pool) {
             (Rope::Host(cos, sin), _, _) => self.forward_host(xs, layer, packed, rows, interleaved, cos, sin),
             (Rope::Device(cos, sin), Some(plan), Some(pool)) => {
                 self.forward_device(xs, layer, plan, pool, interleaved, cos, sin)
@@ -484,14 +576,21 @@ impl Attention {
         let n = xs.dim(0)?;
         let (q_w, kv_w) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
         let qkv = self.qkv.forward_joint(xs)?;
-        let part = |off: usize, width: usize, heads: usize| -> Result<Tensor> {
-            qkv.narrow(1, off, width)?.reshape((n, heads, self.head_dim))?.to_dtype(cos.dtype())
+        let part = |off: usize, width: usize, heads: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let x = qkv.narrow(1, off, width)?.reshape((n, heads, self.head_dim))?;
+            let x = match norm {
+                // In f32, like the residual stream's norms.
+                Some(norm) => norm.forward(&x.to_dtype(DType::F32)?)?,
+                None => x,
+            };
+            x.to_dtype(cos.dtype())
         };
-        let q = batch_attention::rope(&part(0, q_w, self.n_heads)?, cos, sin, interleaved)?;
-        let k = batch_attention::rope(&part(q_w, kv_w, self.n_kv_heads)?, cos, sin, interleaved)?;
-        let v = part(q_w + kv_w, kv_w, self.n_kv_heads)?;
+        let (q_norm, k_norm) = (self.qk_norm.as_ref().map(|n| &n.q), self.qk_norm.as_ref().map(|n| &n.k));
+        let q = batch_attention::rope(&part(0, q_w, self.n_heads, q_norm)?, cos, sin, interleaved)?;
+        let k = batch_attention::rope(&part(q_w, kv_w, self.n_kv_heads, k_norm)?, cos, sin, interleaved)?;
+        let v = part(q_w + kv_w, kv_w, self.n_kv_heads, None)?;
         pool.write(layer, &plan.write_index, &k, &v)?;
-        let y = plan.attend(&self.device_heads(), pool, layer, &q)?;
+        let y = plan.attend(&self.device_heads(), pool, layer, &q, self.window.is_some())?;
         self.o.forward(&y)
     }
 
@@ -502,7 +601,7 @@ impl Attention {
 
 impl Attention {
     fn heads_geometry(&self) -> Heads {
-        Heads { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim }
+        Heads { n_heads: self.n_heads, n_kv_heads: self.n_kv_heads, head_dim: self.head_dim, window: self.window }
     }
 
     /// The CPU path: q|k|v come back to host memory once per layer; rotary embedding, cache
@@ -521,6 +620,9 @@ impl Attention {
         let h = self.heads_geometry();
         let n_tokens = xs.dim(0)?;
         let mut qkv: Vec<f32> = self.qkv.forward_joint(xs)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(norm) = &self.qk_norm {
+            norm.apply_host(&h, &mut qkv);
+        }
         attention::rope(&h, &mut qkv, cos, sin, interleaved);
         for (row, &(off, t, start)) in rows.iter_mut().zip(&packed.spans) {
             let cache = &mut *row.cache;
@@ -543,17 +645,38 @@ struct Block {
     attn: Attention,
     ffn_norm: RmsNorm,
     mlp: Mlp,
+    /// Gemma's norms of the attention and MLP outputs, before their residual adds.
+    post_attn_norm: Option<RmsNorm>,
+    post_ffn_norm: Option<RmsNorm>,
 }
 
 impl Block {
     fn load(src: &mut dyn WeightSource, idx: usize, cfg: &LlamaConfig) -> Result<Self> {
         let prefix = format!("blk.{idx}");
+        let eps = cfg.rms_norm_eps;
+        let mut post = |name: &str| -> Result<Option<RmsNorm>> {
+            match cfg.gemma3 {
+                Some(_) => Ok(Some(RmsNorm::load(src, &format!("{prefix}.{name}.weight"), eps)?)),
+                None => Ok(None),
+            }
+        };
+        let (post_attn_norm, post_ffn_norm) = (post("post_attention_norm")?, post("post_ffw_norm")?);
         Ok(Self {
-            attn_norm: RmsNorm::load(src, &format!("{prefix}.attn_norm.weight"), cfg.rms_norm_eps)?,
-            attn: Attention::load(src, &prefix, cfg)?,
-            ffn_norm: RmsNorm::load(src, &format!("{prefix}.ffn_norm.weight"), cfg.rms_norm_eps)?,
+            attn_norm: RmsNorm::load(src, &format!("{prefix}.attn_norm.weight"), eps)?,
+            attn: Attention::load(src, idx, cfg)?,
+            ffn_norm: RmsNorm::load(src, &format!("{prefix}.ffn_norm.weight"), eps)?,
             mlp: Mlp::load(src, &prefix, cfg)?,
+            post_attn_norm,
+            post_ffn_norm,
         })
+    }
+
+    /// A sublayer's output through its post-norm, if the block has one.
+    fn post(norm: &Option<RmsNorm>, h: Tensor) -> Result<Tensor> {
+        match norm {
+            Some(n) => n.forward(&h.to_dtype(DType::F32)?),
+            None => Ok(h),
+        }
     }
 }
 
@@ -561,14 +684,14 @@ impl Block {
 /// lives in [`KvCache`]s owned by the caller (on the device path, as leases on the model's pool).
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Tensor,
+    embed: TokenEmbedding,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
-    /// Rotary tables `[context, head_dim / 2]`, f32 and in the compute dtype.
-    cos: Tensor,
-    sin: Tensor,
-    rope_compute: (Tensor, Tensor),
+    /// Rotary tables `[context, head_dim / 2]` per base ([`LlamaConfig::rope_thetas`]), f32
+    /// and in the compute dtype.
+    rope: Vec<(Tensor, Tensor)>,
+    rope_compute: Vec<(Tensor, Tensor)>,
     device: Device,
     /// Element type of the device path's activations and KV cache.
     dtype: DType,
@@ -589,13 +712,20 @@ impl Llama {
     pub fn load(src: &mut dyn WeightSource, cfg: LlamaConfig) -> Result<Self> {
         let device = src.device().clone();
         let dtype = src.compute_dtype();
-        let embed = src.dense("token_embd.weight")?;
-        let head = if src.contains("output.weight") { "output" } else { "token_embd" };
+        let tied = !src.contains("output.weight");
+        let head = if tied { "token_embd" } else { "output" };
         let lm_head = Linear::load(src, &[head.to_string()], false, MatmulRole::Output)?;
+        // A tied head in block form doubles as the embedding table.
+        let embed = match &lm_head.weight {
+            Weight::Blocks(_) if tied => TokenEmbedding::Head,
+            _ => src.embedding("token_embd.weight")?.to_device(&device)?,
+        };
         let blocks = (0..cfg.n_layers).map(|i| Block::load(src, i, &cfg)).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(src, "output_norm.weight", cfg.rms_norm_eps)?;
-        let (cos, sin) = rope_tables(&cfg, &device)?;
-        let rope_compute = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+        let rope =
+            cfg.rope_thetas().into_iter().map(|t| rope_tables_with(&cfg, t, &device)).collect::<Result<Vec<_>>>()?;
+        let rope_compute =
+            rope.iter().map(|(c, s)| Ok((c.to_dtype(dtype)?, s.to_dtype(dtype)?))).collect::<Result<Vec<_>>>()?;
         let host_attention = device.is_cpu() && dtype == DType::F32;
         let geo = KvGeometry {
             n_layers: cfg.n_layers,
@@ -605,7 +735,7 @@ impl Llama {
             dtype,
         };
         let state = Mutex::new(DeviceState { pool: KvPool::new(geo, &device), steering: SteeringCache::default() });
-        Ok(Self { cfg, embed, blocks, norm, lm_head, cos, sin, rope_compute, device, dtype, host_attention, state })
+        Ok(Self { cfg, embed, blocks, norm, lm_head, rope, rope_compute, device, dtype, host_attention, state })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -658,6 +788,14 @@ impl Llama {
         self.host_attention = on && self.device.is_cpu() && self.dtype == DType::F32;
     }
 
+    /// Replaces every MLP's gate activation. Only for comparing with implementations that
+    /// differ from the architecture's definition: candle-transformers 0.11's quantized Gemma 3
+    /// gates with SiLU where Gemma 3 uses tanh-GELU, and the logits test checks everything else
+    /// against it this way.
+    pub fn set_mlp_activation(&mut self, act: Activation) {
+        self.blocks.iter_mut().for_each(|b| b.mlp.act = act);
+    }
+
     /// Device memory held by the KV pool (0 on the host path).
     pub fn kv_pool_bytes(&self) -> usize {
         self.state().pool.bytes()
@@ -683,10 +821,8 @@ impl Llama {
         let mut rows = ctx.rows;
         let mut state = self.state();
         let packed = self.pack(&mut rows, &mut state.pool)?;
-        let n_tokens: usize = packed.spans.iter().map(|s| s.1).sum();
         let ids: Vec<u32> = rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
-        let ids = Tensor::from_vec(ids, n_tokens, &self.device)?;
-        let mut xs = self.embed.index_select(&ids, 0)?;
+        let mut xs = self.embed_tokens(&ids)?;
         let capturing = rows.iter().any(|r| r.capture);
         let mut layer_states = Vec::new();
         let steering: Vec<Option<&SteeringAddends>> = rows.iter().map(|r| r.steering).collect();
@@ -716,8 +852,10 @@ impl Llama {
             let residual = &xs;
             let h = block.attn_norm.forward(&xs)?;
             let h = block.attn.forward(&h, i, &packed, &mut rows, self.cfg.rope_interleaved, pool)?;
+            let h = Block::post(&block.post_attn_norm, h)?;
             let xs_mid = (h.to_dtype(DType::F32)? + residual)?;
             let h = block.mlp.forward(&block.ffn_norm.forward(&xs_mid)?, self.host_attention)?;
+            let h = Block::post(&block.post_ffn_norm, h)?;
             xs = steer((h.to_dtype(DType::F32)? + xs_mid)?, i + 1)?;
             if capturing {
                 layer_states.push(xs.clone());
@@ -747,6 +885,23 @@ impl Llama {
             Some(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
         };
         Ok(ForwardOutput { logits, captures })
+    }
+
+    /// The embeddings of `ids`, `[n, d_model]` f32, scaled where the architecture scales them.
+    fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        let xs = match (self.embed.lookup(ids, &self.device)?, &self.lm_head.weight) {
+            (Some(xs), _) => xs,
+            (None, Weight::Blocks(head)) => {
+                let mut rows = Vec::with_capacity(ids.len() * self.cfg.hidden_size);
+                head.rows_into(ids, &mut rows)?;
+                Tensor::from_vec(rows, (ids.len(), self.cfg.hidden_size), &self.device)?
+            }
+            (None, _) => candle_core::bail!("the embedding table is the output head's, which is not in blocks"),
+        };
+        match self.cfg.embedding_scale() {
+            Some(scale) => xs * scale as f64,
+            None => Ok(xs),
+        }
     }
 
     /// The row of every packed token, for spreading per-row steering over the tokens; `None`
@@ -824,9 +979,15 @@ impl Llama {
         }
         let pos = Tensor::from_vec(positions, off, &self.device)?;
         if self.host_attention {
-            let cos = self.cos.index_select(&pos, 0)?.flatten_all()?.to_vec1()?;
-            let sin = self.sin.index_select(&pos, 0)?.flatten_all()?.to_vec1()?;
-            return Ok(PackedRows { spans, rope: Rope::Host(cos, sin), plan: None });
+            let rope = self
+                .rope
+                .iter()
+                .map(|(cos, sin)| {
+                    let host = |t: &Tensor| t.index_select(&pos, 0)?.flatten_all()?.to_vec1();
+                    Ok(Rope::Host(host(cos)?, host(sin)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(PackedRows { spans, rope, plan: None });
         }
         for (i, row) in rows.iter_mut().enumerate() {
             match &row.cache.lease {
@@ -848,18 +1009,26 @@ impl Llama {
                 slot: row.cache.lease.as_ref().map_or(0, SlotLease::slot),
             })
             .collect();
-        let plan = StepPlan::new(&places, pool, &self.device)?;
-        let (cos, sin) = &self.rope_compute;
-        let rope = Rope::Device(cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?);
+        let window = self.cfg.gemma3.as_ref().map(|g| g.sliding_window);
+        let plan = StepPlan::new(&places, pool, &self.device, window)?;
+        let rope = self
+            .rope_compute
+            .iter()
+            .map(|(cos, sin)| Ok(Rope::Device(cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(PackedRows { spans, rope, plan: Some(plan) })
     }
 }
 
-/// Rotary `cos` and `sin` tables `[context, head_dim / 2]`, f32.
+/// Rotary `cos` and `sin` tables `[context, head_dim / 2]` of the global base, f32.
 pub(crate) fn rope_tables(cfg: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    rope_tables_with(cfg, cfg.rope_theta, device)
+}
+
+/// Rotary tables of base `theta`.
+fn rope_tables_with(cfg: &LlamaConfig, theta: f32, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
-    let inv_freq: Vec<f32> =
-        (0..half).map(|i| 1f32 / cfg.rope_theta.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1f32 / theta.powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let t = Tensor::arange(0u32, cfg.context_length as u32, device)?
         .to_dtype(DType::F32)?

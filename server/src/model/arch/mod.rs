@@ -1,3 +1,5 @@
 //! Model architectures with residual-stream hooks.
 
+pub mod embedding;
+pub mod gemma3;
 pub mod llama;

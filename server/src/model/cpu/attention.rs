@@ -11,15 +11,26 @@ pub struct HostKv {
     cap: usize,
 }
 
-/// Geometry shared by every call of one model.
+/// Geometry shared by every call of one model's layer.
 #[derive(Clone, Copy)]
 pub struct Heads {
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
+    /// Keys a token attends to at most, its own included (a sliding-window layer); `None`:
+    /// every earlier position.
+    pub window: Option<usize>,
 }
 
 impl Heads {
+    /// The first position a token at `pos` sees.
+    fn first_visible(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+
     fn q_width(&self) -> usize {
         self.n_heads * self.head_dim
     }
@@ -166,11 +177,13 @@ unsafe fn attend_avx2(
     let scale = 1.0 / (hd as f32).sqrt();
     let cache = row.kv.cap * hd;
     for j in 0..row.t {
-        let visible = row.start + j + 1;
+        let pos = row.start + j;
+        let first = h.first_visible(pos);
+        let visible = pos + 1 - first;
         let token = row.off + j;
         let qs = &qkv[token * h.qkv_width() + kv_head * group * hd..][..group * hd];
-        let keys = &row.kv.k[kv_head * cache..][..visible * hd];
-        let values = &row.kv.v[kv_head * cache..][..visible * hd];
+        let keys = &row.kv.k[kv_head * cache + first * hd..][..visible * hd];
+        let values = &row.kv.v[kv_head * cache + first * hd..][..visible * hd];
         scores.clear();
         scores.resize(group * visible, 0.0);
         // Eight keys at a time: eight independent accumulators hide the FMA latency.
@@ -258,13 +271,15 @@ unsafe fn attend_one(
     let keys = &row.kv.k[kv_head * row.kv.cap * hd..];
     let values = &row.kv.v[kv_head * row.kv.cap * hd..];
     for j in 0..row.t {
-        let visible = row.start + j + 1;
+        let pos = row.start + j;
+        let first = h.first_visible(pos);
+        let visible = pos + 1 - first;
         let token = row.off + j;
         // The group's query heads are adjacent in the packed row.
         let qs = &qkv[token * h.qkv_width() + kv_head * group * hd..][..group * hd];
         scores.clear();
         scores.resize(group * visible, 0.0);
-        for (s, key) in keys[..visible * hd].chunks_exact(hd).enumerate() {
+        for (s, key) in keys[first * hd..(pos + 1) * hd].chunks_exact(hd).enumerate() {
             for (g, q) in qs.chunks_exact(hd).enumerate() {
                 scores[g * visible + s] = dot(q, key) * scale;
             }
@@ -272,7 +287,7 @@ unsafe fn attend_one(
         softmax_rows(scores, visible);
         acc.clear();
         acc.resize(group * hd, 0.0);
-        for (s, value) in values[..visible * hd].chunks_exact(hd).enumerate() {
+        for (s, value) in values[first * hd..(pos + 1) * hd].chunks_exact(hd).enumerate() {
             for (g, head_acc) in acc.chunks_exact_mut(hd).enumerate() {
                 let p = scores[g * visible + s];
                 for (a, v) in head_acc.iter_mut().zip(value) {
@@ -306,26 +321,29 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
-    /// Naive reference: softmax(q·kᵀ/√d)·v per head over positions 0..=p.
+    /// Naive reference: softmax(q·kᵀ/√d)·v per head over positions 0..=p, or the last
+    /// `window` of them.
     fn reference(h: &Heads, q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], head: usize, p: usize) -> Vec<f32> {
         let hd = h.head_dim;
         let kv_head = head / (h.n_heads / h.n_kv_heads);
         let qh = &q[head * hd..(head + 1) * hd];
-        let logits: Vec<f32> = (0..=p)
+        let first = h.window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let logits: Vec<f32> = (first..=p)
             .map(|s| qh.iter().zip(&ks[s][kv_head * hd..]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
             .collect();
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let w: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
         let z: f32 = w.iter().sum();
-        (0..hd).map(|i| (0..=p).map(|s| w[s] / z * vs[s][kv_head * hd + i]).sum()).collect()
+        (0..hd).map(|i| (first..=p).map(|s| w[s - first] / z * vs[s][kv_head * hd + i]).sum()).collect()
     }
 
     #[test]
     fn packed_rows_attend_causally_over_their_own_cache() {
         // Head size 16 takes the portable loops, 64 the AVX2 kernel where the CPU has it; groups
-        // of two and three query heads per kv head.
-        for h in [Heads { n_heads: 4, n_kv_heads: 2, head_dim: 16 }, Heads { n_heads: 6, n_kv_heads: 2, head_dim: 64 }]
-        {
+        // of two and three query heads per kv head; full attention, and a sliding window of
+        // three keys (A's tokens see 3 of 10 and 11, B's 1 to 3 of 1 to 4).
+        let geometries = [(4, 16, None), (6, 64, None), (4, 16, Some(3)), (6, 64, Some(3))];
+        for h in geometries.map(|(n_heads, head_dim, window)| Heads { n_heads, n_kv_heads: 2, head_dim, window }) {
             let (w, hd) = (h.qkv_width(), h.head_dim);
             let val = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
             // Row A: 9 cached tokens + 2 new; row B: 0 cached + 4 new.
@@ -360,7 +378,11 @@ mod tests {
                     let want = reference(&h, &qkv[token * w..], ks, vs, head, p);
                     let got = &out[token * h.q_width() + head * hd..][..hd];
                     for (a, b) in got.iter().zip(&want) {
-                        assert!((a - b).abs() < 1e-4, "hd {hd} token {token} head {head}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() < 1e-4,
+                            "hd {hd} window {:?} token {token} head {head}: {a} vs {b}",
+                            h.window
+                        );
                     }
                 }
             }
@@ -369,7 +391,7 @@ mod tests {
 
     #[test]
     fn rope_layouts_rotate_the_right_pairs() {
-        let h = Heads { n_heads: 1, n_kv_heads: 1, head_dim: 4 };
+        let h = Heads { n_heads: 1, n_kv_heads: 1, head_dim: 4, window: None };
         let (cos, sin) = ([0.0f32, 1.0], [1.0f32, 0.0]); // pair 0 turned by 90°, pair 1 unchanged
         let mut inter = vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0, 9.0, 9.0, 9.0, 9.0];
         rope(&h, &mut inter, &cos, &sin, true);

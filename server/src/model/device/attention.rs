@@ -60,6 +60,8 @@ struct Group {
     slots: Slots,
     /// Additive `[rows, 1, 1, t, len]` f32 mask, when some row may not see every position.
     mask: Option<Tensor>,
+    /// The same for sliding-window layers, when some token's window starts after position 0.
+    window_mask: Option<Tensor>,
 }
 
 /// The batch layout of one pass, shared by every layer.
@@ -72,7 +74,8 @@ pub struct StepPlan {
 }
 
 impl StepPlan {
-    pub fn new(rows: &[RowPlace], pool: &KvPool, device: &Device) -> Result<Self> {
+    /// `window`: the sliding window of the model's local layers, if it has any.
+    pub fn new(rows: &[RowPlace], pool: &KvPool, device: &Device, window: Option<usize>) -> Result<Self> {
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| (rows[i].t, rows[i].slot));
         let mut groups = Vec::new();
@@ -98,22 +101,30 @@ impl StepPlan {
                 let idx: Vec<u32> = members.iter().map(|&i| rows[i].slot as u32).collect();
                 Slots::Index(Tensor::from_vec(idx, members.len(), device)?)
             };
-            let sees_all = t == 1 && members.iter().all(|&i| rows[i].start + 1 == len);
-            let mask = if sees_all {
-                None
-            } else {
+            // Position p is hidden from the token at `pos` when it comes later, or (with a
+            // window) lies `window` or more positions back.
+            let build = |window: Option<usize>| -> Result<Tensor> {
                 let mask: Vec<f32> = members
                     .iter()
                     .flat_map(|&i| {
                         let start = rows[i].start;
                         (0..t).flat_map(move |j| {
-                            (0..len).map(move |p| if p > start + j { f32::NEG_INFINITY } else { 0.0 })
+                            let pos = start + j;
+                            (0..len).map(move |p| {
+                                if p > pos || window.is_some_and(|w| pos - p >= w) { f32::NEG_INFINITY } else { 0.0 }
+                            })
                         })
                     })
                     .collect();
-                Some(Tensor::from_vec(mask, (members.len(), 1, 1, t, len), device)?)
+                Tensor::from_vec(mask, (members.len(), 1, 1, t, len), device)
             };
-            groups.push(Group { rows: members.len(), t, len, tokens, slots, mask });
+            let sees_all = t == 1 && members.iter().all(|&i| rows[i].start + 1 == len);
+            let mask = if sees_all { None } else { Some(build(None)?) };
+            let window_mask = match window {
+                Some(w) if len > w => Some(build(Some(w))?),
+                _ => None,
+            };
+            groups.push(Group { rows: members.len(), t, len, tokens, slots, mask, window_mask });
         }
         let unpermute = if concat.iter().enumerate().all(|(j, &p)| p as usize == j) {
             None
@@ -136,7 +147,8 @@ impl StepPlan {
     /// Attention of every packed token over its row's history (the pool's `layer`, into which
     /// this pass's keys and values were already written). `q` is `[n_tokens, n_heads,
     /// head_dim]` in the compute dtype; the result is `[n_tokens, n_heads · head_dim]`.
-    pub fn attend(&self, h: &Heads, pool: &KvPool, layer: usize, q: &Tensor) -> Result<Tensor> {
+    /// `windowed`: the layer attends over the sliding window given to [`Self::new`].
+    pub fn attend(&self, h: &Heads, pool: &KvPool, layer: usize, q: &Tensor, windowed: bool) -> Result<Tensor> {
         let group = h.n_heads / h.n_kv_heads;
         let scale = 1.0 / (h.head_dim as f64).sqrt();
         let (keys, values) = pool.layer(layer);
@@ -162,7 +174,8 @@ impl StepPlan {
             };
             let (kg, vg) = (history(keys)?, history(values)?);
             let att = (qg.matmul(&kg.t()?)?.to_dtype(DType::F32)? * scale)?;
-            let att = match &g.mask {
+            let mask = if windowed { g.window_mask.as_ref().or(g.mask.as_ref()) } else { g.mask.as_ref() };
+            let att = match mask {
                 Some(mask) => att.reshape((b, h.n_kv_heads, group, t, g.len))?.broadcast_add(mask)?.reshape((
                     b,
                     h.n_kv_heads,
