@@ -54,6 +54,31 @@ pub(crate) struct ExtractArgs {
     pub(crate) coherence_threshold: f32,
     #[arg(long)]
     pub(crate) overwrite: bool,
+    /// Reading mode: the model reads rollouts teacher-forced (no system prompt) instead of
+    /// answering under the system prompts, for base models. The rollouts are written by this
+    /// served model (`--read-from smollm2-135m-instruct`), or by the model itself with `--read`.
+    #[arg(long, value_name = "MODEL")]
+    pub(crate) read_from: Option<String>,
+    /// Reading mode with the model's own rollouts.
+    #[arg(long, conflicts_with = "read_from")]
+    pub(crate) read: bool,
+    /// How the model reads a question and answer in reading mode: auto (chat turns when the
+    /// model ships a chat template, plain text otherwise), chat or plain.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "chat", "plain"])]
+    pub(crate) read_as: String,
+}
+
+/// The reading mode the flags ask for, if any.
+pub(crate) fn reading_mode(read: bool, read_from: Option<&str>, read_as: &str) -> Option<pb::ReadingMode> {
+    if !read && read_from.is_none() {
+        return None;
+    }
+    let format = match read_as {
+        "chat" => pb::ReadingFormat::Chat,
+        "plain" => pb::ReadingFormat::Plain,
+        _ => pb::ReadingFormat::Auto,
+    };
+    Some(pb::ReadingMode { rollouts_from: read_from.unwrap_or_default().to_string(), format: format as i32 })
 }
 
 pub(crate) async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
@@ -89,6 +114,7 @@ pub(crate) async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
         skip_judge: a.no_judge,
         trait_threshold: a.trait_threshold,
         coherence_threshold: a.coherence_threshold,
+        reading: reading_mode(a.read, a.read_from.as_deref(), &a.read_as),
     };
     let mut stream = c.extract_vector(req).await?.into_inner();
     // A failure ends the progress line first, so the error starts a line of its own.

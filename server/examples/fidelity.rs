@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput};
 use persona_server::model::chat::Message;
-use persona_server::model::source::{ensure_embedded, local_files};
+use persona_server::model::source::{Packaged, ensure_packaged, local_files};
 use persona_server::model::weights::{ComputeDtype, Precision, Requantize};
 use persona_server::model::{LoadOptions, LoadedModel};
 use std::io::{Read, Write};
@@ -32,6 +32,10 @@ struct Args {
     limit: usize,
     /// Also measure the GPU's code path (run here on the CPU).
     gpu_path: bool,
+    /// A packaged model (`embedded:NAME`); the embedded SmolLM2 by default.
+    model: String,
+    /// Greedy prompts as plain text (`Question: …\nAnswer:`), for base models without a chat format.
+    plain_prompts: bool,
 }
 
 fn args() -> Result<Args> {
@@ -44,6 +48,8 @@ fn args() -> Result<Args> {
         worker: None,
         limit: usize::MAX,
         gpu_path: false,
+        model: persona_server::model::source::EMBEDDED_ID.to_string(),
+        plain_prompts: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +62,8 @@ fn args() -> Result<Args> {
             "--worker" => a.worker = Some(value()?),
             "--limit" => a.limit = value()?.parse()?,
             "--gpu-path" => a.gpu_path = true,
+            "--model" => a.model = value()?,
+            "--plain-prompts" => a.plain_prompts = true,
             // `cargo bench`/`cargo test` pass their own flags to harness-less targets.
             "--bench" | "--test" => {}
             other => bail!("unknown argument {other}"),
@@ -185,7 +193,7 @@ fn main() -> Result<()> {
     unsafe { persona_server::set_cpu_threads(0) };
     let args = args()?;
     let dir = persona_server::model::default_model_dir();
-    let gguf = ensure_embedded(&dir, true)?;
+    let gguf = ensure_packaged(Packaged::named(&args.model)?, &dir, true)?;
     let files = local_files(&gguf)?;
     let load = |requantize, precision, dtype| {
         let opts = LoadOptions { requantize, precision, dtype, max_context: Some(args.window.max(512)) };
@@ -214,7 +222,7 @@ fn main() -> Result<()> {
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("corpus line {}", i + 1))?;
         let doc = v["text"].as_str().with_context(|| format!("corpus line {} has no `text`", i + 1))?;
-        let mut ids = reference.tokenizer.encode(doc)?;
+        let mut ids = reference.tokenizer.encode_document(doc)?;
         ids.truncate(args.window);
         if ids.len() >= 2 {
             docs.push(ids);
@@ -255,8 +263,11 @@ fn main() -> Result<()> {
     for (i, prompt) in prompts.iter().enumerate() {
         write!(stderr, "\rprompt {}/{}", i + 1, prompts.len())?;
         stderr.flush()?;
-        let text = reference.template.render(&[Message::new("user", *prompt)])?;
-        let ids = reference.tokenizer.encode(&text)?;
+        let ids = if args.plain_prompts {
+            reference.tokenizer.encode_document(&format!("Question: {prompt}\nAnswer:"))?
+        } else {
+            reference.tokenizer.encode(&reference.template.render(&[Message::new("user", *prompt)])?)?
+        };
         let answer = greedy(&reference, &ids, args.answer_tokens)?;
         let seq: Vec<u32> = ids.iter().chain(&answer).copied().collect();
         for (tally, (_, m)) in ours.iter_mut().zip(&engines) {

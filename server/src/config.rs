@@ -611,7 +611,13 @@ mod tests {
 
     /// `PERSONA__NAME=value` examples in a text: `NAME=value` forms and Kubernetes' `name: NAME,
     /// value: "v"` lines (mentions without a value are skipped).
-    fn env_examples(text: &str) -> Vec<(String, String)> {
+    /// `PERSONA__NAME=value` examples, grouped by line: variables set on one command line load
+    /// together (a second model needs its id and its source at once).
+    fn env_examples(text: &str) -> Vec<Vec<(String, String)>> {
+        text.lines().map(env_examples_of_line).filter(|l| !l.is_empty()).collect()
+    }
+
+    fn env_examples_of_line(text: &str) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for (at, _) in text.match_indices("PERSONA__") {
             let rest = &text[at..];
@@ -664,11 +670,12 @@ mod tests {
         for path in &files {
             let f = path.display();
             let text = std::fs::read_to_string(path).unwrap();
-            for (name, value) in env_examples(&text) {
-                let s = Settings::load_with_env(None, [(name.clone(), value.clone())])
-                    .unwrap_or_else(|e| panic!("{f}: {name}={value}: {e:#}"));
-                assert_eq!(setting(&s, &name), value, "{f}: {name}");
-                seen += 1;
+            for line in env_examples(&text) {
+                let s = Settings::load_with_env(None, line.clone()).unwrap_or_else(|e| panic!("{f}: {line:?}: {e:#}"));
+                for (name, value) in line {
+                    assert_eq!(setting(&s, &name), value, "{f}: {name}");
+                    seen += 1;
+                }
             }
         }
         assert!(seen >= 10, "only {seen} examples found: the parser no longer reads the docs");

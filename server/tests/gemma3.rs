@@ -220,3 +220,109 @@ fn residual_hooks_capture_and_steer() {
     let moved = steered.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(moved > 1.0, "steering moved the logits by only {moved}");
 }
+
+/// One server holding both models: ListModels shows both; a reading-mode extraction stores a
+/// Gemma vector from the answers SmolLM2 writes (the response average only: both sides read the
+/// same questions); that vector steers Gemma's generation and scores a conversation on Gemma's
+/// calibrated scale; bad reading requests and fine-tuning Gemma get precise statuses.
+#[test]
+fn both_models_serve_side_by_side_and_gemma_extracts_by_reading() {
+    use persona_client::pb;
+    use persona_server::config::ModelSettings;
+    let _ = common::gemma_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = common::settings(dir.path());
+    settings.models.push(ModelSettings {
+        id: "gemma3-270m".into(),
+        source: "embedded:gemma3-270m".into(),
+        max_context: common::TEST_CONTEXT,
+        ..Default::default()
+    });
+    let running = common::start(settings);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = persona_client::connect(&running.addr.to_string()).await.unwrap();
+        let models = c.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
+        let gemma = models.iter().find(|m| m.id == "gemma3-270m").expect("gemma is listed");
+        assert_eq!((gemma.n_layers, gemma.d_model), (18, 640));
+        assert!(models.iter().any(|m| m.id == "smollm2-135m-instruct"));
+
+        let reading = |from: &str, format: i32| pb::ExtractVectorRequest {
+            model: "gemma3-270m".into(),
+            name: "evil-read".into(),
+            reading: Some(pb::ReadingMode { rollouts_from: from.into(), format }),
+            ..common::small_evil_extraction()
+        };
+        let err = c.extract_vector(reading("no-such-model", 0)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+        let err = c.extract_vector(reading("smollm2-135m-instruct", 9)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("reading.format"), "{}", err.message());
+
+        let mut stream = c.extract_vector(reading("smollm2-135m-instruct", 0)).await.unwrap().into_inner();
+        let mut result = None;
+        while let Some(msg) = stream.message().await.unwrap() {
+            if let Some(pb::extract_vector_response::Event::Result(r)) = msg.event {
+                result = Some(r);
+            }
+        }
+        let result = result.expect("the extraction finished");
+        assert_eq!(result.rollouts, 16);
+        assert!(result.variants.is_empty(), "reading mode stores no prompt variants");
+        let v = result.vector.unwrap();
+        assert_eq!((v.model.as_str(), v.n_rows, v.d_model), ("gemma3-270m", 19, 640));
+        assert!(
+            v.description.contains("read by `gemma3-270m` as plain text")
+                && v.description.contains("`smollm2-135m-instruct` wrote"),
+            "{}",
+            v.description
+        );
+
+        // Steering Gemma with its own vector changes a greedy continuation.
+        let raw = |text: &str| pb::Prompt { kind: Some(pb::prompt::Kind::Raw(text.into())) };
+        let base = pb::GenerateRequest {
+            model: "gemma3-270m".into(),
+            prompt: Some(raw("Question: How should I treat my neighbours?\nAnswer:")),
+            sampling: Some(pb::SamplingParams { max_tokens: 12, ..Default::default() }),
+            ..Default::default()
+        };
+        let plain = persona_client::generate_text(&mut c, base.clone()).await.unwrap().text;
+        let steered = pb::GenerateRequest {
+            steering: vec![persona_client::steer_by_name("evil-read", v.recommended_layer, 8.0)],
+            ..base
+        };
+        let steered = persona_client::generate_text(&mut c, steered).await.unwrap().text;
+        assert_ne!(plain, steered, "steering Gemma changed nothing");
+
+        // Monitoring on Gemma's calibrated scale.
+        let conversation = pb::Conversation { messages: vec![persona_client::message("user", "Any advice?")] };
+        let projected = c
+            .project_activation(pb::ProjectActivationRequest {
+                model: "gemma3-270m".into(),
+                conversation: Some(conversation),
+                response: "Be kind to everyone you meet.".into(),
+                targets: vec![pb::ProjectionTarget { vector: "evil-read".into(), layer: None }],
+                per_token: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let p = &projected.projections[0];
+        assert!(p.has_response && p.calibrated && p.response_avg.is_finite(), "{p:?}");
+
+        // Fine-tuning is llama-family only.
+        let err = c
+            .start_fine_tune(pb::StartFineTuneRequest {
+                model: "gemma3-270m".into(),
+                output_model: "gemma-tuned".into(),
+                dataset: Some(pb::start_fine_tune_request::Dataset::DatasetJsonl(
+                    "{\"prompt\": \"a\", \"completion\": \"b\"}".into(),
+                )),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("gemma3"), "{}", err.message());
+    });
+}

@@ -89,6 +89,9 @@ pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
+    /// Whether the chat template came with the model's files (an instruction-tuned model); a
+    /// built-in fallback (ChatML, or Gemma's format for a base Gemma file) does not count.
+    pub native_template: bool,
     pub source: String,
     /// Weight formats after loading, e.g. "q8_0 (from q4_1)".
     pub weights: String,
@@ -200,6 +203,10 @@ impl LoadedModel {
         if tokenizer.vocab_size() > vocab {
             bail!("tokenizer has {} tokens but the model only {vocab}", tokenizer.vocab_size());
         }
+        let native_template = template_src.is_some();
+        // A Gemma 3 file without a template (the base model's) gets Gemma's turn format.
+        let template_src =
+            template_src.or_else(|| model.config().gemma3.as_ref().map(|_| arch::gemma3::CHAT_TEMPLATE.to_string()));
         let template = ChatTemplate::new(template_src, tokenizer.bos_token(), tokenizer.eos_token())?;
         let device = describe_device(device, &model);
         Ok(Self {
@@ -207,6 +214,7 @@ impl LoadedModel {
             model,
             tokenizer,
             template,
+            native_template,
             source: String::new(),
             weights,
             device,
@@ -238,6 +246,9 @@ impl LoadedModel {
 fn load_llama(src: &mut dyn WeightSource, cfg: LlamaConfig, adapter: Option<&Path>, id: &str) -> Result<Llama> {
     use crate::train::peft;
     let Some(dir) = adapter else { return Ok(Llama::load(src, cfg)?) };
+    if cfg.gemma3.is_some() {
+        bail!("LoRA adapters support llama-family models only; this model is {}", cfg.architecture);
+    }
     let ad = peft::load(dir, peft::dims_of(&cfg), peft::Layout::of(&cfg), id)?;
     let mut merged = adapted::AdaptedSource::new(src, ad.deltas()?);
     let model = Llama::load(&mut merged, cfg)?;

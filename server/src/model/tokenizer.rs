@@ -205,16 +205,16 @@ impl TextTokenizer {
     }
 
     /// Encodes plain text as the model reads a document: after `bos` where the model expects
-    /// one (Gemma), as is otherwise. Chat prompts come from [`Self::encode`] of the rendered
-    /// template, which writes its own `bos`.
+    /// one (Gemma) and the text does not start with it, as is otherwise. Chat prompts come
+    /// from [`Self::encode`] of the rendered template, which writes its own `bos`.
     pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
+        let mut ids = self.encode(text)?;
         if self.add_bos
             && let Some(bos) = self.bos.as_deref().and_then(|b| self.inner.token_to_id(b))
+            && ids.first() != Some(&bos)
         {
-            ids.push(bos);
+            ids.insert(0, bos);
         }
-        ids.extend(self.encode(text)?);
         Ok(ids)
     }
 

@@ -2,7 +2,13 @@
 //! optionally filter them with the judge, capture the residual stream over prompt and answer, and
 //! store mean(pos) − mean(neg) per layer for three activation summaries, each with per-layer
 //! separation scores and a recommended layer.
+//!
+//! In reading mode the rollouts are written (and judged) as usual, by this model or another
+//! served one, and this model then *reads* each question and answer teacher-forced without the
+//! system prompt ([`reading`](super::reading)); its activations while reading are what is
+//! averaged.
 
+use super::reading::ReadFormat;
 use super::{AppState, ResponseStream, resolve, traits, vectors};
 use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::judge::{Judge, Outcome, Tally, coherence_prompt};
@@ -52,6 +58,9 @@ struct Rollout {
 /// One rollout after generation and judging: its answer (re-read for calibration) and whether it
 /// is kept. Its activation summaries went into the running sums and are gone.
 struct Answer {
+    /// The prompt the answer was read after: the rollout's (system prompt + question), or in
+    /// reading mode the reading model's question.
+    prompt: Vec<u32>,
     ids: Vec<u32>,
     /// How many of `ids` were run through the model during generation: all but a last token that
     /// was sampled and then ended the generation (length, context or a stop string). The
@@ -121,8 +130,19 @@ pub fn extract(
 ) -> ServiceResult<ResponseStream<pb::ExtractVectorResponse>> {
     let engine = state.engine(&req.model)?;
     let spec = spec(&state, &req)?;
+    // Reading mode: who writes the rollouts, and how this model reads them.
+    let (writer, reading) = match &req.reading {
+        Some(r) => {
+            let writer = if r.rollouts_from.is_empty() { engine.clone() } else { state.engine(&r.rollouts_from)? };
+            let format = pb::ReadingFormat::try_from(r.format)
+                .map_err(|_| invalid(format!("reading.format: unknown value {}", r.format)))?;
+            (writer, Some(ReadFormat::resolve(format, engine.model())))
+        }
+        None => (engine.clone(), None),
+    };
     validate_name(&spec.name)?;
-    for (_, suffix) in KINDS {
+    let kinds = if req.reading.is_some() { 1 } else { KINDS.len() };
+    for (_, suffix) in KINDS.iter().take(kinds) {
         let name = format!("{}{suffix}", spec.name);
         validate_name(&name)?;
         if !req.overwrite && state.store.get(&name).is_ok() {
@@ -139,7 +159,7 @@ pub fn extract(
     let sampling = resolve::sampling(req.sampling.as_ref(), DEFAULT_ROLLOUT_TOKENS)?;
     // Prompts are rendered and tokenized here, so a bad template or an over-long prompt fails the
     // call before anything streams.
-    let model = engine.model();
+    let model = writer.model();
     let mut rollouts = Vec::new();
     for (pos, neg) in &spec.pairs {
         for (qi, q) in spec.questions.iter().enumerate() {
@@ -166,8 +186,19 @@ pub fn extract(
     };
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let job =
-            Job { state, engine, spec, rollouts, sampling, judge, thresholds, filtering, overwrite: req.overwrite };
+        let job = Job {
+            state,
+            engine,
+            writer,
+            reading,
+            spec,
+            rollouts,
+            sampling,
+            judge,
+            thresholds,
+            filtering,
+            overwrite: req.overwrite,
+        };
         let name = job.spec.name.clone();
         match job.run(tx.clone()).await {
             Ok(()) => {}
@@ -324,7 +355,12 @@ struct Readings {
 
 struct Job {
     state: Arc<AppState>,
+    /// The model the vector is extracted from (and stored for).
     engine: EngineHandle,
+    /// The model that writes the rollouts: `engine` unless reading another model's.
+    writer: EngineHandle,
+    /// Reading mode: how `engine` reads the written rollouts.
+    reading: Option<ReadFormat>,
     spec: Spec,
     rollouts: Vec<Rollout>,
     sampling: resolve::Sampling,
@@ -335,6 +371,11 @@ struct Job {
 }
 
 impl Job {
+    /// How many of [`KINDS`] are stored: all, or in reading mode the response average only.
+    fn kinds(&self) -> usize {
+        if self.reading.is_some() { 1 } else { KINDS.len() }
+    }
+
     async fn run(self, tx: Tx) -> ServiceResult<()> {
         let started = Instant::now();
         let (answers, sums, tally) = self.roll_out(&tx).await?;
@@ -354,12 +395,14 @@ impl Job {
         let values: Vec<Vec<f32>> = (0..KINDS.len()).map(|k| sums.difference(k, false)).collect();
         let readings = self.read_again(&answers, &sums, &values, &tx).await?;
         let stage = Instant::now();
-        progress(&tx, "store", 0, KINDS.len(), stage).await?;
+        progress(&tx, "store", 0, self.kinds(), stage).await?;
         let mut stored = Vec::new();
-        for (k, (kind, suffix)) in KINDS.into_iter().enumerate() {
+        // Reading mode reads the same question on both sides, so only the response summary
+        // differs between them: no prompt variants.
+        for (k, (kind, suffix)) in KINDS.into_iter().enumerate().take(self.kinds()) {
             let vector = self.vector(k, kind, suffix, &sums, values[k].clone(), &readings);
             stored.push(vectors::store_put(&self.state.store, vector, self.overwrite).await?);
-            progress(&tx, "store", k + 1, KINDS.len(), stage).await?;
+            progress(&tx, "store", k + 1, self.kinds(), stage).await?;
         }
         let mut infos = stored.iter().map(|v| resolve::vector_info(v));
         let result = pb::ExtractResult {
@@ -390,6 +433,7 @@ impl Job {
         let model = self.engine.model().clone();
         let c = model.config();
         let total = self.rollouts.len();
+        let writer_rows = self.writer.model().config().n_residual_rows();
         let permits = Arc::new(Semaphore::new(self.engine.max_batch()));
         let mut tasks = JoinSet::new();
         for (i, r) in self.rollouts.iter().enumerate() {
@@ -402,10 +446,11 @@ impl Job {
                     ..self.sampling.config.clone()
                 },
                 stop: self.sampling.stop.clone(),
-                steering: SteeringPlan::new(c.n_residual_rows()),
+                steering: SteeringPlan::new(writer_rows),
                 deadline: None,
                 monitors: Vec::new(),
-                capture: true,
+                // In reading mode the reading pass captures instead.
+                capture: self.reading.is_none(),
                 logprobs: None,
             };
             // The judge's two prompts need the answer; they are built once it exists.
@@ -414,11 +459,12 @@ impl Job {
                 .clone()
                 .zip(self.spec.def.clone())
                 .map(|(j, d)| (j, d, self.spec.questions[r.question].clone()));
-            let (engine, permits) = (self.engine.clone(), permits.clone());
+            let (engine, writer, permits) = (self.engine.clone(), self.writer.clone(), permits.clone());
+            let reading = self.reading.map(|f| (f, self.spec.questions[r.question].clone()));
+            let prompt = r.prompt.clone();
             tasks.spawn(async move {
                 let permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
-                let (answer, summary) = complete(&engine, job).await?;
-                drop(permit);
+                let (answer, summary) = complete(&writer, job).await?;
                 let summary =
                     summary.ok_or_else(|| ServiceError::Internal("generation ended without a summary".into()))?;
                 // An end-of-turn token was sampled, stripped and never fed; otherwise the last
@@ -428,22 +474,40 @@ impl Job {
                 } else {
                     answer.len().saturating_sub(1)
                 };
-                let capture = summary
-                    .capture
-                    .ok_or_else(|| ServiceError::Internal("generation ended without its capture".into()))?;
+                let text =
+                    || writer.model().tokenizer.decode(&answer).map_err(|e| ServiceError::Internal(e.to_string()));
+                // This model's prompt, answer, tokens read and capture.
+                let (prompt, answer, fed, capture) = match reading {
+                    Some((format, question)) => {
+                        let (prompt, ids) = format.tokens(engine.model(), &question, &text()?)?;
+                        let job = CaptureJob {
+                            tokens: [prompt.as_slice(), &ids].concat(),
+                            prompt_len: prompt.len(),
+                            steering: SteeringPlan::new(engine.model().config().n_residual_rows()),
+                            probes: Vec::new(),
+                            logprobs: None,
+                        };
+                        let capture = engine.capture(job).await?;
+                        let fed = ids.len();
+                        (prompt, ids, fed, capture)
+                    }
+                    None => {
+                        let capture = summary
+                            .capture
+                            .ok_or_else(|| ServiceError::Internal("generation ended without its capture".into()))?;
+                        (prompt, answer.clone(), fed, capture)
+                    }
+                };
+                drop(permit);
                 let judged = match judging {
                     Some((judge, def, question)) => {
-                        let text = engine
-                            .model()
-                            .tokenizer
-                            .decode(&answer)
-                            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                        let text = text()?;
                         let prompts = (def.eval_prompt_for(&question, &text), coherence_prompt(&question, &text));
                         Some(judge.rate_answer(prompts.0, prompts.1).await)
                     }
                     None => None,
                 };
-                Ok::<_, ServiceError>((i, answer, fed, capture, judged))
+                Ok::<_, ServiceError>((i, prompt, answer, fed, capture, judged))
             });
         }
         progress(tx, "rollouts", 0, total, started).await?;
@@ -454,7 +518,8 @@ impl Job {
         let n_q = self.spec.questions.len();
         let mut done = 0;
         while let Some(joined) = tasks.join_next().await {
-            let (i, ids, fed, capture, judged) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
+            let (i, prompt, ids, fed, capture, judged) =
+                joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
             let r = &self.rollouts[i];
             let kept = match (judged, tally.as_mut()) {
                 (Some((trait_score, coherence)), Some(tally)) => {
@@ -470,7 +535,7 @@ impl Job {
             if kept {
                 sums.add(&capture, r.positive, held_out(r.question, n_q));
             }
-            answers[i] = Some(Answer { ids, fed, kept });
+            answers[i] = Some(Answer { prompt, ids, fed, kept });
             done += 1;
             progress(tx, "rollouts", done, total, started).await?;
         }
@@ -534,10 +599,14 @@ impl Job {
         let started = Instant::now();
         let model = self.engine.model().clone();
         let (n_rows, d) = (model.config().n_residual_rows(), model.config().hidden_size);
+        // The answers re-read after their bare question. In reading mode they were read that way
+        // already (the reading prompt is the bare question).
         let mut bare = Vec::with_capacity(self.spec.questions.len());
-        for q in &self.spec.questions {
-            let text = resolve::render_chat(&model, &[Message::new("user", q.clone())])?;
-            bare.push(resolve::tokenize(&model, &text)?);
+        if self.reading.is_none() {
+            for q in &self.spec.questions {
+                let text = resolve::render_chat(&model, &[Message::new("user", q.clone())])?;
+                bare.push(resolve::tokenize(&model, &text)?);
+            }
         }
         let splits: Vec<bool> = (0..KINDS.len()).map(|k| sums.splits(k)).collect();
         let directions: Arc<Vec<Vec<f32>>> = Arc::new(
@@ -561,14 +630,19 @@ impl Job {
                 probes: Vec::new(),
                 logprobs: None,
             };
-            let prompt = r.prompt.clone();
-            let read = if scored.iter().any(|&s| s) {
+            let prompt = answers[i].prompt.clone();
+            let reading = self.reading.is_some();
+            let read = if scored.iter().any(|&s| s) || reading {
                 capture([prompt.as_slice(), &ids[..answers[i].fed]].concat(), prompt.len())
             } else {
                 capture(prompt.clone(), prompt.len())
             };
-            let question = &bare[r.question];
-            let reread = (!ids.is_empty()).then(|| capture([question.as_slice(), ids].concat(), question.len()));
+            let reread = match bare.get(r.question) {
+                Some(question) if !reading && !ids.is_empty() => {
+                    Some(capture([question.as_slice(), ids].concat(), question.len()))
+                }
+                _ => None,
+            };
             let (engine, permits, values, directions) =
                 (self.engine.clone(), permits.clone(), values.clone(), directions.clone());
             let positive = r.positive;
@@ -581,6 +655,8 @@ impl Job {
                     }
                 });
                 let (read, reread) = (read?, reread?);
+                // In reading mode the reading already is the bare question and its answer.
+                let reread = if reading { Some(read.clone()) } else { reread };
                 // Per kind: re-read response, last prompt token, and (where scored) the layer-score reading.
                 let mut out = Vec::with_capacity(KINDS.len());
                 for (k, (kind, _)) in KINDS.iter().enumerate() {
@@ -655,9 +731,22 @@ impl Job {
         let scored_on =
             if sums.splits(k) { "held-out questions" } else { "the same rollouts (too few for a held-out split)" };
         let recommended = recommend(&scores);
-        let calibration = calibrate_projections(&readings.response[k], &readings.prompt_last[k]);
+        // Reading mode reads the same question on both sides, so last-prompt-token readings do not
+        // separate: prompt scores use the response scale there.
+        let prompt_readings = if self.reading.is_some() { &readings.response[k] } else { &readings.prompt_last[k] };
+        let calibration = calibrate_projections(&readings.response[k], prompt_readings);
         let s = &self.spec;
         let [n_pos, n_neg] = sums.n_all[k];
+        let origin = match self.reading {
+            Some(format) => format!(
+                "{}, read by `{}` as {} from the answers `{}` wrote under the system prompts",
+                s.origin,
+                self.engine.model().id,
+                format.name(),
+                self.writer.model().id
+            ),
+            None => s.origin.clone(),
+        };
         StoredVector {
             meta: VectorMeta {
                 name: format!("{}{suffix}", s.name),
@@ -668,7 +757,7 @@ impl Job {
                 description: format!(
                     "{}: mean {} difference over {} positive and {} negative rollouts ({} pairs x {} questions x {} \
                      samples); {}; layers scored on {}",
-                    s.origin,
+                    origin,
                     kind.as_str(),
                     n_pos,
                     n_neg,

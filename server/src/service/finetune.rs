@@ -124,9 +124,22 @@ fn shift_prompts(
         .collect()
 }
 
+/// Training and adapters cover the llama family; Gemma 3's block has no training graph yet.
+fn check_trainable(model: &crate::model::LoadedModel) -> ServiceResult<()> {
+    let arch = &model.config().architecture;
+    if model.config().gemma3.is_some() {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "model `{}` is {arch}: fine-tuning and LoRA adapters support llama-family models (llama, mistral, qwen2) only",
+            model.id
+        )));
+    }
+    Ok(())
+}
+
 pub fn start(state: &Arc<AppState>, req: pb::StartFineTuneRequest) -> ServiceResult<pb::StartFineTuneResponse> {
     let engine = state.engine(&req.model)?;
     let model = engine.model().clone();
+    check_trainable(&model)?;
     if model.adapter.is_some() {
         return Err(ServiceError::FailedPrecondition(format!(
             "model `{}` is already adapted; fine-tune its base `{}` instead",
@@ -241,6 +254,7 @@ pub async fn load_adapter(
 ) -> ServiceResult<pb::LoadAdapterResponse> {
     check_name("model", &req.model)?;
     let base = state.engine(&req.base_model)?;
+    check_trainable(base.model())?;
     if req.path.is_empty() {
         return Err(invalid("path is required: a PEFT adapter directory"));
     }

@@ -7,6 +7,7 @@ mod finetune;
 mod generate;
 mod models;
 mod project;
+mod reading;
 mod resolve;
 mod score;
 mod screen;

@@ -31,13 +31,15 @@ pub fn tokenize(model: &LoadedModel, text: &str) -> ServiceResult<Vec<u32>> {
 
 /// Tokens of a request's prompt (chat rendered with the template, or raw text).
 pub fn prompt_tokens(model: &LoadedModel, prompt: Option<&pb::Prompt>) -> ServiceResult<Vec<u32>> {
-    let text = match prompt.and_then(|p| p.kind.as_ref()) {
-        Some(pb::prompt::Kind::Chat(c)) => render_chat(model, &messages(c)?)?,
-        Some(pb::prompt::Kind::Raw(r)) if !r.is_empty() => r.clone(),
+    let ids = match prompt.and_then(|p| p.kind.as_ref()) {
+        Some(pb::prompt::Kind::Chat(c)) => tokenize(model, &render_chat(model, &messages(c)?)?)?,
+        // Raw text is read as a document: after `bos` where the model expects one (Gemma).
+        Some(pb::prompt::Kind::Raw(r)) if !r.is_empty() => {
+            model.tokenizer.encode_document(r).map_err(|e| ServiceError::Internal(e.to_string()))?
+        }
         Some(pb::prompt::Kind::Raw(_)) => return Err(invalid("raw prompt is empty")),
         None => return Err(invalid("prompt is required: give chat messages or a raw prompt")),
     };
-    let ids = tokenize(model, &text)?;
     check_fits(model, ids.len())?;
     Ok(ids)
 }
