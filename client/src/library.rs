@@ -91,6 +91,36 @@ pub(crate) enum VectorsCmd {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Carry a stored vector to another served model (any architecture) through a linear map
+    /// between the two residual streams, fitted on texts both read; stored as NAME.TO unless
+    /// --name says.
+    Transfer {
+        vector: String,
+        /// The vector's model (a check; default: whichever it belongs to).
+        #[arg(long, default_value = "")]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Source layer (default: the vector's recommended layer).
+        #[arg(long)]
+        source_layer: Option<u32>,
+        /// Target layer (default: the same relative depth).
+        #[arg(long, conflicts_with = "search")]
+        target_layer: Option<u32>,
+        /// Pick the target layer with the best held-out R².
+        #[arg(long)]
+        search: bool,
+        /// ridge or procrustes.
+        #[arg(long, default_value = "ridge", value_parser = ["ridge", "procrustes"])]
+        method: String,
+        /// Aligned word ends to fit and test on (0 = the server's 3000).
+        #[arg(long, default_value_t = 0)]
+        max_samples: u32,
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Write a stored vector as a control-vector GGUF (llama.cpp --control-vector) or safetensors.
     Export {
         name: String,
@@ -265,6 +295,58 @@ pub(crate) async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
                 .await?
                 .into_inner();
             print_vector(&r.info.context("server sent no vector info")?);
+        }
+        VectorsCmd::Transfer {
+            vector,
+            from,
+            to,
+            name,
+            source_layer,
+            target_layer,
+            search,
+            method,
+            max_samples,
+            overwrite,
+        } => {
+            let method =
+                if method == "procrustes" { pb::TransferMethod::Procrustes } else { pb::TransferMethod::Ridge };
+            let req = pb::TransferVectorRequest {
+                vector,
+                to_model: to,
+                name,
+                source_layer,
+                target_layer,
+                search_target_layer: search,
+                method: method as i32,
+                max_samples,
+                overwrite,
+                from_model: from,
+            };
+            let mut stream = c.transfer_vector(req).await?.into_inner();
+            while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
+                match msg.event {
+                    Some(pb::transfer_vector_response::Event::Progress(p)) => {
+                        eprint!("\r{:<5} {:>5}/{:<5} {:>7.1} s   ", p.stage, p.done, p.total, p.elapsed_secs)
+                    }
+                    Some(pb::transfer_vector_response::Event::Result(r)) => {
+                        eprintln!();
+                        println!(
+                            "{} aligned word ends of {} texts, {:.1} s; |transferred| / |source| = {:.3}",
+                            r.samples, r.texts, r.elapsed_secs, r.norm_ratio
+                        );
+                        println!("source layer\ttarget layer\tridge R²\tpenalty\tProcrustes R²");
+                        for f in &r.fits {
+                            let rot = f.procrustes_r2.map_or("-".to_string(), |v| format!("{v:.3}"));
+                            println!(
+                                "{}\t{}\t{:.3}\t{:.0e}\t{rot}",
+                                f.source_layer, f.target_layer, f.ridge_r2, f.ridge_lambda
+                            );
+                        }
+                        print_vector(&r.vector.context("server sent no vector info")?);
+                    }
+                    None => {}
+                }
+            }
         }
         VectorsCmd::Export { name, out, format } => {
             let r = c.export_vector(pb::ExportVectorRequest { name, format: vector_format(&format)? as i32 }).await?;

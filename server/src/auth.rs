@@ -5,7 +5,7 @@
 //! - `monitor`: ProjectActivation, MonitorStream, ScreenDataset, MeasureShift;
 //! - `read`: listing, GetVector, ExportVector, GetServerStatus, ListTraits, WatchJob, ListJobs;
 //! - `write`: PutVector, DeleteVector, ImportVector, ExtractVector, DraftTrait, EvaluateSteering,
-//!   StartFineTune, CancelJob, LoadAdapter.
+//!   StartFineTune, CancelJob, LoadAdapter, TransferVector.
 //!
 //! Health is always open; reflection, when served, needs a valid key of any scope. A missing or
 //! unknown key is UNAUTHENTICATED, a key without the method's scope PERMISSION_DENIED. Keys are
@@ -53,7 +53,7 @@ pub fn scope_of(method: &str) -> Option<Scope> {
         "ListModels" | "ListVectors" | "GetVector" | "ExportVector" | "GetServerStatus" | "ListTraits" | "WatchJob"
         | "ListJobs" => Scope::Read,
         "PutVector" | "DeleteVector" | "ImportVector" | "ExtractVector" | "DraftTrait" | "EvaluateSteering"
-        | "StartFineTune" | "CancelJob" | "LoadAdapter" => Scope::Write,
+        | "StartFineTune" | "CancelJob" | "LoadAdapter" | "TransferVector" => Scope::Write,
         _ => return None,
     })
 }

@@ -197,6 +197,7 @@ fn a_capturing_generation_matches_a_capture_pass_over_what_it_fed() {
             steering: SteeringPlan::new(0),
             probes: Vec::new(),
             logprobs: None,
+            token_states: None,
         };
         let offline = engine.capture(job).await.unwrap();
         let close = |a: &[f32], b: &[f32], what: &str| {

@@ -218,6 +218,23 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// [`Self::encode_document`] with, per token, the byte offset in `text` where it ends
+    /// (`None` for the `bos` it adds): where two tokenizers both end a token, two models have
+    /// read the same text.
+    pub fn encode_document_ends(&self, text: &str) -> Result<(Vec<u32>, Vec<Option<usize>>)> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        let mut ends: Vec<Option<usize>> = enc.get_offsets().iter().map(|&(_, end)| Some(end)).collect();
+        if self.add_bos
+            && let Some(bos) = self.bos.as_deref().and_then(|b| self.inner.token_to_id(b))
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+            ends.insert(0, None);
+        }
+        Ok((ids, ends))
+    }
+
     /// Whether the model expects `bos` before any text.
     pub fn adds_bos(&self) -> bool {
         self.add_bos

@@ -171,6 +171,17 @@ pub struct CaptureJob {
     /// Score the response tokens (teacher-forced log-probabilities) with this many top
     /// alternatives per position.
     pub logprobs: Option<usize>,
+    /// Keep the whole hidden state of some tokens at some layers (see
+    /// `CaptureResult::token_states`).
+    pub token_states: Option<TokenStates>,
+}
+
+/// Which tokens' hidden states a capture keeps, and at which residual layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStates {
+    /// Indices into the job's tokens, ascending.
+    pub positions: Vec<usize>,
+    pub layers: Vec<usize>,
 }
 
 /// Per residual layer (`n_rows x d_model`, row-major) activation summaries of one capture.
@@ -186,6 +197,9 @@ pub struct CaptureResult {
     pub per_token: Vec<Vec<f32>>,
     /// With `CaptureJob::logprobs`: one per response token, given everything before it.
     pub logprobs: Vec<Logprobs>,
+    /// With `CaptureJob::token_states`: per requested position, the hidden state at each
+    /// requested layer (`layers.len() x d_model`, row-major).
+    pub token_states: Vec<Vec<f32>>,
 }
 
 /// Events of one generation; dropping it cancels the generation.

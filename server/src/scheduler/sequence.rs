@@ -1,6 +1,6 @@
 //! Per-sequence state inside the engine: what to feed next, and what to do with the results.
 
-use super::{CaptureJob, CaptureResult, EngineError, FinishReason, GenEvent, GenerateJob, Summary};
+use super::{CaptureJob, CaptureResult, EngineError, FinishReason, GenEvent, GenerateJob, Summary, TokenStates};
 use crate::model::arch::llama::{KvCache, RowInput};
 use crate::model::sampling::{Logprobs, Sampler, logprobs};
 use crate::model::tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -131,7 +131,7 @@ impl Sequence {
         kv_reserve: usize,
         submitted: Instant,
     ) -> Self {
-        let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.probes);
+        let acc = CaptureAccumulator::new(n_rows, d_model, job.prompt_len, job.probes).keeping(job.token_states);
         let scoring =
             job.logprobs.map(|top| Scoring { targets: job.tokens[job.prompt_len..].to_vec(), top, out: Vec::new() });
         Self {
@@ -488,9 +488,17 @@ pub(crate) struct CaptureAccumulator {
     prompt_last: Vec<f32>,
     probes: Vec<Probe>,
     per_token: Vec<Vec<f32>>,
+    keep: Option<TokenStates>,
+    kept: Vec<Vec<f32>>,
 }
 
 impl CaptureAccumulator {
+    /// Also keeps the hidden states of `keep`'s tokens at its layers.
+    pub fn keeping(mut self, keep: Option<TokenStates>) -> Self {
+        self.keep = keep;
+        self
+    }
+
     pub fn new(n_rows: usize, d: usize, prompt_len: usize, probes: Vec<Probe>) -> Self {
         let z = vec![0.0; n_rows * d];
         let per_token = vec![Vec::new(); probes.len()];
@@ -504,6 +512,8 @@ impl CaptureAccumulator {
             prompt_last: z,
             probes,
             per_token,
+            keep: None,
+            kept: Vec::new(),
         }
     }
 
@@ -521,6 +531,15 @@ impl CaptureAccumulator {
         for (acc, scores) in self.per_token.iter_mut().zip(probe_scores(states, &self.probes, 0, take)?) {
             acc.extend(scores);
         }
+        if let Some(keep) = &self.keep {
+            for &p in keep.positions.iter().filter(|&&p| (self.seen..self.seen + take).contains(&p)) {
+                let mut state = Vec::with_capacity(keep.layers.len() * self.d);
+                for &l in &keep.layers {
+                    state.extend(states[l].get(p - self.seen)?.to_vec1::<f32>()?);
+                }
+                self.kept.push(state);
+            }
+        }
         self.seen += take;
         Ok(())
     }
@@ -536,6 +555,7 @@ impl CaptureAccumulator {
             response_avg: (response_tokens > 0).then(|| mean(&self.response_sum, response_tokens)),
             per_token: self.per_token.clone(),
             logprobs: Vec::new(),
+            token_states: self.kept.clone(),
         }
     }
 }

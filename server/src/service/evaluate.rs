@@ -152,6 +152,7 @@ impl Answerer {
                 steering: SteeringPlan::new(model.config().n_residual_rows()),
                 probes: Vec::new(),
                 logprobs: Some(0),
+                token_states: None,
             })
             .await?;
         let projection = match &self.judging {

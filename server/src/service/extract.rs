@@ -486,6 +486,7 @@ impl Job {
                             steering: SteeringPlan::new(engine.model().config().n_residual_rows()),
                             probes: Vec::new(),
                             logprobs: None,
+                            token_states: None,
                         };
                         let capture = engine.capture(job).await?;
                         let fed = ids.len();
@@ -629,6 +630,7 @@ impl Job {
                 steering: SteeringPlan::new(n_rows),
                 probes: Vec::new(),
                 logprobs: None,
+                token_states: None,
             };
             let prompt = answers[i].prompt.clone();
             let reading = self.reading.is_some();
@@ -773,6 +775,7 @@ impl Job {
                 layer_scores: scores,
                 calibration,
                 steering: None,
+                transferred_from: None,
             },
             values,
         }
@@ -823,6 +826,7 @@ mod tests {
             response_avg: Some(values.to_vec()),
             per_token: Vec::new(),
             logprobs: Vec::new(),
+            token_states: Vec::new(),
         }
     }
 

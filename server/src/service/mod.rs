@@ -13,6 +13,7 @@ mod score;
 mod screen;
 mod shift;
 mod traits;
+mod transfer;
 mod vectors;
 
 use crate::error::{ServiceError, ServiceResult};
@@ -165,6 +166,7 @@ impl PersonaService for PersonaSvc {
     type ScreenDatasetStream = ResponseStream<pb::ScreenResponse>;
     type EvaluateSteeringStream = ResponseStream<pb::EvaluateSteeringResponse>;
     type WatchJobStream = ResponseStream<pb::JobStatus>;
+    type TransferVectorStream = ResponseStream<pb::TransferVectorResponse>;
 
     async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let deadline = deadline_of(&req)?;
@@ -312,6 +314,13 @@ impl PersonaService for PersonaSvc {
         req: Request<pb::MeasureShiftRequest>,
     ) -> Result<Response<pb::MeasureShiftResponse>, Status> {
         Ok(Response::new(shift::measure(self.state()?, req.into_inner()).await?))
+    }
+
+    async fn transfer_vector(
+        &self,
+        req: Request<pb::TransferVectorRequest>,
+    ) -> Result<Response<Self::TransferVectorStream>, Status> {
+        Ok(Response::new(transfer::transfer(self.state()?.clone(), req.into_inner())?))
     }
 }
 

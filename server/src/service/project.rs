@@ -34,7 +34,8 @@ pub async fn project(
     };
     let probes = if req.per_token { targets.iter().map(|t| t.probe.clone()).collect() } else { Vec::new() };
     let steering = SteeringPlan::new(model.config().n_residual_rows());
-    let cap = engine.capture(CaptureJob { tokens, prompt_len, steering, probes, logprobs: None }).await?;
+    let cap =
+        engine.capture(CaptureJob { tokens, prompt_len, steering, probes, logprobs: None, token_states: None }).await?;
     let mut per_token = cap.per_token.into_iter();
     let projections = targets
         .into_iter()

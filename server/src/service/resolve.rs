@@ -338,6 +338,15 @@ pub fn vector_info(v: &StoredVector) -> pb::VectorInfo {
             .collect(),
         calibration: m.calibration.iter().map(calibration_to_pb).collect(),
         steering: m.steering.as_ref().map(recommendation_to_pb),
+        transferred_from: m.transferred_from.as_ref().map(|t| pb::TransferredFrom {
+            model: t.model.clone(),
+            vector: t.vector.clone(),
+            source_layer: t.source_layer as u32,
+            target_layer: t.target_layer as u32,
+            method: t.method.clone(),
+            r2: t.r2,
+            samples: t.samples as u32,
+        }),
     }
 }
 

@@ -77,6 +77,7 @@ pub async fn score_text(state: &AppState, req: pb::ScoreTextRequest) -> ServiceR
             steering: steering.plan,
             probes: Vec::new(),
             logprobs: Some(top),
+            token_states: None,
         })
         .await?;
     let sum: f64 = cap.logprobs.iter().map(|l| l.logprob as f64).sum();

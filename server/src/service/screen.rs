@@ -243,6 +243,7 @@ impl Screen {
             steering: SteeringPlan::new(0),
             probes: Vec::new(),
             logprobs: None,
+            token_states: None,
         };
         let cap = self.engine.capture(job).await?;
         cap.response_avg.ok_or_else(|| ServiceError::Internal("capture without response tokens".into()))

@@ -30,6 +30,7 @@ async fn last_token(engine: &EngineHandle, prompts: &[Vec<u32>], probe: &Probe) 
                 steering: SteeringPlan::new(n_rows),
                 probes: Vec::new(),
                 logprobs: None,
+                token_states: None,
             };
             (i, engine.capture(job).await)
         });

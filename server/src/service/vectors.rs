@@ -48,6 +48,7 @@ pub async fn put(state: &AppState, req: pb::PutVectorRequest) -> ServiceResult<p
         layer_scores: Vec::new(),
         calibration: Vec::new(),
         steering: None,
+        transferred_from: None,
     };
     let stored = store_put(&state.store, StoredVector { meta, values: req.values }, req.overwrite).await?;
     Ok(pb::PutVectorResponse { info: Some(resolve::vector_info(&stored)) })
@@ -91,6 +92,7 @@ pub async fn import(state: &AppState, req: pb::ImportVectorRequest) -> ServiceRe
         layer_scores: Vec::new(),
         calibration: Vec::new(),
         steering: None,
+        transferred_from: None,
     };
     let values = match format {
         Format::Gguf => interop::import_gguf(&req.data, n_rows, d)?,
@@ -111,6 +113,7 @@ pub async fn import(state: &AppState, req: pb::ImportVectorRequest) -> ServiceRe
             if v.meta.model == model.id {
                 meta.calibration = v.meta.calibration;
                 meta.steering = v.meta.steering;
+                meta.transferred_from = v.meta.transferred_from;
             }
             if meta.trait_name.is_empty() {
                 meta.trait_name = v.meta.trait_name;

@@ -8,6 +8,7 @@ pub mod plan;
 pub mod probe;
 pub mod separation;
 pub mod store;
+pub mod transfer;
 
 /// Scalar projection of an activation onto a direction: `a·v / ‖v‖` (0 for a zero vector).
 pub fn projection(a: &[f32], v: &[f32]) -> f32 {

@@ -69,6 +69,22 @@ pub struct VectorMeta {
     pub calibration: Vec<LayerCalibration>,
     /// The steering layer and coefficient chosen by an evaluation.
     pub steering: Option<SteeringRecommendation>,
+    /// Set when TransferVector carried the vector here from another model.
+    pub transferred_from: Option<TransferredFrom>,
+}
+
+/// Where a transferred vector came from, and how well the map between the two models fits.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TransferredFrom {
+    pub model: String,
+    pub vector: String,
+    pub source_layer: usize,
+    pub target_layer: usize,
+    /// `ridge` or `procrustes`.
+    pub method: String,
+    /// Held-out R² of the map between the two layers.
+    pub r2: f32,
+    pub samples: usize,
 }
 
 impl VectorMeta {
@@ -369,6 +385,7 @@ pub fn encode(v: &StoredVector) -> Result<Vec<u8>, StoreError> {
         (!m.calibration.is_empty()).then(|| ("calibration", serde_json::to_string(&m.calibration).unwrap_or_default())),
     )
     .chain(m.steering.as_ref().map(|s| ("steering", serde_json::to_string(s).unwrap_or_default())))
+    .chain(m.transferred_from.as_ref().map(|t| ("transferred_from", serde_json::to_string(t).unwrap_or_default())))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let bytes: Vec<u8> = v.values.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -411,6 +428,7 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<StoredVector, StoreError> {
         layer_scores: serde_json::from_str(&get("layer_scores")).unwrap_or_default(),
         calibration: serde_json::from_str(&get("calibration")).unwrap_or_default(),
         steering: serde_json::from_str::<SteeringRecommendation>(&get("steering")).ok().filter(|s| s.layer < *n_rows),
+        transferred_from: serde_json::from_str(&get("transferred_from")).ok(),
     };
     check_values(&meta, &values).map_err(|e| bad(e.to_string()))?;
     Ok(StoredVector { meta, values })
@@ -464,6 +482,15 @@ mod tests {
                         coherence: 88.0,
                     }],
                     coherence_threshold: 79.2,
+                }),
+                transferred_from: Some(TransferredFrom {
+                    model: "source-model".into(),
+                    vector: "evil".into(),
+                    source_layer: 15,
+                    target_layer: 2,
+                    method: "ridge".into(),
+                    r2: 0.61,
+                    samples: 3000,
                 }),
             },
             values: (0..12).map(|i| i as f32 * fill).collect(),
