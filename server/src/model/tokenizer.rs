@@ -209,13 +209,16 @@ impl TextTokenizer {
     /// from [`Self::encode`] of the rendered template, which writes its own `bos`.
     pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = self.encode(text)?;
-        if self.add_bos
-            && let Some(bos) = self.bos.as_deref().and_then(|b| self.inner.token_to_id(b))
-            && ids.first() != Some(&bos)
-        {
+        if let Some(bos) = self.missing_bos(&ids) {
             ids.insert(0, bos);
         }
         Ok(ids)
+    }
+
+    /// The `bos` to put before `ids` when the model expects one and they do not start with it.
+    fn missing_bos(&self, ids: &[u32]) -> Option<u32> {
+        let bos = self.bos.as_deref().and_then(|b| self.inner.token_to_id(b))?;
+        (self.add_bos && ids.first() != Some(&bos)).then_some(bos)
     }
 
     /// [`Self::encode_document`] with, per token, the byte offset in `text` where it ends
@@ -225,10 +228,7 @@ impl TextTokenizer {
         let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
         let mut ids = enc.get_ids().to_vec();
         let mut ends: Vec<Option<usize>> = enc.get_offsets().iter().map(|&(_, end)| Some(end)).collect();
-        if self.add_bos
-            && let Some(bos) = self.bos.as_deref().and_then(|b| self.inner.token_to_id(b))
-            && ids.first() != Some(&bos)
-        {
+        if let Some(bos) = self.missing_bos(&ids) {
             ids.insert(0, bos);
             ends.insert(0, None);
         }

@@ -141,8 +141,7 @@ pub fn extract(
         None => (engine.clone(), None),
     };
     validate_name(&spec.name)?;
-    let kinds = if req.reading.is_some() { 1 } else { KINDS.len() };
-    for (_, suffix) in KINDS.iter().take(kinds) {
+    for (_, suffix) in KINDS.iter().take(stored_kinds(req.reading.is_some())) {
         let name = format!("{}{suffix}", spec.name);
         validate_name(&name)?;
         if !req.overwrite && state.store.get(&name).is_ok() {
@@ -353,6 +352,12 @@ struct Readings {
     scored: Vec<SideProjections>,
 }
 
+/// How many of [`KINDS`] an extraction stores: all, or in reading mode the response average only
+/// (both sides read the same question, so the prompt summaries do not differ between them).
+fn stored_kinds(reading: bool) -> usize {
+    if reading { 1 } else { KINDS.len() }
+}
+
 struct Job {
     state: Arc<AppState>,
     /// The model the vector is extracted from (and stored for).
@@ -371,9 +376,8 @@ struct Job {
 }
 
 impl Job {
-    /// How many of [`KINDS`] are stored: all, or in reading mode the response average only.
     fn kinds(&self) -> usize {
-        if self.reading.is_some() { 1 } else { KINDS.len() }
+        stored_kinds(self.reading.is_some())
     }
 
     async fn run(self, tx: Tx) -> ServiceResult<()> {
@@ -397,8 +401,6 @@ impl Job {
         let stage = Instant::now();
         progress(&tx, "store", 0, self.kinds(), stage).await?;
         let mut stored = Vec::new();
-        // Reading mode reads the same question on both sides, so only the response summary
-        // differs between them: no prompt variants.
         for (k, (kind, suffix)) in KINDS.into_iter().enumerate().take(self.kinds()) {
             let vector = self.vector(k, kind, suffix, &sums, values[k].clone(), &readings);
             stored.push(vectors::store_put(&self.state.store, vector, self.overwrite).await?);

@@ -27,7 +27,7 @@ const MAX_SAMPLES: usize = 20_000;
 type Tx = mpsc::Sender<Result<pb::TransferVectorResponse, Status>>;
 
 /// The shared texts: corpus paragraphs (chat markup removed) and the library's questions.
-pub fn corpus(state: &AppState) -> Vec<String> {
+fn corpus(state: &AppState) -> Vec<String> {
     let mut texts = Vec::new();
     for line in CORPUS.lines().filter(|l| !l.trim().is_empty()) {
         let Ok(doc) = serde_json::from_str::<serde_json::Value>(line) else { continue };
@@ -84,7 +84,7 @@ fn align(text_idx: usize, text: &str, source: &LoadedModel, target: &LoadedModel
     Ok(Reading { text: text_idx, source: s_ids, target: t_ids, units })
 }
 
-pub struct Plan {
+struct Plan {
     vector: Arc<StoredVector>,
     source: EngineHandle,
     target: EngineHandle,

@@ -30,10 +30,7 @@ struct RmsNorm {
     eps: f32,
 }
 
-/// `1 / sqrt(mean(x²) + eps)` of one row.
-pub(super) fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
-}
+pub(super) use crate::model::cpu::elementwise::inv_rms;
 
 /// One row of RMSNorm: `y = x r w` with `r = 1/rms(x)`, which it returns.
 pub(super) fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) -> f32 {

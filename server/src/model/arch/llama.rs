@@ -19,7 +19,7 @@
 
 use super::super::cpu::QLinear;
 use super::super::cpu::attention::{self, Heads, HostKv, RowSpan};
-use super::super::cpu::elementwise::{Activation, GatedMul};
+use super::super::cpu::elementwise::{Activation, GatedMul, inv_rms};
 use super::super::device::attention::{self as batch_attention, RowPlace, StepPlan};
 use super::super::device::kv::{KvGeometry, KvPool, SlotLease};
 use super::super::device::steering::SteeringCache;
@@ -491,9 +491,8 @@ impl QkNorm {
             let k = &mut rest[..h.n_kv_heads * hd];
             for (heads, w) in [(q, &self.q_host), (k, &self.k_host)] {
                 for head in heads.chunks_exact_mut(hd) {
-                    let ms = head.iter().map(|x| x * x).sum::<f32>() / hd as f32;
-                    let inv = 1.0 / (ms + eps).sqrt();
-                    head.iter_mut().zip(w.iter()).for_each(|(x, w)| *x *= inv * w);
+                    let r = inv_rms(head, eps);
+                    head.iter_mut().zip(w.iter()).for_each(|(x, w)| *x *= r * w);
                 }
             }
         }

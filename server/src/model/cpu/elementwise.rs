@@ -102,6 +102,11 @@ pub fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + (-z).exp())
 }
 
+/// `1 / sqrt(mean(x²) + eps)` of one row (RMSNorm's factor).
+pub fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
+}
+
 /// Softmax in place.
 pub fn softmax(v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
