@@ -221,6 +221,20 @@ fn residual_hooks_capture_and_steer() {
     assert!(moved > 1.0, "steering moved the logits by only {moved}");
 }
 
+/// A server holding the embedded SmolLM2 (default) and Gemma 3, with its vector directory.
+fn both_models() -> (common::Running, tempfile::TempDir) {
+    let _ = common::gemma_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = common::settings(dir.path());
+    settings.models.push(persona_server::config::ModelSettings {
+        id: "gemma3-270m".into(),
+        source: "embedded:gemma3-270m".into(),
+        max_context: common::TEST_CONTEXT,
+        ..Default::default()
+    });
+    (common::start(settings), dir)
+}
+
 /// One server holding both models: ListModels shows both; a reading-mode extraction stores a
 /// Gemma vector from the answers SmolLM2 writes (the response average only: both sides read the
 /// same questions); that vector steers Gemma's generation and scores a conversation on Gemma's
@@ -228,17 +242,7 @@ fn residual_hooks_capture_and_steer() {
 #[test]
 fn both_models_serve_side_by_side_and_gemma_extracts_by_reading() {
     use persona_client::pb;
-    use persona_server::config::ModelSettings;
-    let _ = common::gemma_gguf();
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = common::settings(dir.path());
-    settings.models.push(ModelSettings {
-        id: "gemma3-270m".into(),
-        source: "embedded:gemma3-270m".into(),
-        max_context: common::TEST_CONTEXT,
-        ..Default::default()
-    });
-    let running = common::start(settings);
+    let (running, _dir) = both_models();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mut c = persona_client::connect(&running.addr.to_string()).await.unwrap();
@@ -334,17 +338,7 @@ fn both_models_serve_side_by_side_and_gemma_extracts_by_reading() {
 #[test]
 fn transfer_carries_a_vector_across_models_through_a_fitted_map() {
     use persona_client::pb;
-    use persona_server::config::ModelSettings;
-    let _ = common::gemma_gguf();
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = common::settings(dir.path());
-    settings.models.push(ModelSettings {
-        id: "gemma3-270m".into(),
-        source: "embedded:gemma3-270m".into(),
-        max_context: common::TEST_CONTEXT,
-        ..Default::default()
-    });
-    let running = common::start(settings);
+    let (running, _dir) = both_models();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mut c = persona_client::connect(&running.addr.to_string()).await.unwrap();
