@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 /// The sweep's coefficients when the request gives none (0, the baseline, always runs): half steps
@@ -455,19 +454,8 @@ pub fn evaluate(
         fraction,
         dry_run: req.dry_run,
     };
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let name = sweep.vector.meta.name.clone();
-        match sweep.run(&tx).await {
-            Ok(()) => {}
-            Err(ServiceError::Cancelled(why)) => tracing::info!(vector = %name, "steering evaluation cancelled: {why}"),
-            Err(e) => {
-                tracing::warn!(vector = %name, error = %e, "steering evaluation failed");
-                let _ = tx.send(Err(Status::from(e))).await;
-            }
-        }
-    });
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    let name = sweep.vector.meta.name.clone();
+    Ok(super::spawn_job("steering evaluation", name, move |tx| async move { sweep.run(&tx).await }))
 }
 
 async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Instant) -> ServiceResult<()> {

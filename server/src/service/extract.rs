@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 /// New tokens per rollout when the request does not say.
@@ -183,32 +182,21 @@ pub fn extract(
         (None, Some(_), _) if req.skip_judge => "judge skipped on request: answers were not filtered".to_string(),
         (None, Some(_), _) => "no eval prompt for these pairs: answers were not filtered".to_string(),
     };
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let job = Job {
-            state,
-            engine,
-            writer,
-            reading,
-            spec,
-            rollouts,
-            sampling,
-            judge,
-            thresholds,
-            filtering,
-            overwrite: req.overwrite,
-        };
-        let name = job.spec.name.clone();
-        match job.run(tx.clone()).await {
-            Ok(()) => {}
-            Err(ServiceError::Cancelled(why)) => tracing::info!(vector = %name, "extraction cancelled: {why}"),
-            Err(e) => {
-                tracing::warn!(vector = %name, error = %e, "extraction failed");
-                let _ = tx.send(Err(Status::from(e))).await;
-            }
-        }
-    });
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    let job = Job {
+        state,
+        engine,
+        writer,
+        reading,
+        spec,
+        rollouts,
+        sampling,
+        judge,
+        thresholds,
+        filtering,
+        overwrite: req.overwrite,
+    };
+    let name = job.spec.name.clone();
+    Ok(super::spawn_job("extraction", name, move |tx| job.run(tx)))
 }
 
 fn threshold(v: f32, what: &str) -> ServiceResult<f32> {

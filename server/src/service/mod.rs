@@ -38,6 +38,33 @@ pub fn list_models(state: &AppState) -> pb::ListModelsResponse {
 
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Runs a long server-streaming job (extraction, evaluation, transfer) on a task of its own. The
+/// job sends its events on the sender it is given; an error ends the stream with its status, and
+/// a client that went away (the job's sends fail) is only logged. `what` and `name` label the logs.
+fn spawn_job<T, F>(
+    what: &'static str,
+    name: String,
+    job: impl FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> F,
+) -> ResponseStream<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = ServiceResult<()>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let run = job(tx.clone());
+    tokio::spawn(async move {
+        match run.await {
+            Ok(()) => {}
+            Err(ServiceError::Cancelled(why)) => tracing::info!(vector = %name, "{what} cancelled: {why}"),
+            Err(e) => {
+                tracing::warn!(vector = %name, error = %e, "{what} failed");
+                let _ = tx.send(Err(Status::from(e))).await;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 /// Everything the handlers share.
 pub struct AppState {
     /// Served models by id; adapters loaded at runtime join them.

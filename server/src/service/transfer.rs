@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 const CORPUS: &str = include_str!("../../../scripts/data/fidelity-corpus.jsonl");
@@ -167,19 +166,8 @@ pub fn transfer(
         max_samples,
         overwrite: req.overwrite,
     };
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let name = plan.name.clone();
-        match run(state, plan, &tx).await {
-            Ok(()) => {}
-            Err(ServiceError::Cancelled(why)) => tracing::info!(vector = %name, "transfer cancelled: {why}"),
-            Err(e) => {
-                tracing::warn!(vector = %name, error = %e, "transfer failed");
-                let _ = tx.send(Err(Status::from(e))).await;
-            }
-        }
-    });
-    Ok(Box::pin(ReceiverStream::new(rx)))
+    let name = plan.name.clone();
+    Ok(super::spawn_job("transfer", name, move |tx| async move { run(state, plan, &tx).await }))
 }
 
 async fn progress(tx: &Tx, stage: &str, done: usize, total: usize, started: Instant) -> ServiceResult<()> {

