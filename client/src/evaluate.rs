@@ -36,9 +36,31 @@ pub struct EvalArgs {
     /// Do not store the recommendation with the vector.
     #[arg(long)]
     dry_run: bool,
+    /// How questions are posed: auto (chat turns when the model ships a chat template), chat, or
+    /// plain ("Question: …\nAnswer:" continued as text, for a base model).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "chat", "plain"])]
+    format: String,
+    /// Score trait expression with this stored calibrated vector (of any served model) instead
+    /// of the steered one, e.g. the native vector when evaluating a transferred one.
+    #[arg(long, value_name = "VECTOR")]
+    score_with: Option<String>,
+    /// Also score unsteered answers sampled at TEMPERATURE[:TOP_P] (repeatable): what sampling
+    /// alone does to the trait.
+    #[arg(long = "baseline", value_name = "TEMPERATURE[:TOP_P]")]
+    baselines: Vec<String>,
+    /// Seed of sampled answers.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Output prefix: PREFIX.json (the result), PREFIX-chart.svg, PREFIX-heatmap.svg.
     #[arg(long)]
     out: Option<String>,
+}
+
+/// `T` or `T:P` as a sampling baseline.
+fn sampling_baseline(s: &str) -> Result<pb::SamplingBaseline> {
+    let (t, p) = s.split_once(':').unwrap_or((s, "0"));
+    let num = |x: &str| x.trim().parse::<f32>().with_context(|| format!("--baseline {s}: `{x}` is not a number"));
+    Ok(pb::SamplingBaseline { temperature: num(t)?, top_p: num(p)? })
 }
 
 #[derive(Args)]
@@ -97,11 +119,14 @@ pub async fn eval(c: &mut Client, a: EvalArgs) -> Result<()> {
         coefficients: a.coefficients,
         max_questions: a.max_questions.unwrap_or(0),
         definition: trait_file(&a.trait_file)?,
-        sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, ..Default::default() }),
+        sampling: Some(pb::SamplingParams { max_tokens: a.max_tokens, seed: a.seed, ..Default::default() }),
         coherence_fraction: a.coherence_fraction,
         skip_judge: a.no_judge,
         dry_run: a.dry_run,
         questions: Vec::new(),
+        format: crate::extract::reading_format(&a.format) as i32,
+        score_with: a.score_with.clone().unwrap_or_default(),
+        sampling_baselines: a.baselines.iter().map(|b| sampling_baseline(b)).collect::<Result<_>>()?,
     };
     let mut stream = c.evaluate_steering(req).await?.into_inner();
     while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
@@ -124,9 +149,10 @@ pub async fn eval(c: &mut Client, a: EvalArgs) -> Result<()> {
 fn print_eval(r: &pb::EvaluateSteeringResult) {
     let u = r.unsteered.clone().unwrap_or_default();
     println!(
-        "{}: {} questions, {} tokens in {:.1} s; monitoring layer {}; scorer: {}",
+        "{}: {} questions as {}, {} tokens in {:.1} s; monitoring layer {}; scorer: {}",
         r.vector,
         r.questions.len(),
+        r.format,
         r.generated_tokens,
         r.elapsed_secs,
         r.monitoring_layer,
@@ -148,6 +174,14 @@ fn print_eval(r: &pb::EvaluateSteeringResult) {
             cell.mean_logprob,
             cell.distinct_bigrams,
             if cell.coherent { "yes" } else { "no" }
+        );
+    }
+    for b in &r.sampling_baselines {
+        let cell = b.cell.clone().unwrap_or_default();
+        let example: String = cell.example.replace('\n', " ").chars().take(60).collect();
+        println!(
+            "unsteered, temperature {} top_p {}: trait {:.1}, coherence {:.1}\t{example}",
+            b.temperature, b.top_p, cell.trait_score, cell.coherence
         );
     }
     match &r.recommendation {
@@ -206,7 +240,12 @@ fn write_eval(prefix: &str, r: &pb::EvaluateSteeringResult) -> Result<()> {
             "trait_score": x.trait_score, "coherence": x.coherence})),
         "suppression": r.suppression.iter().map(|s| serde_json::json!({"layer": s.layer, "coefficient": s.coefficient,
             "trait_score": s.trait_score, "coherence": s.coherence})).collect::<Vec<_>>(),
-        "note": r.note, "elapsed_secs": r.elapsed_secs,
+        "note": r.note, "elapsed_secs": r.elapsed_secs, "format": r.format,
+        "sampling_baselines": r.sampling_baselines.iter().map(|b| {
+            let c = b.cell.clone().unwrap_or_default();
+            serde_json::json!({"temperature": b.temperature, "top_p": b.top_p, "trait_score": c.trait_score,
+                "coherence": c.coherence, "coherent": c.coherent, "answers": c.answers, "example": c.example})
+        }).collect::<Vec<_>>(),
     });
     std::fs::write(format!("{prefix}.json"), serde_json::to_vec_pretty(&json)?)?;
     std::fs::write(format!("{prefix}-chart.svg"), steering_chart_svg(r))?;

@@ -66,6 +66,13 @@ pub(crate) struct ExtractArgs {
     /// model ships a chat template, plain text otherwise), chat or plain.
     #[arg(long, default_value = "auto", value_parser = ["auto", "chat", "plain"])]
     pub(crate) read_as: String,
+    /// Another stored vector of this model to compare with the extracted one, layer by layer:
+    /// cosine, and separation of the same held-out rollouts (repeatable; e.g. a transferred vector).
+    #[arg(long, value_name = "VECTOR")]
+    pub(crate) compare: Vec<String>,
+    /// Write the result (layer scores, comparisons, random baseline) as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json: Option<PathBuf>,
 }
 
 /// The reading mode the flags ask for, if any.
@@ -73,12 +80,17 @@ pub(crate) fn reading_mode(read: bool, read_from: Option<&str>, read_as: &str) -
     if !read && read_from.is_none() {
         return None;
     }
-    let format = match read_as {
+    let format = reading_format(read_as);
+    Some(pb::ReadingMode { rollouts_from: read_from.unwrap_or_default().to_string(), format: format as i32 })
+}
+
+/// `auto`, `chat` or `plain`.
+pub(crate) fn reading_format(s: &str) -> pb::ReadingFormat {
+    match s {
         "chat" => pb::ReadingFormat::Chat,
         "plain" => pb::ReadingFormat::Plain,
         _ => pb::ReadingFormat::Auto,
-    };
-    Some(pb::ReadingMode { rollouts_from: read_from.unwrap_or_default().to_string(), format: format as i32 })
+    }
 }
 
 pub(crate) async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
@@ -115,6 +127,7 @@ pub(crate) async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
         trait_threshold: a.trait_threshold,
         coherence_threshold: a.coherence_threshold,
         reading: reading_mode(a.read, a.read_from.as_deref(), &a.read_as),
+        compare: a.compare,
     };
     let mut stream = c.extract_vector(req).await?.into_inner();
     // A failure ends the progress line first, so the error starts a line of its own.
@@ -135,11 +148,56 @@ pub(crate) async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
                 if let Some(v) = &r.vector {
                     print_layer_scores(v);
                 }
+                print_comparisons(&r);
+                if let Some(path) = &a.json {
+                    std::fs::write(path, serde_json::to_vec_pretty(&result_json(&r))?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
             }
             None => {}
         }
     }
     Ok(())
+}
+
+/// Per layer: each compared vector's cosine with the extracted one and its AUROC, beside the
+/// extracted vector's own AUROC and the random directions' 95th percentiles.
+fn print_comparisons(r: &pb::ExtractResult) {
+    let Some(random) = &r.random_baseline else { return };
+    let own = r.vector.as_ref().map(|v| v.layer_scores.as_slice()).unwrap_or_default();
+    for c in &r.comparisons {
+        println!("`{}` against the extracted vector ({}):", c.vector, c.scored_on);
+        println!("layer	cosine	random |cos| p95	auroc	extracted auroc	random auroc p95");
+        for l in &c.layers {
+            let at = |x: &[pb::LayerComparison]| x.iter().find(|r| r.layer == l.layer).copied().unwrap_or_default();
+            let native = own.iter().find(|s| s.layer == l.layer).map_or(f32::NAN, |s| s.auroc);
+            let rnd = at(&random.layers);
+            println!(
+                "{}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\t{:.3}",
+                l.layer, l.cosine, rnd.cosine, l.auroc, native, rnd.auroc
+            );
+        }
+    }
+}
+
+fn result_json(r: &pb::ExtractResult) -> serde_json::Value {
+    let layers = |c: &pb::VectorComparison| -> Vec<serde_json::Value> {
+        c.layers
+            .iter()
+            .map(
+                |l| serde_json::json!({"layer": l.layer, "cosine": l.cosine, "auroc": l.auroc, "cohens_d": l.cohens_d}),
+            )
+            .collect()
+    };
+    let v = r.vector.clone().unwrap_or_default();
+    serde_json::json!({
+        "vector": v.name, "model": v.model, "recommended_layer": v.recommended_layer,
+        "layer_scores": v.layer_scores.iter().map(|s| serde_json::json!({"layer": s.layer, "auroc": s.auroc, "cohens_d": s.cohens_d})).collect::<Vec<_>>(),
+        "rollouts": r.rollouts, "kept_pos": r.kept_pos, "kept_neg": r.kept_neg, "elapsed_secs": r.elapsed_secs,
+        "comparisons": r.comparisons.iter().map(|c| serde_json::json!({"vector": c.vector, "scored_on": c.scored_on, "layers": layers(c)})).collect::<Vec<_>>(),
+        "random_baseline": r.random_baseline.as_ref().map(|c| serde_json::json!({"scored_on": c.scored_on, "layers": layers(c)})),
+    })
 }
 
 pub(crate) fn print_calibration(v: &pb::VectorInfo) {

@@ -112,6 +112,10 @@ pub(crate) enum VectorsCmd {
         /// Pick the target layer with the best held-out R².
         #[arg(long)]
         search: bool,
+        /// Carry every target layer from the source layer at its depth (one fit per layer), for
+        /// a vector comparable layer by layer with a native one.
+        #[arg(long, conflicts_with_all = ["search", "source_layer"])]
+        all_layers: bool,
         /// ridge or procrustes.
         #[arg(long, default_value = "ridge", value_parser = ["ridge", "procrustes"])]
         method: String,
@@ -304,6 +308,7 @@ pub(crate) async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
             source_layer,
             target_layer,
             search,
+            all_layers,
             method,
             max_samples,
             overwrite,
@@ -321,6 +326,7 @@ pub(crate) async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
                 max_samples,
                 overwrite,
                 from_model: from,
+                all_layers,
             };
             let mut stream = c.transfer_vector(req).await?.into_inner();
             while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {

@@ -432,3 +432,165 @@ fn transfer_carries_a_vector_across_models_through_a_fitted_map() {
         assert_eq!(code(run(too_deep).await.map(|_| ()).unwrap_err()), tonic::Code::InvalidArgument);
     });
 }
+
+/// Part 3 of a transfer, small: the SmolLM2 vector carried to every Gemma layer is compared with
+/// Gemma's native vector (read from the same SmolLM2 rollouts) on the same held-out readings,
+/// layer by layer, against random directions; then Gemma, asked in plain text, is steered with the
+/// transferred vector and scored by SmolLM2's calibrated vector, next to unsteered answers sampled
+/// at temperature 1 (seeded: the same request gives the same scores). Bad requests get precise
+/// statuses.
+#[test]
+fn a_transferred_vector_is_measured_against_the_native_one_and_sampling() {
+    use persona_client::pb;
+    let (running, _dir) = both_models();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut c = persona_client::connect(&running.addr.to_string()).await.unwrap();
+        common::extract(&mut c, pb::ExtractVectorRequest { name: "src".into(), ..common::small_evil_extraction() })
+            .await;
+        let source = c.get_vector(pb::GetVectorRequest { name: "src".into(), include_values: false }).await.unwrap();
+        let monitoring =
+            source.into_inner().info.unwrap().recommended_layer.expect("the source has a monitoring layer");
+
+        let client = c.clone();
+        let transfer = |req: pb::TransferVectorRequest| {
+            let mut c = client.clone();
+            async move {
+                let mut stream = c.transfer_vector(req).await?.into_inner();
+                let mut result = None;
+                while let Some(msg) = stream.message().await? {
+                    if let Some(pb::transfer_vector_response::Event::Result(r)) = msg.event {
+                        result = Some(r);
+                    }
+                }
+                Ok::<_, tonic::Status>(result.expect("the transfer finished"))
+            }
+        };
+        let every = pb::TransferVectorRequest {
+            vector: "src".into(),
+            to_model: "gemma3-270m".into(),
+            all_layers: true,
+            max_samples: 1500,
+            ..Default::default()
+        };
+        for bad in [
+            pb::TransferVectorRequest { search_target_layer: true, ..every.clone() },
+            pb::TransferVectorRequest { source_layer: Some(10), ..every.clone() },
+        ] {
+            let err = transfer(bad).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+            assert!(err.message().contains("all_layers"), "{}", err.message());
+        }
+        let r = transfer(every).await.unwrap();
+        let pairs: Vec<(u32, u32)> = r.fits.iter().map(|f| (f.source_layer, f.target_layer)).collect();
+        assert_eq!(pairs.len(), 18, "{pairs:?}");
+        assert_eq!(pairs[0], (2, 1), "layer 1 of 18 reads SmolLM2's layer at the same depth");
+        assert_eq!(pairs[17], (30, 18));
+        let v = r.vector.unwrap();
+        let set: Vec<usize> = v.row_norms.iter().enumerate().filter(|(_, n)| **n > 0.0).map(|(i, _)| i).collect();
+        assert_eq!(set, (1..19).collect::<Vec<_>>(), "every block output carries a row");
+        let expected = (monitoring as f64 / 30.0 * 18.0).round() as u32;
+        assert_eq!(v.recommended_layer, Some(expected.max(1)));
+        assert!(r.fits.iter().all(|f| f.ridge_r2 > 0.0 && f.ridge_r2 < 1.0), "{:?}", r.fits);
+
+        // Gemma's native vector from the same rollouts, compared with the transferred one.
+        let native = pb::ExtractVectorRequest {
+            model: "gemma3-270m".into(),
+            name: "native".into(),
+            reading: Some(pb::ReadingMode { rollouts_from: "smollm2-135m-instruct".into(), format: 0 }),
+            compare: vec!["src.gemma3-270m".into()],
+            ..common::small_evil_extraction()
+        };
+        let err = c
+            .extract_vector(pb::ExtractVectorRequest { compare: vec!["src".into()], ..native.clone() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("belongs to model `smollm2-135m-instruct`"), "{}", err.message());
+        let mut stream = c.extract_vector(native).await.unwrap().into_inner();
+        let mut result = None;
+        while let Some(msg) = stream.message().await.unwrap() {
+            if let Some(pb::extract_vector_response::Event::Result(r)) = msg.event {
+                result = Some(r);
+            }
+        }
+        let result = result.expect("the extraction finished");
+        let compared = &result.comparisons[0];
+        let random = result.random_baseline.as_ref().expect("comparisons come with the random baseline");
+        assert_eq!(compared.vector, "src.gemma3-270m");
+        assert!(compared.scored_on.contains("held-out"), "{}", compared.scored_on);
+        assert_eq!(compared.layers.iter().map(|l| l.layer).collect::<Vec<_>>(), (1..19).collect::<Vec<_>>());
+        assert_eq!(random.layers.len(), 19);
+        for l in compared.layers.iter().chain(&random.layers) {
+            assert!(l.cosine.abs() <= 1.0 + 1e-5 && (0.0..=1.0).contains(&l.auroc) && l.cohens_d.is_finite(), "{l:?}");
+        }
+        let mean = |x: Vec<f32>| x.iter().sum::<f32>() / x.len() as f32;
+        let cos = mean(compared.layers.iter().map(|l| l.cosine.abs()).collect());
+        let chance = mean(random.layers.iter().map(|l| l.cosine).collect());
+        eprintln!("transferred vs native: mean |cos| {cos:.3}, random p95 {chance:.3}");
+        assert!(chance > 0.03 && chance < 0.2, "random |cos| p95 in d = 640 is about 0.08: {chance}");
+        assert!(cos > 2.0 * chance, "the transferred vector points along Gemma's own: |cos| {cos} vs chance {chance}");
+
+        // Steering Gemma with it, asked in plain text and scored by SmolLM2's vector.
+        let eval = pb::EvaluateSteeringRequest {
+            vector: "src.gemma3-270m".into(),
+            layers: vec![expected],
+            coefficients: vec![4.0],
+            max_questions: 2,
+            format: pb::ReadingFormat::Plain as i32,
+            score_with: "src".into(),
+            sampling: Some(pb::SamplingParams { max_tokens: 16, ..Default::default() }),
+            sampling_baselines: vec![pb::SamplingBaseline { temperature: 1.0, top_p: 0.0 }],
+            dry_run: true,
+            ..Default::default()
+        };
+        let client = c.clone();
+        let evaluate = |req: pb::EvaluateSteeringRequest| {
+            let mut c = client.clone();
+            async move {
+                let mut stream = c.evaluate_steering(req).await?.into_inner();
+                let mut result = None;
+                while let Some(msg) = stream.message().await? {
+                    if let Some(pb::evaluate_steering_response::Event::Result(r)) = msg.event {
+                        result = Some(r);
+                    }
+                }
+                Ok::<_, tonic::Status>(result.expect("the evaluation finished"))
+            }
+        };
+        let r = evaluate(eval.clone()).await.unwrap();
+        assert_eq!(r.format, "plain text");
+        assert_eq!(r.monitoring_layer, monitoring, "SmolLM2's vector scores at its own monitoring layer");
+        assert!(r.suppression.is_empty(), "no system prompt to suppress in plain text");
+        assert_eq!((r.cells.len(), r.sampling_baselines.len()), (1, 1));
+        let sampled = r.sampling_baselines[0].cell.clone().unwrap();
+        let unsteered = r.unsteered.clone().unwrap();
+        assert_eq!((unsteered.answers, sampled.answers, r.cells[0].answers), (2, 2, 2));
+        for cell in [&unsteered, &sampled, &r.cells[0]] {
+            assert!(!cell.example.contains("Question:") && !cell.example.contains("Answer:"), "{:?}", cell.example);
+            assert!((0.0..=100.0).contains(&cell.trait_score) && (0.0..=100.0).contains(&cell.coherence), "{cell:?}");
+        }
+        assert_ne!(unsteered.example, sampled.example, "temperature 1 samples another answer");
+        let again = evaluate(eval.clone()).await.unwrap();
+        assert_eq!(again.sampling_baselines, r.sampling_baselines, "sampling baselines are seeded");
+        assert_eq!(again.cells, r.cells);
+
+        let refused = |req: pb::EvaluateSteeringRequest| {
+            let e = evaluate(req);
+            async move { e.await.map(|_| ()).unwrap_err() }
+        };
+        let no_score = refused(pb::EvaluateSteeringRequest { score_with: String::new(), ..eval.clone() }).await;
+        assert_eq!(no_score.code(), tonic::Code::FailedPrecondition, "{no_score:?}");
+        assert!(no_score.message().contains("no calibration"), "{}", no_score.message());
+        let uncalibrated =
+            refused(pb::EvaluateSteeringRequest { score_with: "src.gemma3-270m".into(), ..eval.clone() }).await;
+        assert_eq!(uncalibrated.code(), tonic::Code::FailedPrecondition, "{uncalibrated:?}");
+        let missing = refused(pb::EvaluateSteeringRequest { score_with: "nope".into(), ..eval.clone() }).await;
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+        let cold = pb::SamplingBaseline { temperature: -1.0, top_p: 0.0 };
+        let bad = refused(pb::EvaluateSteeringRequest { sampling_baselines: vec![cold], ..eval.clone() }).await;
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        let format = refused(pb::EvaluateSteeringRequest { format: 7, ..eval }).await;
+        assert_eq!(format.code(), tonic::Code::InvalidArgument, "{format:?}");
+    });
+}

@@ -2,6 +2,7 @@
 //! by the unsteered model (or the judge) for trait expression and coherence on 0-100 scales.
 
 use super::extract::{complete, tally_to_pb};
+use super::reading::ReadFormat;
 use super::score::mean_logprob;
 use super::{AppState, ResponseStream, resolve, traits, vectors};
 use crate::error::{ServiceError, ServiceResult, invalid};
@@ -80,6 +81,9 @@ struct Reading {
     projection: Option<f32>,
 }
 
+/// A model other than the generator that reads answers for their trait score, and how it reads.
+type Scorer = (EngineHandle, ReadFormat);
+
 /// Generates and reads answers; shared by the evaluation and the spectrum.
 struct Answerer {
     engine: EngineHandle,
@@ -88,8 +92,12 @@ struct Answerer {
     reader: EngineHandle,
     monitoring: usize,
     judging: Judging,
+    /// Another served model that reads each answer's text for the trait score, and how it reads
+    /// (the scoring vector belongs to it); `None`: the reader's capture serves.
+    scorer: Option<Scorer>,
     max_tokens: usize,
     sampling: SamplingConfig,
+    stop: Vec<String>,
     permits: Arc<Semaphore>,
 }
 
@@ -99,6 +107,10 @@ struct Ask {
     prompt: Vec<u32>,
     bare: Vec<u32>,
     plan: SteeringPlan,
+    /// The question's text, for a scorer on another model.
+    question: Arc<str>,
+    /// Sampling other than the answerer's (a sampling baseline).
+    sampling: Option<SamplingConfig>,
 }
 
 impl Answerer {
@@ -112,8 +124,10 @@ impl Answerer {
             reader,
             monitoring,
             judging,
+            scorer: None,
             max_tokens: sampling.max_tokens,
             sampling: sampling.config,
+            stop: sampling.stop,
             permits,
         }
     }
@@ -126,20 +140,31 @@ impl Answerer {
             span: tracing::Span::current(),
             prompt: ask.prompt,
             max_tokens: self.max_tokens,
-            sampling: SamplingConfig {
-                seed: self.sampling.seed.map(|s| s.wrapping_add(seed)),
-                ..self.sampling.clone()
+            sampling: match ask.sampling {
+                Some(own) => SamplingConfig { seed: own.seed.map(|s| s.wrapping_add(seed)), ..own },
+                None => {
+                    SamplingConfig { seed: self.sampling.seed.map(|s| s.wrapping_add(seed)), ..self.sampling.clone() }
+                }
             },
-            stop: Vec::new(),
+            stop: self.stop.clone(),
             steering: ask.plan,
             deadline: None,
             monitors: Vec::new(),
             capture: false,
             logprobs: None,
         };
-        let (ids, _) = complete(&self.engine, job).await?;
+        let (mut ids, _) = complete(&self.engine, job).await?;
         let model = self.engine.model();
-        let text = model.tokenizer.decode(&ids).map_err(|e| ServiceError::Internal(e.to_string()))?;
+        let decode = |ids: &[u32]| model.tokenizer.decode(ids).map_err(|e| ServiceError::Internal(e.to_string()));
+        let mut text = decode(&ids)?;
+        // The token that completed a stop string was generated: the answer ends before the stop
+        // string, and is read back without the tokens past it.
+        if let Some(at) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(at);
+            while !ids.is_empty() && decode(&ids[..ids.len() - 1])?.len() >= at {
+                ids.pop();
+            }
+        }
         if ids.is_empty() {
             return Ok(Reading { text, ..Default::default() });
         }
@@ -154,9 +179,28 @@ impl Answerer {
                 token_states: None,
             })
             .await?;
-        let projection = match &self.judging {
-            Judging::Offline { probe, .. } => cap.response_avg.as_ref().map(|r| probe.score_at_layer(r)),
-            Judging::Judge { .. } => None,
+        let projection = match (&self.judging, &self.scorer) {
+            (Judging::Offline { probe, .. }, None) => cap.response_avg.as_ref().map(|r| probe.score_at_layer(r)),
+            (Judging::Offline { probe, .. }, Some((scorer, format))) => {
+                let m = scorer.model();
+                let (prompt, answer) = format.tokens(m, &ask.question, &text)?;
+                if answer.is_empty() {
+                    None
+                } else {
+                    let read = scorer
+                        .capture(CaptureJob {
+                            prompt_len: prompt.len(),
+                            tokens: [prompt, answer].concat(),
+                            steering: SteeringPlan::new(m.config().n_residual_rows()),
+                            probes: Vec::new(),
+                            logprobs: None,
+                            token_states: None,
+                        })
+                        .await?;
+                    read.response_avg.as_ref().map(|r| probe.score_at_layer(r))
+                }
+            }
+            (Judging::Judge { .. }, _) => None,
         };
         Ok(Reading {
             text,
@@ -277,6 +321,49 @@ fn judging(
     Ok((monitoring, Judging::Offline { probe, scale: cal.response }))
 }
 
+/// Offline scoring with `name`, another stored calibrated vector (`score_with`): its monitoring
+/// layer, its probe and scale, and the model that reads answers for it when that is not
+/// `generator`'s.
+fn judging_with(
+    state: &AppState,
+    name: &str,
+    generator: &EngineHandle,
+) -> ServiceResult<(usize, Judging, Option<Scorer>)> {
+    let v = state.store.get(name)?;
+    let engine = state.engine(&v.meta.model).map_err(|_| {
+        ServiceError::FailedPrecondition(format!(
+            "score_with: vector `{name}` belongs to model `{}`, which this server does not serve",
+            v.meta.model
+        ))
+    })?;
+    let monitoring = v.meta.recommended_layer.ok_or_else(|| {
+        ServiceError::FailedPrecondition(format!("score_with: vector `{name}` has no monitoring layer"))
+    })?;
+    let cal = resolve::calibration_of(&v, monitoring).map_err(|why| {
+        ServiceError::FailedPrecondition(format!("score_with reads calibrated projections, but {why}"))
+    })?;
+    let probe = Probe::new(monitoring, v.row(monitoring).unwrap_or_default())
+        .ok_or_else(|| ServiceError::FailedPrecondition(format!("vector `{name}` is zero at layer {monitoring}")))?;
+    let scorer = (engine.model().id != generator.model().id).then(|| {
+        let format = ReadFormat::resolve(pb::ReadingFormat::Auto, engine.model());
+        (engine, format)
+    });
+    Ok((monitoring, Judging::Offline { probe, scale: cal.response }, scorer))
+}
+
+/// A question posed in `format`: the chat prompt without a system prompt, or the plain-text
+/// document `Question: …\nAnswer:`.
+fn pose(model: &LoadedModel, format: ReadFormat, question: &str) -> ServiceResult<Vec<u32>> {
+    match format {
+        ReadFormat::Chat => question_prompt(model, None, question),
+        ReadFormat::Plain => {
+            let (ids, _) = format.tokens(model, question, "")?;
+            resolve::check_fits(model, ids.len())?;
+            Ok(ids)
+        }
+    }
+}
+
 fn check_coefficient(c: f32, what: &str) -> ServiceResult<()> {
     if !c.is_finite() || c.abs() > MAX_COEFFICIENT {
         return Err(invalid(format!(
@@ -339,7 +426,7 @@ pub async fn expression(
     for (i, q) in questions.iter().enumerate() {
         let prompt = question_prompt(&model, None, q)?;
         let plan = steering.clone().unwrap_or_else(|| SteeringPlan::new(model.config().n_residual_rows()));
-        let ask = Ask { bare: prompt.clone(), prompt, plan };
+        let ask = Ask { bare: prompt.clone(), prompt, plan, question: q.as_str().into(), sampling: None };
         let a = answerer.clone();
         tasks.spawn(async move { (i, a.answer(ask, i as u64).await) });
     }
@@ -380,7 +467,17 @@ struct Sweep {
     positive_system: Option<String>,
     fraction: f32,
     dry_run: bool,
+    format: ReadFormat,
+    baselines: Vec<pb::SamplingBaseline>,
+    /// The seed of the sampling baselines.
+    seed: u64,
 }
+
+/// Where a plain-text answer ends.
+const PLAIN_STOPS: [&str; 3] = ["Question:", "Answer:", "\n\n"];
+
+/// Most sampling baselines per evaluation.
+const MAX_BASELINES: usize = 16;
 
 type Tx = mpsc::Sender<Result<pb::EvaluateSteeringResponse, Status>>;
 
@@ -392,7 +489,29 @@ pub fn evaluate(
     let model = engine.model().clone();
     let n_layers = model.config().n_layers;
     let def = definition(&state, &v, req.definition.as_ref())?;
-    let (monitoring, judging) = judging(&state, &v, def.as_ref(), req.skip_judge)?;
+    let format = pb::ReadingFormat::try_from(req.format)
+        .map_err(|_| invalid(format!("format: unknown value {}", req.format)))?;
+    let format = ReadFormat::resolve(format, &model);
+    let (monitoring, judging, scorer) = if req.score_with.is_empty() {
+        let (monitoring, judging) = judging(&state, &v, def.as_ref(), req.skip_judge)?;
+        (monitoring, judging, None)
+    } else {
+        judging_with(&state, &req.score_with, &engine)?
+    };
+    if req.sampling_baselines.len() > MAX_BASELINES {
+        return Err(invalid(format!(
+            "at most {MAX_BASELINES} sampling baselines, got {}",
+            req.sampling_baselines.len()
+        )));
+    }
+    for b in &req.sampling_baselines {
+        if !b.temperature.is_finite() || b.temperature < 0.0 {
+            return Err(invalid(format!("sampling baseline temperature must be >= 0, got {}", b.temperature)));
+        }
+        if !b.top_p.is_finite() || !(0.0..=1.0).contains(&b.top_p) {
+            return Err(invalid(format!("sampling baseline top_p must be in [0, 1], got {}", b.top_p)));
+        }
+    }
     let mut questions = if !req.questions.is_empty() {
         req.questions.clone()
     } else {
@@ -410,7 +529,7 @@ pub fn evaluate(
     }
     questions.truncate(if req.max_questions == 0 { DEFAULT_QUESTIONS } else { req.max_questions as usize });
     let layers = if req.layers.is_empty() {
-        default_layers(n_layers, Some(monitoring))
+        default_layers(n_layers, v.meta.recommended_layer)
     } else {
         let mut l = req.layers.iter().map(|&l| resolve::check_layer(&model, l)).collect::<ServiceResult<Vec<_>>>()?;
         l.sort_unstable();
@@ -441,10 +560,17 @@ pub fn evaluate(
         f if f.is_finite() && f > 0.0 && f <= 1.0 => f,
         f => return Err(invalid(format!("coherence_fraction must be in (0, 1], got {f}"))),
     };
-    let sampling = resolve::sampling(req.sampling.as_ref(), DEFAULT_ANSWER_TOKENS)?;
-    let positive_system = def.as_ref().filter(|d| !d.instruction.is_empty()).map(|d| d.system_prompts(0).0);
+    let mut sampling = resolve::sampling(req.sampling.as_ref(), DEFAULT_ANSWER_TOKENS)?;
+    let seed = sampling.config.seed.unwrap_or(0);
+    // A base model continuing a question document goes on to write the next question, a second
+    // answer, or another paragraph.
+    if format == ReadFormat::Plain {
+        sampling.stop.extend(PLAIN_STOPS.iter().map(|s| s.to_string()));
+    }
+    let positive_system =
+        def.as_ref().filter(|d| !d.instruction.is_empty() && format == ReadFormat::Chat).map(|d| d.system_prompts(0).0);
     let sweep = Sweep {
-        answerer: Arc::new(Answerer::new(engine, monitoring, judging, sampling)),
+        answerer: Arc::new(Answerer { scorer, ..Answerer::new(engine, monitoring, judging, sampling) }),
         state,
         vector: v,
         layers,
@@ -453,6 +579,9 @@ pub fn evaluate(
         positive_system,
         fraction,
         dry_run: req.dry_run,
+        format,
+        baselines: req.sampling_baselines.clone(),
+        seed,
     };
     let name = sweep.vector.meta.name.clone();
     Ok(super::spawn_job("steering evaluation", name, move |tx| async move { sweep.run(&tx).await }))
@@ -533,14 +662,33 @@ impl Sweep {
         let started = Instant::now();
         let model = self.answerer.engine.model().clone();
         let bare: Vec<Vec<u32>> =
-            self.questions.iter().map(|q| question_prompt(&model, None, q)).collect::<ServiceResult<_>>()?;
+            self.questions.iter().map(|q| pose(&model, self.format, q)).collect::<ServiceResult<_>>()?;
+        let texts: Vec<Arc<str>> = self.questions.iter().map(|q| Arc::from(q.as_str())).collect();
         let nq = self.questions.len();
-        // Baseline (coefficient 0) first, then every cell, layer-major; each over every question.
+        // Baseline (coefficient 0) first, then every cell, layer-major, then the sampling
+        // baselines; each over every question.
         let mut points = vec![(0usize, 0f32)];
         points.extend(self.layers.iter().flat_map(|&l| self.coefficients.iter().map(move |&c| (l, c))));
-        let mut asks = Vec::with_capacity(points.len() * nq);
+        let mut asks = Vec::with_capacity((points.len() + self.baselines.len()) * nq);
         for &(l, c) in &points {
-            asks.extend(bare.iter().map(|b| Ask { prompt: b.clone(), bare: b.clone(), plan: self.plan(l, c) }));
+            asks.extend(bare.iter().zip(&texts).map(|(b, q)| Ask {
+                prompt: b.clone(),
+                bare: b.clone(),
+                plan: self.plan(l, c),
+                question: q.clone(),
+                sampling: None,
+            }));
+        }
+        for b in &self.baselines {
+            let sampling =
+                SamplingConfig { temperature: b.temperature, top_p: b.top_p, top_k: 0, seed: Some(self.seed) };
+            asks.extend(bare.iter().zip(&texts).map(|(p, q)| Ask {
+                prompt: p.clone(),
+                bare: p.clone(),
+                plan: self.plan(0, 0.0),
+                question: q.clone(),
+                sampling: Some(sampling.clone()),
+            }));
         }
         let readings = self.answer_all(asks, "sweep", tx).await?;
         let baseline: Vec<(f32, f32)> =
@@ -560,6 +708,19 @@ impl Sweep {
             .map(|(k, &(l, c))| {
                 let (s, r) = per_point(k + 1);
                 cell(l, c, s, &r, min_coherence)
+            })
+            .collect();
+        let sampling_baselines = self
+            .baselines
+            .iter()
+            .enumerate()
+            .map(|(k, b)| {
+                let (s, r) = per_point(points.len() + k);
+                pb::BaselineCell {
+                    temperature: b.temperature,
+                    top_p: b.top_p,
+                    cell: Some(cell(0, 0.0, s, &r, min_coherence)),
+                }
             })
             .collect();
         let scored: Vec<CellScore> = cells
@@ -625,6 +786,8 @@ impl Sweep {
             stored,
             elapsed_secs: started.elapsed().as_secs_f64(),
             note,
+            sampling_baselines,
+            format: self.format.name().to_string(),
         };
         tracing::info!(
             vector = %result.vector, secs = result.elapsed_secs,
@@ -655,6 +818,8 @@ impl Sweep {
                     prompt: question_prompt(&model, Some(system), q)?,
                     bare: b.clone(),
                     plan: self.plan(r.layer, c),
+                    question: q.as_str().into(),
+                    sampling: None,
                 });
             }
         }
@@ -729,7 +894,13 @@ pub async fn spectrum(
     for (i, &m) in multipliers.iter().enumerate() {
         let mut plan = SteeringPlan::new(model.config().n_residual_rows());
         plan.add(layer, &row, m * coefficient, Phase::All);
-        let ask = Ask { prompt: prompt.clone(), bare: bare.clone(), plan };
+        let ask = Ask {
+            prompt: prompt.clone(),
+            bare: bare.clone(),
+            plan,
+            question: req.question.as_str().into(),
+            sampling: None,
+        };
         let answerer = answerer.clone();
         tasks.spawn(async move { (i, answerer.answer(ask, 0).await) });
     }

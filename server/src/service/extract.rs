@@ -15,6 +15,7 @@ use crate::judge::{Judge, Outcome, Tally, coherence_prompt};
 use crate::model::chat::Message;
 use crate::scheduler::{CaptureJob, CaptureResult, EngineHandle, GenEvent, GenerateJob, Summary};
 use crate::steering::calibration::{calibrate_projections, projections_per_layer};
+use crate::steering::comparison;
 use crate::steering::plan::SteeringPlan;
 use crate::steering::separation::{auroc, cohens_d, recommend};
 use crate::steering::store::{LayerScore, StoredVector, VectorKind, VectorMeta, now_unix, validate_name};
@@ -31,6 +32,8 @@ const DEFAULT_ROLLOUT_TOKENS: usize = 64;
 /// Upper bound on rollouts per request (pairs × questions × samples × 2).
 const MAX_ROLLOUTS: usize = 20_000;
 const DEFAULT_THRESHOLD: f32 = 50.0;
+/// Random directions per layer behind a comparison's chance level.
+const RANDOM_DIRECTIONS: usize = 200;
 const KINDS: [(VectorKind, &str); 3] =
     [(VectorKind::ResponseAvg, ""), (VectorKind::PromptAvg, ".prompt_avg"), (VectorKind::PromptLast, ".prompt_last")];
 
@@ -149,6 +152,25 @@ pub fn extract(
             )));
         }
     }
+    let compare = req
+        .compare
+        .iter()
+        .map(|name| {
+            let v = state.store.get(name)?;
+            let m = engine.model();
+            if v.meta.model != m.id
+                || v.meta.n_rows != m.config().n_residual_rows()
+                || v.meta.d_model != m.config().hidden_size
+            {
+                return Err(invalid(format!(
+                    "compare: vector `{name}` belongs to model `{}`, not `{}`; comparisons need vectors of the model \
+                     extracted from",
+                    v.meta.model, m.id
+                )));
+            }
+            Ok(v)
+        })
+        .collect::<ServiceResult<Vec<_>>>()?;
     let judge = match (&state.judge, &spec.def, req.skip_judge) {
         (Some(j), Some(d), false) if !d.eval_prompt.is_empty() => Some(j.clone()),
         _ => None,
@@ -194,6 +216,7 @@ pub fn extract(
         thresholds,
         filtering,
         overwrite: req.overwrite,
+        compare,
     };
     let name = job.spec.name.clone();
     Ok(super::spawn_job("extraction", name, move |tx| job.run(tx)))
@@ -338,6 +361,9 @@ struct Readings {
     /// Held-out rollouts on the training direction (or, without a split, every kept rollout on
     /// the stored vector): the layer scores.
     scored: Vec<SideProjections>,
+    /// With comparisons: the response averages of the rollouts the response layer scores read,
+    /// per side.
+    scored_activations: [Vec<Vec<f32>>; 2],
 }
 
 /// How many of [`KINDS`] an extraction stores: all, or in reading mode the response average only
@@ -361,6 +387,8 @@ struct Job {
     thresholds: (f32, f32),
     filtering: String,
     overwrite: bool,
+    /// Stored vectors of this model to compare with the extracted one.
+    compare: Vec<Arc<StoredVector>>,
 }
 
 impl Job {
@@ -394,6 +422,7 @@ impl Job {
             stored.push(vectors::store_put(&self.state.store, vector, self.overwrite).await?);
             progress(&tx, "store", k + 1, self.kinds(), stage).await?;
         }
+        let (comparisons, random_baseline) = self.comparisons(&values[0], &sums, &readings);
         let mut infos = stored.iter().map(|v| resolve::vector_info(v));
         let result = pb::ExtractResult {
             vector: infos.next(),
@@ -405,6 +434,8 @@ impl Job {
             elapsed_secs: started.elapsed().as_secs_f64(),
             generated_tokens: answers.iter().map(|a| a.ids.len() as u64).sum(),
             judge: tally.as_ref().map(tally_to_pb),
+            comparisons,
+            random_baseline,
         };
         tracing::info!(
             vector = %self.spec.name, rollouts = answers.len(), kept_pos, kept_neg,
@@ -638,6 +669,7 @@ impl Job {
             let (engine, permits, values, directions) =
                 (self.engine.clone(), permits.clone(), values.clone(), directions.clone());
             let positive = r.positive;
+            let compare = !self.compare.is_empty();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
                 let (read, reread) = tokio::join!(engine.capture(read), async {
@@ -671,18 +703,23 @@ impl Job {
                     };
                     out.push((response, last, score));
                 }
-                Ok::<_, ServiceError>((positive, out))
+                let kept = if compare && scored[0] { read.response_avg.clone() } else { None };
+                Ok::<_, ServiceError>((positive, out, kept))
             });
         }
         let mut readings = Readings {
             response: empty_projections(n_rows),
             prompt_last: empty_projections(n_rows),
             scored: empty_projections(n_rows),
+            scored_activations: [Vec::new(), Vec::new()],
         };
         progress(tx, "calibrate", 0, todo.len(), started).await?;
         let mut done = 0;
         while let Some(joined) = tasks.join_next().await {
-            let (positive, per_kind) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
+            let (positive, per_kind, activations) = joined.map_err(|e| ServiceError::Internal(e.to_string()))??;
+            if let Some(a) = activations {
+                readings.scored_activations[side(positive)].push(a);
+            }
             for (k, (response, last, score)) in per_kind.into_iter().enumerate() {
                 if let Some(p) = response {
                     push_projections(&mut readings.response[k], positive, p);
@@ -696,6 +733,41 @@ impl Job {
             progress(tx, "calibrate", done, todo.len(), started).await?;
         }
         Ok(readings)
+    }
+
+    /// Each `compare` vector against the extracted response-average vector on the rollouts its
+    /// layer scores read, and the random-direction baseline (none without comparisons).
+    fn comparisons(
+        &self,
+        extracted: &[f32],
+        sums: &Sums,
+        readings: &Readings,
+    ) -> (Vec<pb::VectorComparison>, Option<pb::VectorComparison>) {
+        if self.compare.is_empty() {
+            return (Vec::new(), None);
+        }
+        let c = self.engine.model().config();
+        let [pos, neg] = &readings.scored_activations;
+        let on = comparison::Readings { sides: [pos, neg], n_rows: c.n_residual_rows(), d: c.hidden_size };
+        let held = if sums.splits(0) { "held-out " } else { "" };
+        let scored_on = format!("{} positive and {} negative {held}rollouts", pos.len(), neg.len());
+        let to_pb = |name: &str, layers: Vec<comparison::LayerComparison>| pb::VectorComparison {
+            vector: name.to_string(),
+            layers: layers
+                .into_iter()
+                .map(|l| pb::LayerComparison {
+                    layer: l.layer as u32,
+                    cosine: l.cosine,
+                    auroc: l.auroc,
+                    cohens_d: l.cohens_d,
+                })
+                .collect(),
+            scored_on: scored_on.clone(),
+        };
+        let compared =
+            self.compare.iter().map(|v| to_pb(&v.meta.name, comparison::compare(&v.values, extracted, &on))).collect();
+        let random = comparison::random_baseline(extracted, &on, RANDOM_DIRECTIONS, 0.95, 0);
+        (compared, Some(to_pb("random", random)))
     }
 
     /// The stored vector of one activation summary (kind `k`), with its layer scores and

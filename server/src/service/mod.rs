@@ -61,8 +61,20 @@ where
                 let _ = tx.send(Err(Status::from(e))).await;
             }
         }
+        // The job's buffers (a transfer's hidden states: hundreds of MB) are freed by now.
+        let _ = tokio::task::spawn_blocking(release_free_heap).await;
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Hands the heap's free pages back to the system. glibc keeps memory freed by other threads in
+/// their arenas, so without this a server that ran one transfer stays hundreds of MB larger.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; 0 keeps no extra padding.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Everything the handlers share.

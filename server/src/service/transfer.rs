@@ -88,10 +88,13 @@ struct Plan {
     source: EngineHandle,
     target: EngineHandle,
     name: String,
-    source_layer: usize,
-    /// Target layers to fit; the first is chosen unless searching.
-    target_layers: Vec<usize>,
-    search: bool,
+    /// (source layer, target layer) pairs to fit.
+    pairs: Vec<(usize, usize)>,
+    /// The pair whose layer is recommended (and whose row alone is stored without `all_layers`);
+    /// `None`: the best held-out R².
+    chosen: Option<usize>,
+    /// Store every pair's carried row, not only the chosen one's.
+    all_layers: bool,
     procrustes: bool,
     max_samples: usize,
     overwrite: bool,
@@ -123,19 +126,36 @@ pub fn transfer(
         Some(l) => resolve::check_layer(source.model(), l)?,
         None => vector.meta.recommended_layer.unwrap_or(s_rows / 2),
     };
-    if vector.values[source_layer * vector.meta.d_model..(source_layer + 1) * vector.meta.d_model]
-        .iter()
-        .all(|&x| x == 0.0)
-    {
-        return Err(invalid(format!("vector `{}` is zero at layer {source_layer}: nothing to transfer", req.vector)));
-    }
-    let target_layers = match (req.target_layer, req.search_target_layer) {
-        (Some(_), true) => return Err(invalid("give target_layer or search_target_layer, not both")),
-        (Some(l), false) => vec![resolve::check_layer(target.model(), l)?],
-        // The embeddings (row 0) carry no context: search the blocks' outputs.
-        (None, true) => (1..t_rows).collect(),
-        (None, false) => vec![same_depth(source_layer, s_rows, t_rows)],
+    let target_layer = req.target_layer.map(|l| resolve::check_layer(target.model(), l)).transpose()?;
+    let (pairs, chosen) = if req.all_layers {
+        if req.source_layer.is_some() || req.search_target_layer {
+            return Err(invalid(
+                "all_layers pairs every target layer with the source layer at its depth: give neither source_layer \
+                 nor search_target_layer with it",
+            ));
+        }
+        // The embeddings (row 0) carry no context: every block output, from the source's block
+        // output at the same relative depth.
+        let pairs: Vec<(usize, usize)> = (1..t_rows).map(|t| (same_depth(t, t_rows, s_rows).max(1), t)).collect();
+        let pick = target_layer.unwrap_or_else(|| same_depth(source_layer, s_rows, t_rows).max(1));
+        let chosen = pairs.iter().position(|&(_, t)| t == pick);
+        if chosen.is_none() {
+            return Err(invalid(format!("target_layer {pick} is the embedding row: all_layers starts at layer 1")));
+        }
+        (pairs, chosen)
+    } else {
+        match (target_layer, req.search_target_layer) {
+            (Some(_), true) => return Err(invalid("give target_layer or search_target_layer, not both")),
+            (Some(l), false) => (vec![(source_layer, l)], Some(0)),
+            // The embeddings (row 0) carry no context: search the blocks' outputs.
+            (None, true) => ((1..t_rows).map(|t| (source_layer, t)).collect(), None),
+            (None, false) => (vec![(source_layer, same_depth(source_layer, s_rows, t_rows))], Some(0)),
+        }
     };
+    let d = vector.meta.d_model;
+    if let Some(&(l, _)) = pairs.iter().find(|&&(l, _)| vector.values[l * d..(l + 1) * d].iter().all(|&x| x == 0.0)) {
+        return Err(invalid(format!("vector `{}` is zero at layer {l}: nothing to transfer", req.vector)));
+    }
     let procrustes = match pb::TransferMethod::try_from(req.method) {
         Ok(pb::TransferMethod::Ridge) => false,
         Ok(pb::TransferMethod::Procrustes) => true,
@@ -159,9 +179,9 @@ pub fn transfer(
         source,
         target,
         name,
-        source_layer,
-        target_layers,
-        search: req.search_target_layer,
+        pairs,
+        chosen,
+        all_layers: req.all_layers,
         procrustes,
         max_samples,
         overwrite: req.overwrite,
@@ -232,10 +252,18 @@ async fn run(state: Arc<AppState>, plan: Plan, tx: &Tx) -> ServiceResult<()> {
     let n_texts = readings.len();
     progress(tx, "read", 0, n_texts, started).await?;
     let permits = Arc::new(Semaphore::new(plan.source.max_batch().min(plan.target.max_batch()).max(1)));
+    // The distinct layers each side is read at; a pair indexes into them.
+    let distinct = |side: fn(&(usize, usize)) -> usize| {
+        let mut l: Vec<usize> = plan.pairs.iter().map(side).collect();
+        l.sort_unstable();
+        l.dedup();
+        l
+    };
+    let (source_layers, target_layers) = (distinct(|p| p.0), distinct(|p| p.1));
     let mut tasks = JoinSet::new();
     for r in readings {
         let (source, target, permits) = (plan.source.clone(), plan.target.clone(), permits.clone());
-        let (ls, lts) = (vec![plan.source_layer], plan.target_layers.clone());
+        let (ls, lts) = (source_layers.clone(), target_layers.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await.map_err(|e| ServiceError::Internal(e.to_string()))?;
             let (sp, tp): (Vec<usize>, Vec<usize>) = r.units.iter().copied().unzip();
@@ -258,53 +286,87 @@ async fn run(state: Arc<AppState>, plan: Plan, tx: &Tx) -> ServiceResult<()> {
         }
     }
     let n = text_of.len();
-    progress(tx, "fit", 0, plan.target_layers.len(), started).await?;
-    let source_row = plan.vector.values[plan.source_layer * dx..(plan.source_layer + 1) * dx].to_vec();
-    let layers = plan.target_layers.clone();
-    let (search, procrustes) = (plan.search, plan.procrustes);
-    // Dense algebra on a blocking thread: seconds for a few thousand samples.
+    let n_pairs = plan.pairs.len();
+    progress(tx, "fit", 0, n_pairs, started).await?;
+    // Per pair: its index into each side's layers, and the source row it carries.
+    let index = |layers: &[usize], l: usize| layers.iter().position(|&m| m == l).expect("pair layers are read");
+    let jobs: Vec<(usize, usize, Vec<f32>)> = plan
+        .pairs
+        .iter()
+        .map(|&(ls, lt)| {
+            (index(&source_layers, ls), index(&target_layers, lt), plan.vector.values[ls * dx..(ls + 1) * dx].to_vec())
+        })
+        .collect();
+    let (chosen, all_layers, procrustes) = (plan.chosen, plan.all_layers, plan.procrustes);
+    let (sw, tw) = (source_layers.len() * dx, target_layers.len() * dy);
+    // Dense algebra on a blocking thread: seconds per pair for a few thousand samples.
     let fitted = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let split = Split::by_text(&text_of);
-        let width = layers.len() * dy;
-        let mut fits: Vec<(usize, Fit)> = Vec::new();
-        for (k, &lt) in layers.iter().enumerate() {
-            let y_lt: Vec<f32> =
-                (0..n).flat_map(|i| y[i * width + k * dy..i * width + (k + 1) * dy].to_vec()).collect();
-            let pairs = Pairs { x: &x, dx, y: &y_lt, dy };
-            fits.push((lt, fit_ridge(&pairs, &split)?));
-        }
-        let best = if search {
-            (0..fits.len()).max_by(|&a, &b| fits[a].1.r2.total_cmp(&fits[b].1.r2)).unwrap_or(0)
-        } else {
-            0
+        let column = |m: &[f32], width: usize, k: usize, d: usize| -> Vec<f32> {
+            (0..n).flat_map(|i| m[i * width + k * d..i * width + (k + 1) * d].to_vec()).collect()
         };
-        let k = best;
-        let y_lt: Vec<f32> = (0..n).flat_map(|i| y[i * width + k * dy..i * width + (k + 1) * dy].to_vec()).collect();
-        let rotation = fit_procrustes(&Pairs { x: &x, dx, y: &y_lt, dy }, &split)?;
-        Ok((fits, best, rotation, split))
+        let mut fits = Vec::with_capacity(jobs.len());
+        for (ks, kt, _) in &jobs {
+            let (x_ls, y_lt) = (column(&x, sw, *ks, dx), column(&y, tw, *kt, dy));
+            fits.push(fit_ridge(&Pairs { x: &x_ls, dx, y: &y_lt, dy }, &split)?);
+        }
+        let best =
+            chosen.unwrap_or_else(|| (0..fits.len()).max_by(|&a, &b| fits[a].r2.total_cmp(&fits[b].r2)).unwrap_or(0));
+        // Procrustes at the chosen pair (reported beside ridge), or at every pair it carries.
+        let mut rotations: Vec<Option<Fit>> = (0..jobs.len()).map(|_| None).collect();
+        for (k, (ks, kt, _)) in jobs.iter().enumerate() {
+            if k == best || (procrustes && all_layers) {
+                let (x_ls, y_lt) = (column(&x, sw, *ks, dx), column(&y, tw, *kt, dy));
+                rotations[k] = Some(fit_procrustes(&Pairs { x: &x_ls, dx, y: &y_lt, dy }, &split)?);
+            }
+        }
+        let carried: Vec<Option<Vec<f32>>> = jobs
+            .iter()
+            .enumerate()
+            .map(|(k, (_, _, row))| {
+                let fit = if procrustes { rotations[k].as_ref() } else { Some(&fits[k]) };
+                fit.filter(|_| all_layers || k == best).map(|f| f.map.carry(row))
+            })
+            .collect();
+        Ok((fits, rotations, best, carried, split))
     })
     .await
     .map_err(|e| ServiceError::Internal(e.to_string()))?
     .map_err(ServiceError::FailedPrecondition)?;
-    let (fits, best, rotation, split) = fitted;
-    progress(tx, "fit", plan.target_layers.len(), plan.target_layers.len(), started).await?;
-    let (target_layer, ridge) = &fits[best];
-    let (chosen, method) = if procrustes { (&rotation, "procrustes") } else { (ridge, "ridge") };
-    let carried = chosen.map.carry(&source_row);
+    let (fits, rotations, best, carried, split) = fitted;
+    progress(tx, "fit", n_pairs, n_pairs, started).await?;
+    let (source_layer, target_layer) = plan.pairs[best];
+    let method = if procrustes { "procrustes" } else { "ridge" };
+    let chosen_r2 = if procrustes { rotations[best].as_ref().map_or(0.0, |f| f.r2) } else { fits[best].r2 };
+    let source_row = &plan.vector.values[source_layer * dx..(source_layer + 1) * dx];
     let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let norm_ratio = norm(&carried) / norm(&source_row).max(f32::MIN_POSITIVE);
+    let best_row = carried[best].as_deref().unwrap_or_default();
+    let norm_ratio = norm(best_row) / norm(source_row).max(f32::MIN_POSITIVE);
     let t_rows = dst.config().n_residual_rows();
     let mut values = vec![0f32; t_rows * dy];
-    values[target_layer * dy..(target_layer + 1) * dy].copy_from_slice(&carried);
+    for (&(_, lt), row) in plan.pairs.iter().zip(&carried) {
+        if let Some(row) = row {
+            values[lt * dy..(lt + 1) * dy].copy_from_slice(row);
+        }
+    }
     let m = &plan.vector.meta;
+    let carried_what = if plan.all_layers {
+        format!(
+            "carried to every layer 1-{} of `{}` from the layer at the same depth, each by its own {method} fit \
+             (recommended layer {target_layer} from layer {source_layer}, held-out R² {chosen_r2:.3})",
+            t_rows - 1,
+            dst.id
+        )
+    } else {
+        format!(
+            "(layer {source_layer}) carried to layer {target_layer} of `{}` by {method} (held-out R² {chosen_r2:.3})",
+            dst.id
+        )
+    };
     let description = format!(
-        "`{}` of `{}` (layer {}) carried to layer {target_layer} of `{}` by {method} (held-out R² {:.3}, fitted on {} \
-         word ends of {} texts, tested on {} of other texts)",
+        "`{}` of `{}` {carried_what}, fitted on {} word ends of {} texts, tested on {} of other texts",
         m.name,
         m.model,
-        plan.source_layer,
-        dst.id,
-        chosen.r2,
         split.train.len() + split.val.len(),
         n_texts,
         split.test.len()
@@ -319,17 +381,17 @@ async fn run(state: Arc<AppState>, plan: Plan, tx: &Tx) -> ServiceResult<()> {
             description,
             n_rows: t_rows,
             d_model: dy,
-            recommended_layer: Some(*target_layer),
+            recommended_layer: Some(target_layer),
             layer_scores: Vec::new(),
             calibration: Vec::new(),
             steering: None,
             transferred_from: Some(TransferredFrom {
                 model: m.model.clone(),
                 vector: m.name.clone(),
-                source_layer: plan.source_layer,
-                target_layer: *target_layer,
+                source_layer,
+                target_layer,
                 method: method.to_string(),
-                r2: chosen.r2 as f32,
+                r2: chosen_r2 as f32,
                 samples: n,
             }),
         },
@@ -338,16 +400,17 @@ async fn run(state: Arc<AppState>, plan: Plan, tx: &Tx) -> ServiceResult<()> {
     let stored = vectors::store_put(&state.store, stored, plan.overwrite).await?;
     let fits = fits
         .iter()
-        .enumerate()
-        .map(|(k, (lt, f))| pb::LayerPairFit {
-            source_layer: plan.source_layer as u32,
-            target_layer: *lt as u32,
+        .zip(&rotations)
+        .zip(&plan.pairs)
+        .map(|((f, rotation), &(ls, lt))| pb::LayerPairFit {
+            source_layer: ls as u32,
+            target_layer: lt as u32,
             ridge_r2: f.r2 as f32,
             ridge_lambda: f.lambda as f32,
-            procrustes_r2: (k == best).then_some(rotation.r2 as f32),
+            procrustes_r2: rotation.as_ref().map(|r| r.r2 as f32),
         })
         .collect();
-    tracing::info!(vector = %plan.name, samples = n, r2 = chosen.r2, "transfer done");
+    tracing::info!(vector = %plan.name, samples = n, r2 = chosen_r2, "transfer done");
     let result = pb::TransferResult {
         vector: Some(resolve::vector_info(&stored)),
         fits,

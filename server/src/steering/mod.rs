@@ -2,6 +2,7 @@
 //! other programs' file formats.
 
 pub mod calibration;
+pub mod comparison;
 pub mod evaluation;
 pub mod interop;
 pub mod plan;
