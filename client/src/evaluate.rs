@@ -230,7 +230,8 @@ fn write_eval(prefix: &str, r: &pb::EvaluateSteeringResult) -> Result<()> {
         .map(|c| {
             serde_json::json!({"layer": c.layer, "coefficient": c.coefficient, "trait_score": c.trait_score,
                 "coherence": c.coherence, "mean_logprob": c.mean_logprob, "distinct_bigrams": c.distinct_bigrams,
-                "coherent": c.coherent, "answers": c.answers, "example": c.example})
+                "coherent": c.coherent, "answers": c.answers, "example": c.example,
+                "trait_sd": c.trait_sd, "coherence_sd": c.coherence_sd})
         })
         .collect();
     let json = serde_json::json!({
@@ -244,7 +245,8 @@ fn write_eval(prefix: &str, r: &pb::EvaluateSteeringResult) -> Result<()> {
         "sampling_baselines": r.sampling_baselines.iter().map(|b| {
             let c = b.cell.clone().unwrap_or_default();
             serde_json::json!({"temperature": b.temperature, "top_p": b.top_p, "trait_score": c.trait_score,
-                "coherence": c.coherence, "coherent": c.coherent, "answers": c.answers, "example": c.example})
+                "coherence": c.coherence, "coherent": c.coherent, "answers": c.answers, "example": c.example,
+                "trait_sd": c.trait_sd, "coherence_sd": c.coherence_sd})
         }).collect::<Vec<_>>(),
     });
     std::fs::write(format!("{prefix}.json"), serde_json::to_vec_pretty(&json)?)?;

@@ -561,6 +561,7 @@ fn a_transferred_vector_is_measured_against_the_native_one_and_sampling() {
         let r = evaluate(eval.clone()).await.unwrap();
         assert_eq!(r.format, "plain text");
         assert_eq!(r.monitoring_layer, monitoring, "SmolLM2's vector scores at its own monitoring layer");
+        assert!(r.scorer.contains("onto `src` of `smollm2-135m-instruct`"), "{}", r.scorer);
         assert!(r.suppression.is_empty(), "no system prompt to suppress in plain text");
         assert_eq!((r.cells.len(), r.sampling_baselines.len()), (1, 1));
         let sampled = r.sampling_baselines[0].cell.clone().unwrap();

@@ -53,7 +53,8 @@ pub fn default_layers(n_layers: usize, monitoring: Option<usize>) -> Vec<usize> 
 /// How answers are scored.
 enum Judging {
     /// Calibrated projection at the monitoring layer; coherence from log-probability and repetition.
-    Offline { probe: Probe, scale: Scale },
+    /// `by`: the scoring vector and its model, when it is not the steered vector (`score_with`).
+    Offline { probe: Probe, scale: Scale, by: Option<String> },
     /// The judge model with the trait's eval prompt and the coherence prompt.
     Judge { judge: Arc<Judge>, def: TraitDef },
 }
@@ -61,9 +62,10 @@ enum Judging {
 impl Judging {
     fn describe(&self, monitoring: usize) -> String {
         match self {
-            Self::Offline { .. } => format!(
-                "offline: trait = calibrated projection of the answer read unsteered at layer {monitoring}; \
-                 coherence = 100 x fluency (log-probability) x diversity (distinct bigrams)"
+            Self::Offline { by, .. } => format!(
+                "offline: trait = calibrated projection{} of the answer read unsteered at layer {monitoring}; \
+                 coherence = 100 x fluency (log-probability) x diversity (distinct bigrams)",
+                by.as_ref().map(|b| format!(" onto {b}")).unwrap_or_default()
             ),
             Self::Judge { judge, .. } => format!("judge `{}`", judge.model()),
         }
@@ -318,7 +320,7 @@ fn judging(
     })?;
     let probe = Probe::new(monitoring, v.row(monitoring).unwrap_or_default())
         .ok_or_else(|| ServiceError::FailedPrecondition(format!("vector `{name}` is zero at layer {monitoring}")))?;
-    Ok((monitoring, Judging::Offline { probe, scale: cal.response }))
+    Ok((monitoring, Judging::Offline { probe, scale: cal.response, by: None }))
 }
 
 /// Offline scoring with `name`, another stored calibrated vector (`score_with`): its monitoring
@@ -348,7 +350,8 @@ fn judging_with(
         let format = ReadFormat::resolve(pb::ReadingFormat::Auto, engine.model());
         (engine, format)
     });
-    Ok((monitoring, Judging::Offline { probe, scale: cal.response }, scorer))
+    let by = Some(format!("`{name}` of `{}`", v.meta.model));
+    Ok((monitoring, Judging::Offline { probe, scale: cal.response, by }, scorer))
 }
 
 /// A question posed in `format`: the chat prompt without a system prompt, or the plain-text
@@ -616,6 +619,14 @@ fn cell(
         if kept.is_empty() { 0.0 } else { kept.iter().map(f).sum::<f32>() / kept.len() as f32 }
     };
     let (trait_score, coherence) = (mean(|s| s.0), mean(|s| s.1));
+    // Sample standard deviation (0 with fewer than two answers).
+    let sd = |f: fn(&(f32, f32)) -> f32, m: f32| {
+        if kept.len() < 2 {
+            return 0.0;
+        }
+        (kept.iter().map(|s| (f(s) - m).powi(2)).sum::<f32>() / (kept.len() - 1) as f32).sqrt()
+    };
+    let (trait_sd, coherence_sd) = (sd(|s| s.0, trait_score), sd(|s| s.1, coherence));
     let m = readings.len().max(1) as f32;
     pb::EvalCell {
         layer: layer as u32,
@@ -627,6 +638,8 @@ fn cell(
         answers: kept.len() as u32,
         coherent: !kept.is_empty() && coherence >= min_coherence,
         example: readings.first().map(|r| r.text.clone()).unwrap_or_default(),
+        trait_sd,
+        coherence_sd,
     }
 }
 
@@ -943,6 +956,18 @@ pub async fn spectrum(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_reports_the_spread_of_its_scored_answers() {
+        let readings = [Reading::default(), Reading::default(), Reading::default()];
+        let refs: Vec<&Reading> = readings.iter().collect();
+        let c = cell(3, 2.0, &[Some((10.0, 50.0)), None, Some((30.0, 90.0))], &refs, 60.0);
+        assert_eq!((c.trait_score, c.coherence, c.answers, c.coherent), (20.0, 70.0, 2, true));
+        assert!((c.trait_sd - 200f32.sqrt()).abs() < 1e-4, "{}", c.trait_sd);
+        assert!((c.coherence_sd - 800f32.sqrt()).abs() < 1e-4, "{}", c.coherence_sd);
+        let one = cell(3, 2.0, &[Some((10.0, 50.0))], &refs[..1], 0.0);
+        assert_eq!((one.trait_sd, one.coherence_sd), (0.0, 0.0), "one answer has no spread");
+    }
 
     #[test]
     fn default_layers_spread_over_the_depth_plus_the_monitoring_layer() {
