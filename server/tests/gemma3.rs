@@ -331,6 +331,22 @@ fn both_models_serve_side_by_side_and_gemma_extracts_by_reading() {
     });
 }
 
+/// Runs a TransferVector call to its result (or its error status).
+async fn transfer(
+    c: &persona_client::Client,
+    req: persona_client::pb::TransferVectorRequest,
+) -> Result<persona_client::pb::TransferResult, tonic::Status> {
+    use persona_client::pb::transfer_vector_response::Event;
+    let mut stream = c.clone().transfer_vector(req).await?.into_inner();
+    let mut result = None;
+    while let Some(msg) = stream.message().await? {
+        if let Some(Event::Result(r)) = msg.event {
+            result = Some(r);
+        }
+    }
+    Ok(result.expect("the transfer finished"))
+}
+
 /// TransferVector: a vector carried from SmolLM2 to itself at the same layer comes back nearly
 /// unchanged (the map is close to the identity, held-out R² ≈ 1); carried to Gemma at the same
 /// relative depth, it lands on that one layer with its provenance, and the map explains a real
@@ -359,19 +375,7 @@ fn transfer_carries_a_vector_across_models_through_a_fitted_map() {
             ..Default::default()
         };
         let client = c.clone();
-        let run = |req: pb::TransferVectorRequest| {
-            let mut c = client.clone();
-            async move {
-                let mut stream = c.transfer_vector(req).await?.into_inner();
-                let mut result = None;
-                while let Some(msg) = stream.message().await? {
-                    if let Some(pb::transfer_vector_response::Event::Result(r)) = msg.event {
-                        result = Some(r);
-                    }
-                }
-                Ok::<_, tonic::Status>(result.expect("the transfer finished"))
-            }
-        };
+        let run = |req| transfer(&client, req);
 
         let itself = run(pb::TransferVectorRequest {
             target_layer: Some(15),
@@ -453,19 +457,7 @@ fn a_transferred_vector_is_measured_against_the_native_one_and_sampling() {
             source.into_inner().info.unwrap().recommended_layer.expect("the source has a monitoring layer");
 
         let client = c.clone();
-        let transfer = |req: pb::TransferVectorRequest| {
-            let mut c = client.clone();
-            async move {
-                let mut stream = c.transfer_vector(req).await?.into_inner();
-                let mut result = None;
-                while let Some(msg) = stream.message().await? {
-                    if let Some(pb::transfer_vector_response::Event::Result(r)) = msg.event {
-                        result = Some(r);
-                    }
-                }
-                Ok::<_, tonic::Status>(result.expect("the transfer finished"))
-            }
-        };
+        let transfer = |req| transfer(&client, req);
         let every = pb::TransferVectorRequest {
             vector: "src".into(),
             to_model: "gemma3-270m".into(),
