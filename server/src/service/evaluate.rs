@@ -312,15 +312,29 @@ fn judging(
     {
         return Ok((monitoring, Judging::Judge { judge: judge.clone(), def: def.clone() }));
     }
-    let cal = resolve::calibration_of(v, monitoring).map_err(|why| {
-        ServiceError::FailedPrecondition(format!(
+    let judging = offline(v, monitoring, None, |why| {
+        format!(
             "scoring without a judge reads calibrated projections, but {why}; configure a judge or extract the \
              vector here"
-        ))
+        )
     })?;
+    Ok((monitoring, judging))
+}
+
+/// Offline scoring by `v` at its monitoring layer: its probe there and its response calibration;
+/// `by` names a scoring vector other than the steered one; `refused` words the refusal of an
+/// uncalibrated vector.
+fn offline(
+    v: &StoredVector,
+    monitoring: usize,
+    by: Option<String>,
+    refused: impl FnOnce(String) -> String,
+) -> ServiceResult<Judging> {
+    let name = &v.meta.name;
+    let cal = resolve::calibration_of(v, monitoring).map_err(|why| ServiceError::FailedPrecondition(refused(why)))?;
     let probe = Probe::new(monitoring, v.row(monitoring).unwrap_or_default())
         .ok_or_else(|| ServiceError::FailedPrecondition(format!("vector `{name}` is zero at layer {monitoring}")))?;
-    Ok((monitoring, Judging::Offline { probe, scale: cal.response, by: None }))
+    Ok(Judging::Offline { probe, scale: cal.response, by })
 }
 
 /// Offline scoring with `name`, another stored calibrated vector (`score_with`): its monitoring
@@ -341,17 +355,13 @@ fn judging_with(
     let monitoring = v.meta.recommended_layer.ok_or_else(|| {
         ServiceError::FailedPrecondition(format!("score_with: vector `{name}` has no monitoring layer"))
     })?;
-    let cal = resolve::calibration_of(&v, monitoring).map_err(|why| {
-        ServiceError::FailedPrecondition(format!("score_with reads calibrated projections, but {why}"))
-    })?;
-    let probe = Probe::new(monitoring, v.row(monitoring).unwrap_or_default())
-        .ok_or_else(|| ServiceError::FailedPrecondition(format!("vector `{name}` is zero at layer {monitoring}")))?;
+    let by = Some(format!("`{name}` of `{}`", v.meta.model));
+    let judging = offline(&v, monitoring, by, |why| format!("score_with reads calibrated projections, but {why}"))?;
     let scorer = (engine.model().id != generator.model().id).then(|| {
         let format = ReadFormat::resolve(pb::ReadingFormat::Auto, engine.model());
         (engine, format)
     });
-    let by = Some(format!("`{name}` of `{}`", v.meta.model));
-    Ok((monitoring, Judging::Offline { probe, scale: cal.response, by }, scorer))
+    Ok((monitoring, judging, scorer))
 }
 
 /// A question posed in `format`: the chat prompt without a system prompt, or the plain-text

@@ -155,21 +155,7 @@ pub fn extract(
     let compare = req
         .compare
         .iter()
-        .map(|name| {
-            let v = state.store.get(name)?;
-            let m = engine.model();
-            if v.meta.model != m.id
-                || v.meta.n_rows != m.config().n_residual_rows()
-                || v.meta.d_model != m.config().hidden_size
-            {
-                return Err(invalid(format!(
-                    "compare: vector `{name}` belongs to model `{}`, not `{}`; comparisons need vectors of the model \
-                     extracted from",
-                    v.meta.model, m.id
-                )));
-            }
-            Ok(v)
-        })
+        .map(|name| resolve::vector_for(&state.store, engine.model(), name))
         .collect::<ServiceResult<Vec<_>>>()?;
     let judge = match (&state.judge, &spec.def, req.skip_judge) {
         (Some(j), Some(d), false) if !d.eval_prompt.is_empty() => Some(j.clone()),
