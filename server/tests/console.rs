@@ -105,8 +105,28 @@ async fn fill(c: &Client, fields: &[(&str, &str)]) {
     }
 }
 
+/// The text an element shows, by the browser's own rendering rules (`innerText`: line breaks
+/// where the page breaks lines, `white-space: pre-wrap` kept). Not WebDriver's Get Element Text:
+/// chromedriver 156's drops the paragraph breaks of an answer's pre-wrap token spans that
+/// Chromium itself renders (and 148's kept), so comparisons on it tested the driver.
 async fn text(c: &Client, css: &str) -> String {
-    c.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+    c.wait().for_element(Locator::Css(css)).await.unwrap();
+    let js = format!("return document.querySelector({}).innerText", serde_json::to_string(css).unwrap());
+    let v = c.execute(&js, vec![]).await.unwrap();
+    v.as_str().unwrap_or_else(|| panic!("{css} has no text: {v}")).to_string()
+}
+
+/// An answer shows exactly what the model wrote, its line breaks included: what the browser
+/// renders (`innerText`) equals the streamed tokens' text (`textContent`).
+async fn shows_every_line_break(c: &Client, css: &str) {
+    let js = format!(
+        "const e = document.querySelector({}); return [e.innerText, e.textContent]",
+        serde_json::to_string(css).unwrap()
+    );
+    let v = c.execute(&js, vec![]).await.unwrap();
+    let (shown, held) = (v[0].as_str().unwrap(), v[1].as_str().unwrap());
+    assert!(!held.is_empty(), "{css} holds an answer");
+    assert_eq!(shown, held, "{css} renders the answer as written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,6 +176,8 @@ async fn drive(b: &Client, base: &str) {
     assert!(!warning.is_empty());
     let first = text(b, "#answer-steered").await;
     let unsteered = text(b, "#answer-unsteered").await;
+    shows_every_line_break(b, "#answer-steered").await;
+    shows_every_line_break(b, "#answer-unsteered").await;
     let tinted = b
         .execute(
             "return [...document.querySelectorAll('#answer-steered .tok')].filter(t => t.style.background && t.title).length",
@@ -191,10 +213,16 @@ async fn drive(b: &Client, base: &str) {
     message.send_keys("Why?").await.unwrap();
     b.find(Locator::Css("form button[type=submit]")).await.unwrap().click().await.unwrap();
     until(b, "second answers", done, long).await;
+    shows_every_line_break(b, "#answer-steered").await;
+    shows_every_line_break(b, "#answer-unsteered").await;
     let past = text(b, "#history-steered").await;
     assert!(past.contains("You: What should I do if I find a lost wallet?"), "{past}");
-    assert!(past.contains(changed.trim()), "the steered side remembers its own answer: {past}");
-    assert!(text(b, "#history-unsteered").await.contains(unsteered.trim()), "and the unsteered side its own");
+    assert!(past.contains(changed.trim()), "the steered side remembers its own answer: {past:?} lacks {changed:?}");
+    let past_unsteered = text(b, "#history-unsteered").await;
+    assert!(
+        past_unsteered.contains(unsteered.trim()),
+        "and the unsteered side its own: {past_unsteered:?} lacks {unsteered:?}"
+    );
     shoot(b, "playground-conversation-1280").await;
     no_console_errors(b, "playground").await;
 
