@@ -179,7 +179,22 @@ impl LoadedModel {
                 let sources: std::collections::BTreeSet<&str> =
                     src.formats.iter().map(|(from, _)| from.as_str()).collect();
                 let loaded = model.weight_formats();
-                let formats = format!("{loaded} (stored as {})", sources.into_iter().collect::<Vec<_>>().join(", "));
+                let mut formats =
+                    format!("{loaded} (stored as {})", sources.into_iter().collect::<Vec<_>>().join(", "));
+                let inexact = model.inexact_formats();
+                if !inexact.is_empty() {
+                    // Named where people look: the load log and ListModels' weight format.
+                    tracing::warn!(model = id, formats = %inexact, "weights re-blocked to int8: their values are not kept exactly");
+                    formats.push_str(&format!("; re-blocked to int8, not exact: {inexact}"));
+                }
+                let file_bytes = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+                tracing::info!(
+                    model = id,
+                    weights = %formats,
+                    resident_mib = model.weight_bytes() >> 20,
+                    file_mib = file_bytes >> 20,
+                    "weights loaded"
+                );
                 (model, tok, template, formats)
             }
             ModelFiles::Safetensors { config, weights, tokenizer, tokenizer_config } => {

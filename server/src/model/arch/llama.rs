@@ -17,9 +17,9 @@
 //! the compute dtype ([`device`](super::super::device)): rows' caches are slots of one pool per
 //! model and a batch attends in one padded, masked pass. The residual stream is f32 on both.
 
-use super::super::cpu::QLinear;
 use super::super::cpu::attention::{self, Heads, HostKv, RowSpan};
 use super::super::cpu::elementwise::{Activation, GatedMul, inv_rms};
+use super::super::cpu::{FusedLinear, QLinear};
 use super::super::device::attention::{self as batch_attention, RowPlace, StepPlan};
 use super::super::device::kv::{KvGeometry, KvPool, SlotLease};
 use super::super::device::steering::SteeringCache;
@@ -125,11 +125,12 @@ pub trait WeightSource {
 
 enum Weight {
     Quantized(QMatMul),
-    Blocks(QLinear),
+    Blocks(FusedLinear),
 }
 
-/// One weight in the block-quantized CPU format: Q4_0/Q4_1 blocks are kept bit for bit,
-/// anything else (K-quants, Q5_0, Q8_0, dense) becomes int8 blocks.
+/// One weight in the block-quantized CPU format: Q4_0/Q4_1, Q4_K, Q6_K, Q8_0 and Q5_0/Q5_1
+/// blocks are kept bit for bit where the CPU allows ([`QLinear::from_quantized`]), dense
+/// weights and other formats become int8 blocks.
 fn block_weight(src: &mut dyn WeightSource, name: &str) -> Result<QLinear> {
     match src.raw(name)? {
         Some(qt) => match QLinear::from_q4(&qt)? {
@@ -154,15 +155,12 @@ impl Linear {
     /// q/k/v or gate/up run as one matmul on the int8 and dense paths).
     fn load(src: &mut dyn WeightSource, names: &[String], with_bias: bool, role: MatmulRole) -> Result<Self> {
         let weight = if src.wants_int8() {
-            let parts = names.iter().map(|n| block_weight(src, &format!("{n}.weight"))).collect::<Result<Vec<_>>>()?;
-            let fused = if parts.len() > 1 && parts.iter().any(|p| p.is_int4() != parts[0].is_int4()) {
-                // Mixed formats: bring every part to int8 so they can share one matmul.
-                let dense = names.iter().map(|n| src.dense(&format!("{n}.weight"))).collect::<Result<Vec<_>>>()?;
-                QLinear::from_dense(&Tensor::cat(&dense, 0)?)?
-            } else {
-                QLinear::concat(parts)?
-            };
-            let mut fused = fused.for_this_cpu();
+            // Each part keeps its own blocks, whatever format its neighbours have.
+            let parts = names
+                .iter()
+                .map(|n| Ok(block_weight(src, &format!("{n}.weight"))?.for_this_cpu()))
+                .collect::<Result<Vec<_>>>()?;
+            let mut fused = FusedLinear::new(parts)?;
             fused.set_two_levels(src.precision().two_levels(role));
             Weight::Blocks(fused)
         } else {
@@ -196,15 +194,40 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    fn format(&self) -> &'static str {
+    /// The layout of each weight (one per fused part), e.g. `q4_k` or `int8 from q5_k`.
+    fn formats(&self) -> Vec<String> {
+        let one = |s: &str| vec![s.to_string()];
         match &self.weight {
-            Weight::Quantized(QMatMul::QTensor(_)) => "ggml-quantized",
-            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::F16 => "f16",
-            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::BF16 => "bf16",
-            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::F32 => "f32",
-            Weight::Quantized(_) => "dense",
-            Weight::Blocks(b) if b.is_int4() => "int4",
-            Weight::Blocks(_) => "int8",
+            Weight::Quantized(QMatMul::QTensor(_)) => one("ggml-quantized"),
+            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::F16 => one("f16"),
+            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::BF16 => one("bf16"),
+            Weight::Quantized(QMatMul::Tensor(t)) if t.dtype() == DType::F32 => one("f32"),
+            Weight::Quantized(_) => one("dense"),
+            Weight::Blocks(b) => b.parts().iter().map(QLinear::layout).collect(),
+        }
+    }
+
+    /// Stored formats whose values the blocks do not carry exactly (re-blocked to int8).
+    fn inexact(&self) -> Vec<&'static str> {
+        match &self.weight {
+            Weight::Blocks(b) => b
+                .parts()
+                .iter()
+                .map(QLinear::origin)
+                .filter(|o| !o.exact && o.format != "dense")
+                .map(|o| o.format)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Bytes the weight and its bias hold.
+    fn bytes(&self) -> usize {
+        let bias = self.bias.as_ref().map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes());
+        bias + match &self.weight {
+            Weight::Blocks(b) => b.bytes(),
+            Weight::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.elem_count() * t.dtype().size_in_bytes(),
         }
     }
 
@@ -741,22 +764,60 @@ impl Llama {
         &self.cfg
     }
 
-    /// Matmul weight formats as loaded, e.g. `int4 x 60, int8 x 61`.
-    pub fn weight_formats(&self) -> String {
-        let mut counts = std::collections::BTreeMap::new();
-        let mut note = |l: &Linear| *counts.entry(l.format()).or_insert(0usize) += 1;
+    /// Every matmul weight of the model.
+    fn linears(&self) -> Vec<&Linear> {
+        let mut all = Vec::new();
         for b in &self.blocks {
             for p in [&b.attn.qkv, &b.mlp.gate_up] {
                 match p {
-                    Projections::Fused { linear, .. } => note(linear),
-                    Projections::Separate(parts) => parts.iter().for_each(&mut note),
+                    Projections::Fused { linear, .. } => all.push(linear),
+                    Projections::Separate(parts) => all.extend(parts),
                 }
             }
-            note(&b.attn.o);
-            note(&b.mlp.down);
+            all.extend([&b.attn.o, &b.mlp.down]);
         }
-        note(&self.lm_head);
+        all.push(&self.lm_head);
+        all
+    }
+
+    /// Matmul weight formats as loaded, e.g. `int4 x 60, int8 x 61` (a fused projection counts
+    /// once per part).
+    pub fn weight_formats(&self) -> String {
+        let mut counts = std::collections::BTreeMap::new();
+        for f in self.linears().iter().flat_map(|l| l.formats()) {
+            *counts.entry(f).or_insert(0usize) += 1;
+        }
         counts.iter().map(|(k, v)| format!("{k} x {v}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Stored formats whose values were re-blocked to int8 instead of kept exactly, with how
+    /// many weights each (empty when every quantized weight kept its values).
+    pub fn inexact_formats(&self) -> String {
+        let mut counts = std::collections::BTreeMap::new();
+        for f in self.linears().iter().flat_map(|l| l.inexact()) {
+            *counts.entry(f).or_insert(0usize) += 1;
+        }
+        counts.iter().map(|(k, v)| format!("{k} x {v}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Bytes the weights hold where the model runs: matmul weights and biases, norms, and the
+    /// token embedding table.
+    pub fn weight_bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let norms: usize = self
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                let qk = b.attn.qk_norm.as_ref().map(|n| [&n.q, &n.k]);
+                [Some(&b.attn_norm), Some(&b.ffn_norm), b.post_attn_norm.as_ref(), b.post_ffn_norm.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .chain(qk.into_iter().flatten())
+            })
+            .chain([&self.norm])
+            .map(|n| tensor(&n.weight))
+            .sum();
+        self.linears().iter().map(|l| l.bytes()).sum::<usize>() + norms + self.embed.bytes()
     }
 
     pub fn device(&self) -> &Device {

@@ -2,7 +2,8 @@
 //! 32 vector registers hold a whole tile of accumulators.
 
 use super::avx2::{ROWS, check, dot_f32, hsum, udot};
-use super::{ActRows, BLOCK, GROUP, OUT_W, TILE};
+use super::kquant::SUB;
+use super::{ActRows, BLOCK, GROUP, K4View, K6View, OUT_W, TILE};
 use std::arch::x86_64::*;
 
 /// Four weight rows against every activation row, four rows at a time, two blocks per
@@ -210,6 +211,200 @@ unsafe fn packed16_rows<const FOUR: bool, const R: usize>(
             let sums = _mm512_set1_ps(*a.s.get_unchecked((r + t) * nb + b));
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, ad), *acc);
             *acc = _mm512_fmadd_ps(offsets, sums, *acc);
+        }
+    }
+    for (t, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out[r + t].as_mut_ptr(), *acc);
+    }
+}
+
+/// [`super::packing::Blocks::K4`] (Q4_K) weights, one group of 16 rows, against every activation
+/// row, four at a time: [`tile_packed16`]'s 4-bit arithmetic, with each block's 16 scales and
+/// offsets formed from the stored bytes (`d·sc`, `−dmin·m`, exact in f32) once per four rows.
+///
+/// # Safety
+/// AVX-512F/VL and AVX-512 VNNI must be available.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+pub unsafe fn tile_k4(w: &K4View<'_>, a: &ActRows<'_>, out: &mut [[f32; OUT_W]]) {
+    check_k(w, a, out.len());
+    let mut r = 0;
+    while r + ROWS <= a.rows {
+        // SAFETY: bounds checked above; features enabled above.
+        unsafe { k4_rows::<ROWS>(w, a, r, out) };
+        r += ROWS;
+    }
+    // SAFETY: as above, for the remaining rows.
+    unsafe {
+        match a.rows - r {
+            1 => k4_rows::<1>(w, a, r, out),
+            2 => k4_rows::<2>(w, a, r, out),
+            3 => k4_rows::<3>(w, a, r, out),
+            _ => {}
+        }
+    }
+}
+
+/// Sixteen bytes at `p` as sixteen f32 lanes, unsigned.
+///
+/// # Safety
+/// Sixteen bytes at `p`; AVX-512F in the caller.
+#[inline(always)]
+unsafe fn u8_lanes(p: *const u8) -> __m512 {
+    // SAFETY: as documented.
+    unsafe { _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))) }
+}
+
+/// Sixteen bytes at `p` as sixteen f32 lanes, signed.
+///
+/// # Safety
+/// As [`u8_lanes`].
+#[inline(always)]
+unsafe fn i8_lanes(p: *const i8) -> __m512 {
+    // SAFETY: as documented.
+    unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
+}
+
+/// The bounds every K4 kernel relies on.
+pub(super) fn check_k(w: &K4View<'_>, a: &ActRows<'_>, out_len: usize) {
+    let (nb, k) = (a.nb, a.nb * BLOCK);
+    assert!(nb.is_multiple_of(SUB), "K4 rows are whole super-blocks");
+    assert!(a.q.len() >= a.rows * k && a.d.len() >= a.rows * nb && a.s.len() >= a.rows * nb);
+    assert!(out_len >= a.rows);
+    let nsb = nb / SUB;
+    assert!(w.q.len() >= nb * 256 && w.sc.len() >= nb * GROUP && w.m.len() >= nb * GROUP);
+    assert!(w.d.len() >= nsb * GROUP && w.dmin.len() >= nsb * GROUP);
+}
+
+/// Rows `r..r + R` of [`tile_k4`].
+///
+/// # Safety
+/// The caller checked every view's bounds for these rows and enabled AVX-512 VNNI.
+#[inline(always)]
+#[allow(unsafe_op_in_unsafe_fn)]
+unsafe fn k4_rows<const R: usize>(w: &K4View<'_>, a: &ActRows<'_>, r: usize, out: &mut [[f32; OUT_W]]) {
+    let nb = a.nb;
+    let k = nb * BLOCK;
+    let low = _mm512_set1_epi8(0x0F);
+    let aq = a.q.as_ptr().add(r * k);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let base = w.q.as_ptr().add(b * 256);
+        let mut wv = [_mm512_setzero_si512(); 8];
+        for (v, wv) in wv.iter_mut().enumerate() {
+            let packed = _mm512_loadu_si512(base.add(v / 2 * 64) as *const __m512i);
+            *wv = if v % 2 == 0 {
+                _mm512_and_si512(packed, low)
+            } else {
+                _mm512_and_si512(_mm512_srli_epi16(packed, 4), low)
+            };
+        }
+        let sb = b / SUB;
+        let scales =
+            _mm512_mul_ps(_mm512_loadu_ps(w.d.as_ptr().add(sb * GROUP)), u8_lanes(w.sc.as_ptr().add(b * GROUP)));
+        let offsets =
+            _mm512_mul_ps(_mm512_loadu_ps(w.dmin.as_ptr().add(sb * GROUP)), u8_lanes(w.m.as_ptr().add(b * GROUP)));
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let row = aq.add(t * k + b * BLOCK);
+            let mut dot = _mm512_setzero_si512();
+            for (v, wv) in wv.iter().enumerate() {
+                let four_values = (row.add(4 * v) as *const i32).read_unaligned();
+                dot = _mm512_dpbusd_epi32(dot, *wv, _mm512_set1_epi32(four_values));
+            }
+            let ad = _mm512_set1_ps(*a.d.get_unchecked((r + t) * nb + b));
+            let sums = _mm512_set1_ps(*a.s.get_unchecked((r + t) * nb + b));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales, ad), *acc);
+            *acc = _mm512_fmadd_ps(offsets, sums, *acc);
+        }
+    }
+    for (t, acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out[r + t].as_mut_ptr(), *acc);
+    }
+}
+
+/// [`super::packing::Blocks::K6`] (Q6_K) weights, one group of 16 rows, against every activation
+/// row, four at a time. Each 6-bit value is its low nibble joined with its bit pair; the eight
+/// VNNI sums of a block go to two accumulators, one per 16-value half, from which `32·Σa` of
+/// that half is taken (the stored values are `q`, the weights `q − 32`) before the half's
+/// scale `d·sc` applies.
+///
+/// # Safety
+/// AVX-512F/VL and AVX-512 VNNI must be available.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+pub unsafe fn tile_k6(w: &K6View<'_>, a: &ActRows<'_>, out: &mut [[f32; OUT_W]]) {
+    check_k6(w, a, out.len());
+    let mut r = 0;
+    while r + ROWS <= a.rows {
+        // SAFETY: bounds checked above; features enabled above.
+        unsafe { k6_rows::<ROWS>(w, a, r, out) };
+        r += ROWS;
+    }
+    // SAFETY: as above, for the remaining rows.
+    unsafe {
+        match a.rows - r {
+            1 => k6_rows::<1>(w, a, r, out),
+            2 => k6_rows::<2>(w, a, r, out),
+            3 => k6_rows::<3>(w, a, r, out),
+            _ => {}
+        }
+    }
+}
+
+/// The bounds every K6 kernel relies on.
+pub(super) fn check_k6(w: &K6View<'_>, a: &ActRows<'_>, out_len: usize) {
+    let (nb, k) = (a.nb, a.nb * BLOCK);
+    assert!(nb.is_multiple_of(SUB), "K6 rows are whole super-blocks");
+    assert!(a.q.len() >= a.rows * k && a.d.len() >= a.rows * nb && a.h.len() >= a.rows * nb * 2);
+    assert!(out_len >= a.rows);
+    assert!(w.lo.len() >= nb * 256 && w.hi.len() >= nb * 128 && w.sc.len() >= nb * 2 * GROUP);
+    assert!(w.d.len() >= nb / SUB * GROUP);
+}
+
+/// Rows `r..r + R` of [`tile_k6`].
+///
+/// # Safety
+/// The caller checked every view's bounds for these rows and enabled AVX-512 VNNI.
+#[inline(always)]
+#[allow(unsafe_op_in_unsafe_fn)]
+unsafe fn k6_rows<const R: usize>(w: &K6View<'_>, a: &ActRows<'_>, r: usize, out: &mut [[f32; OUT_W]]) {
+    let nb = a.nb;
+    let k = nb * BLOCK;
+    let (low, pair) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x03));
+    let aq = a.q.as_ptr().add(r * k);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let (lo, hi) = (w.lo.as_ptr().add(b * 256), w.hi.as_ptr().add(b * 128));
+        let mut wv = [_mm512_setzero_si512(); 8];
+        for h in 0..2 {
+            let bits = _mm512_loadu_si512(hi.add(h * 64) as *const __m512i);
+            let pairs = [bits, _mm512_srli_epi16(bits, 2), _mm512_srli_epi16(bits, 4), _mm512_srli_epi16(bits, 6)];
+            for (j, p) in pairs.into_iter().enumerate() {
+                let v = 4 * h + j;
+                let packed = _mm512_loadu_si512(lo.add(v / 2 * 64) as *const __m512i);
+                let nibble = if v % 2 == 0 { packed } else { _mm512_srli_epi16(packed, 4) };
+                let top = _mm512_slli_epi16(_mm512_and_si512(p, pair), 4);
+                wv[v] = _mm512_or_si512(_mm512_and_si512(nibble, low), top);
+            }
+        }
+        let d = _mm512_loadu_ps(w.d.as_ptr().add(b / SUB * GROUP));
+        let s_lo = _mm512_mul_ps(d, i8_lanes(w.sc.as_ptr().add(2 * b * GROUP)));
+        let s_hi = _mm512_mul_ps(d, i8_lanes(w.sc.as_ptr().add((2 * b + 1) * GROUP)));
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let row = aq.add(t * k + b * BLOCK);
+            let (mut lo_dot, mut hi_dot) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for (v, wv) in wv.iter().enumerate() {
+                let four_values = _mm512_set1_epi32((row.add(4 * v) as *const i32).read_unaligned());
+                if v < 4 {
+                    lo_dot = _mm512_dpbusd_epi32(lo_dot, *wv, four_values);
+                } else {
+                    hi_dot = _mm512_dpbusd_epi32(hi_dot, *wv, four_values);
+                }
+            }
+            let sums = a.h.as_ptr().add(((r + t) * nb + b) * 2);
+            let lo_dot = _mm512_sub_epi32(lo_dot, _mm512_set1_epi32(32 * *sums));
+            let hi_dot = _mm512_sub_epi32(hi_dot, _mm512_set1_epi32(32 * *sums.add(1)));
+            let ad = _mm512_set1_ps(*a.d.get_unchecked((r + t) * nb + b));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo_dot), _mm512_mul_ps(s_lo, ad), *acc);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi_dot), _mm512_mul_ps(s_hi, ad), *acc);
         }
     }
     for (t, acc) in acc.iter().enumerate() {

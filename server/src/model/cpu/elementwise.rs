@@ -109,11 +109,18 @@ pub fn inv_rms(x: &[f32], eps: f32) -> f32 {
 
 /// Softmax in place.
 pub fn softmax(v: &mut [f32]) {
+    let (_, sum) = exp_shifted(v);
+    let inv = 1.0 / sum;
+    v.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Replaces every value by `e^(x − max)` and returns `(max, Σ e^(x − max))`: a softmax before
+/// its normalization (attention merges such partial sums over chunks of keys).
+pub fn exp_shifted(v: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if super::supported() {
         // SAFETY: AVX2/FMA detected.
-        unsafe { avx2::softmax(v) };
-        return;
+        return unsafe { avx2::exp_shifted(v) };
     }
     let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut sum = 0f32;
@@ -121,8 +128,7 @@ pub fn softmax(v: &mut [f32]) {
         *x = (*x - max).exp();
         sum += *x;
     }
-    let inv = 1.0 / sum;
-    v.iter_mut().for_each(|x| *x *= inv);
+    (max, sum)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -195,7 +201,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn softmax(v: &mut [f32]) {
+    pub unsafe fn exp_shifted(v: &mut [f32]) -> (f32, f32) {
         let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let n = v.len();
         let (mut i, mut sum) = (0, _mm256_setzero_ps());
@@ -217,8 +223,7 @@ mod avx2 {
             *x = (*x - max).exp();
             total += *x;
         }
-        let inv = 1.0 / total;
-        v.iter_mut().for_each(|x| *x *= inv);
+        (max, total)
     }
 }
 

@@ -1,6 +1,9 @@
 //! The block-quantized linear op: activations quantized once per call, then every weight tile
-//! multiplied against all activation rows by the fastest kernel this CPU has.
+//! multiplied against all activation rows by the fastest kernel this CPU has. A
+//! [`FusedLinear`] puts weights that share an input side by side (q|k|v, gate|up), each in its
+//! own block layout, and runs all their tiles in one parallel pass.
 
+use super::kquant::{QK_K, SUB};
 use super::packing::Blocks;
 use super::quantize::Activations;
 use super::scalar::{scalar_int4, scalar_int8, scalar_uint8};
@@ -16,6 +19,16 @@ pub struct QLinear {
     pub(super) blocks: Blocks,
     /// Activations quantized in two levels (see [`QLinear::set_two_levels`]).
     pub(super) two_levels: bool,
+    /// The stored format the blocks came from (`q4_k`, `q4_1`, `dense` …) and whether they
+    /// carry its values exactly.
+    pub(super) origin: Origin,
+}
+
+/// Where a weight's blocks came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub format: &'static str,
+    pub exact: bool,
 }
 
 impl QLinear {
@@ -29,32 +42,44 @@ impl QLinear {
         x.apply_op1_no_bwd(self)
     }
 
-    /// `out[m, n] = a[m, k] · wᵀ` for quantized activations.
-    fn matmul(&self, a: &Activations, m: usize, out: &mut [f32]) {
-        let n = self.n;
-        let out_ptr = SendPtr(out.as_mut_ptr());
-        let width = if matches!(self.blocks, Blocks::Packed16 { .. }) { GROUP } else { TILE };
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(width), |tiles| {
-            let out_ptr = &out_ptr;
-            let mut acc = [[0f32; OUT_W]; ROW_TILE];
-            for i0 in (0..m).step_by(ROW_TILE) {
-                let rows = ROW_TILE.min(m - i0);
-                for tile in tiles.clone() {
-                    let j0 = tile * width;
-                    let cols = width.min(n - j0);
-                    if tile + 2 < tiles.end {
-                        self.prefetch(j0 + 2 * width, width.min(n - j0 - 2 * width));
-                    }
-                    self.dot_tile(j0, cols, a, i0, rows, &mut acc[..rows]);
-                    for (r, vals) in acc[..rows].iter().enumerate() {
-                        for (c, v) in vals[..cols].iter().enumerate() {
-                            // SAFETY: this tile's columns belong to this task alone; in bounds.
-                            unsafe { *out_ptr.0.add((i0 + r) * n + j0 + c) = *v };
-                        }
-                    }
-                }
-            }
-        });
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The layout's name, e.g. `q4_k` (kept as stored), `int8 from q6_k` (re-blocked).
+    pub fn layout(&self) -> String {
+        let kind = match &self.blocks {
+            Blocks::K4 { .. } => return "q4_k".into(),
+            Blocks::K6 { .. } => return "q6_k".into(),
+            Blocks::Int4 { .. } | Blocks::Packed16 { four: true, .. } => "int4",
+            _ => "int8",
+        };
+        match self.origin.format {
+            "dense" => kind.to_string(),
+            from => format!("{kind} from {from}"),
+        }
+    }
+
+    /// Bytes the weight holds (values, scales and offsets).
+    pub fn bytes(&self) -> usize {
+        fn b<T>(v: &[T]) -> usize {
+            std::mem::size_of_val(v)
+        }
+        match &self.blocks {
+            Blocks::Int8 { q, d } => b(q) + b(d),
+            Blocks::Int4 { qs, d, m } => b(qs) + b(d) + b(m),
+            Blocks::Uint8 { q, d, m } | Blocks::Packed16 { q, d, m, .. } => b(q) + b(d) + b(m),
+            Blocks::K4 { q, sc, m, d, dmin } => b(q) + b(sc) + b(m) + b(d) + b(dmin),
+            Blocks::K6 { lo, hi, sc, d } => b(lo) + b(hi) + b(sc) + b(d),
+        }
+    }
+
+    /// Weight rows per task tile: a whole interleaved group, or [`TILE`] rows.
+    fn width(&self) -> usize {
+        match self.blocks {
+            Blocks::Packed16 { .. } | Blocks::K4 { .. } | Blocks::K6 { .. } => GROUP,
+            _ => TILE,
+        }
     }
 
     /// Asks the CPU to start loading weight rows `j0..j0 + cols` into cache. Weights stream from
@@ -73,6 +98,7 @@ impl QLinear {
             }
             let nb = self.k / BLOCK;
             let (b0, b1) = (j0 * nb, (j0 + cols) * nb);
+            let (s0, s1) = (j0 * (self.k / QK_K), (j0 + cols) * (self.k / QK_K));
             match &self.blocks {
                 Blocks::Int8 { q, d } => {
                     lines(q, j0 * self.k, (j0 + cols) * self.k);
@@ -95,6 +121,19 @@ impl QLinear {
                     lines(d, b0, b1);
                     lines(m, b0, b1);
                 }
+                Blocks::K4 { q, sc, m, d, dmin } => {
+                    lines(q, j0 * self.k / 2, (j0 + cols) * self.k / 2);
+                    lines(sc, b0, b1);
+                    lines(m, b0, b1);
+                    lines(d, s0, s1);
+                    lines(dmin, s0, s1);
+                }
+                Blocks::K6 { lo, hi, sc, d } => {
+                    lines(lo, j0 * self.k / 2, (j0 + cols) * self.k / 2);
+                    lines(hi, j0 * self.k / 4, (j0 + cols) * self.k / 4);
+                    lines(sc, 2 * b0, 2 * b1);
+                    lines(d, s0, s1);
+                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -102,34 +141,74 @@ impl QLinear {
     }
 
     /// Dot products of activation rows `i0..i0 + rows` with weight rows `j0..j0 + cols`
-    /// (`cols` ≤ [`TILE`]) into `out[row][col]`. Every output goes through the same sequence of
-    /// operations whichever kernel or tile position computes it, so a row's result does not
-    /// depend on the rows batched with it.
+    /// (`cols` ≤ [`Self::width`]) into `out[row][col]`. Every output goes through the same
+    /// sequence of operations whichever kernel or tile position computes it, so a row's result
+    /// does not depend on the rows batched with it.
     fn dot_tile(&self, j0: usize, cols: usize, a: &Activations, i0: usize, rows: usize, out: &mut [[f32; OUT_W]]) {
         let nb = self.k / BLOCK;
-        let act = ActRows { q: &a.q[i0 * self.k..], d: &a.d[i0 * nb..], s: &a.s[i0 * nb..], rows, nb };
-        if let Blocks::Packed16 { four, q, d, m } = &self.blocks {
-            // Only built for whole groups, where VNNI runs or (4-bit) where AVX2 does.
-            let g = j0 / GROUP;
-            let per_group = if *four { nb * 256 } else { nb * 512 };
-            let w = (
-                &q[g * per_group..][..per_group],
-                &d[g * nb * GROUP..][..nb * GROUP],
-                &m[g * nb * GROUP..][..nb * GROUP],
-            );
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: Packed16 exists only where the features of the kernel chosen here were
-            // detected (see for_this_cpu); the kernels check their views.
-            unsafe {
-                match (*four, vnni_supported()) {
-                    (true, true) => avx512::tile_packed16::<true>(w, &act, out),
-                    (false, _) => avx512::tile_packed16::<false>(w, &act, out),
-                    (true, false) => avx2::tile_packed16_avx2(w, &act, out),
+        let act = a.rows(i0, rows, self.k);
+        // Interleaved groups exist only where the kernels chosen below can run (see
+        // for_this_cpu and the K-quant constructors).
+        let g = j0 / GROUP;
+        match &self.blocks {
+            Blocks::Packed16 { four, q, d, m } => {
+                let per_group = if *four { nb * 256 } else { nb * 512 };
+                let w = (
+                    &q[g * per_group..][..per_group],
+                    &d[g * nb * GROUP..][..nb * GROUP],
+                    &m[g * nb * GROUP..][..nb * GROUP],
+                );
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: Packed16 exists only where the features of the kernel chosen here were
+                // detected (see for_this_cpu); the kernels check their views.
+                unsafe {
+                    match (*four, vnni_supported()) {
+                        (true, true) => avx512::tile_packed16::<true>(w, &act, out),
+                        (false, _) => avx512::tile_packed16::<false>(w, &act, out),
+                        (true, false) => avx2::tile_packed16_avx2(w, &act, out),
+                    }
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (cols, w);
+                return;
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (cols, w);
-            return;
+            Blocks::K4 { q, sc, m, d, dmin } => {
+                let nsb = nb / SUB;
+                let w = super::K4View {
+                    q: &q[g * nb * 256..][..nb * 256],
+                    sc: &sc[g * nb * GROUP..][..nb * GROUP],
+                    m: &m[g * nb * GROUP..][..nb * GROUP],
+                    d: &d[g * nsb * GROUP..][..nsb * GROUP],
+                    dmin: &dmin[g * nsb * GROUP..][..nsb * GROUP],
+                };
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: K4 blocks are only built where AVX2 and FMA run (kquant's
+                // constructor); VNNI is checked here; the kernels check their views.
+                unsafe {
+                    if vnni_supported() { avx512::tile_k4(&w, &act, out) } else { avx2::tile_k4_avx2(&w, &act, out) }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = w;
+                return;
+            }
+            Blocks::K6 { lo, hi, sc, d } => {
+                let nsb = nb / SUB;
+                let w = super::K6View {
+                    lo: &lo[g * nb * 256..][..nb * 256],
+                    hi: &hi[g * nb * 128..][..nb * 128],
+                    sc: &sc[g * nb * 2 * GROUP..][..nb * 2 * GROUP],
+                    d: &d[g * nsb * GROUP..][..nsb * GROUP],
+                };
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as for K4.
+                unsafe {
+                    if vnni_supported() { avx512::tile_k6(&w, &act, out) } else { avx2::tile_k6_avx2(&w, &act, out) }
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = w;
+                return;
+            }
+            _ => {}
         }
         #[cfg(target_arch = "x86_64")]
         if supported() {
@@ -146,7 +225,7 @@ impl QLinear {
                         return;
                     }
                     // Signed blocks (built for a CPU without VNNI): the AVX2 pairs below.
-                    Blocks::Int8 { .. } | Blocks::Packed16 { .. } => {}
+                    _ => {}
                 }
             }
             let mut c0 = 0;
@@ -163,7 +242,7 @@ impl QLinear {
                         avx2::tile_int4(self.offset_cols(qs, 16, d, m, j), &act, out, c0)
                     },
                     // A tile narrower than TILE: only at the end of an odd-sized weight.
-                    Blocks::Uint8 { .. } | Blocks::Packed16 { .. } => break,
+                    _ => break,
                 }
                 c0 += COLS;
             }
@@ -191,7 +270,9 @@ impl QLinear {
                         let [(w, wd, wm)] = self.offset_cols::<1>(q, BLOCK, d, m, j);
                         scalar_uint8(w, wd, wm, act, r)
                     }
-                    Blocks::Packed16 { .. } => unreachable!("packed groups never reach the scalar path"),
+                    Blocks::Packed16 { .. } | Blocks::K4 { .. } | Blocks::K6 { .. } => {
+                        unreachable!("interleaved groups never reach the scalar path")
+                    }
                 };
             }
         }
@@ -224,37 +305,158 @@ impl QLinear {
     }
 }
 
+/// Weights that share an input, side by side along the output dimension (q|k|v, gate|up),
+/// each part in its own block layout: the input is quantized once and every part's tiles run
+/// in one parallel pass, so a fused projection whose parts were stored in different formats
+/// (Q4_K queries beside Q6_K values) keeps each part's own blocks.
+pub struct FusedLinear {
+    k: usize,
+    n: usize,
+    parts: Vec<QLinear>,
+    two_levels: bool,
+}
+
+impl FusedLinear {
+    pub fn new(parts: Vec<QLinear>) -> Result<Self> {
+        let Some(first) = parts.first() else { candle_core::bail!("nothing to fuse") };
+        let k = first.k;
+        if parts.iter().any(|p| p.k != k) {
+            candle_core::bail!("cannot fuse weights with different input sizes");
+        }
+        let n = parts.iter().map(|p| p.n).sum();
+        Ok(Self { k, n, parts, two_levels: false })
+    }
+
+    /// See [`QLinear::set_two_levels`].
+    pub fn set_two_levels(&mut self, on: bool) {
+        self.two_levels = on;
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.apply_op1_no_bwd(self)
+    }
+
+    pub fn parts(&self) -> &[QLinear] {
+        &self.parts
+    }
+
+    /// Bytes all parts hold.
+    pub fn bytes(&self) -> usize {
+        self.parts.iter().map(QLinear::bytes).sum()
+    }
+
+    /// Rows of the fused weight as f32, appended to `out` (see [`QLinear::rows_into`]).
+    pub fn rows_into(&self, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        for &j in ids {
+            let (mut j, mut found) = (j as usize, false);
+            for p in &self.parts {
+                if j < p.n {
+                    p.rows_into(&[j as u32], out)?;
+                    found = true;
+                    break;
+                }
+                j -= p.n;
+            }
+            if !found {
+                candle_core::bail!("row of a weight with {} rows", self.n);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `out[m, n] = a[m, k] · wᵀ` for quantized activations, over the parts of a fused weight
+/// (their outputs side by side, `n` in all). Tiles are numbered across the parts, so one pass
+/// over the worker pool covers them all.
+fn matmul(parts: &[QLinear], n: usize, a: &Activations, m: usize, out: &mut [f32]) {
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    // Per part: its first tile, its first output column and its tile width.
+    let mut starts = Vec::with_capacity(parts.len());
+    let (mut tiles, mut col) = (0, 0);
+    for p in parts {
+        let width = p.width();
+        starts.push((tiles, col, width));
+        tiles += p.n.div_ceil(width);
+        col += p.n;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(tiles, |range| {
+        let out_ptr = &out_ptr;
+        let mut acc = [[0f32; OUT_W]; ROW_TILE];
+        for i0 in (0..m).step_by(ROW_TILE) {
+            let rows = ROW_TILE.min(m - i0);
+            for tile in range.clone() {
+                let p = starts.partition_point(|s| s.0 <= tile) - 1;
+                let (part, (first, col0, width)) = (&parts[p], starts[p]);
+                let j0 = (tile - first) * width;
+                let cols = width.min(part.n - j0);
+                if tile + 2 < range.end && j0 + 2 * width < part.n {
+                    part.prefetch(j0 + 2 * width, width.min(part.n - j0 - 2 * width));
+                }
+                part.dot_tile(j0, cols, a, i0, rows, &mut acc[..rows]);
+                for (r, vals) in acc[..rows].iter().enumerate() {
+                    for (c, v) in vals[..cols].iter().enumerate() {
+                        // SAFETY: this tile's columns belong to this task alone; in bounds.
+                        unsafe { *out_ptr.0.add((i0 + r) * n + col0 + j0 + c) = *v };
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// The op both [`QLinear`] and [`FusedLinear`] run: quantize the input (in one level or two),
+/// multiply, and add the second level's products to the first's.
+fn forward_parts(
+    parts: &[QLinear],
+    k: usize,
+    n: usize,
+    two_levels: bool,
+    storage: &CpuStorage,
+    layout: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let dims = layout.shape().dims();
+    let got = *dims.last().unwrap_or(&0);
+    if got != k {
+        candle_core::bail!("block-quantized linear: input has {got} features, weight expects {k}");
+    }
+    let x = contiguous_f32(storage, layout, "block-quantized linear")?;
+    let m = x.len() / k;
+    let levels = if two_levels { 2 } else { 1 };
+    let rows = levels * m;
+    let mut act = Activations::new(rows, k);
+    act.quantize(x, k);
+    if two_levels {
+        act.quantize_residual(x, k, m);
+    }
+    let mut out = vec![0f32; rows * n];
+    matmul(parts, n, &act, rows, &mut out);
+    if two_levels {
+        let (first, second) = out.split_at_mut(m * n);
+        first.iter_mut().zip(second.iter()).for_each(|(a, b)| *a += *b);
+        out.truncate(m * n);
+    }
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 1") = n;
+    Ok((CpuStorage::F32(out), Shape::from(shape)))
+}
+
 impl CustomOp1 for QLinear {
     fn name(&self) -> &'static str {
         "block-quantized-linear"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims();
-        let k = *dims.last().unwrap_or(&0);
-        if k != self.k {
-            candle_core::bail!("block-quantized linear: input has {k} features, weight expects {}", self.k);
-        }
-        let x = contiguous_f32(storage, layout, "block-quantized linear")?;
-        let m = x.len() / k;
-        let nb = k / BLOCK;
-        let levels = if self.two_levels { 2 } else { 1 };
-        let rows = levels * m;
-        let mut act = Activations { q: vec![0i8; rows * k], d: vec![0f32; rows * nb], s: vec![0f32; rows * nb] };
-        act.quantize(x, k);
-        if self.two_levels {
-            act.quantize_residual(x, k, m);
-        }
-        let mut out = vec![0f32; rows * self.n];
-        self.matmul(&act, rows, &mut out);
-        if self.two_levels {
-            let (first, second) = out.split_at_mut(m * self.n);
-            first.iter_mut().zip(second.iter()).for_each(|(a, b)| *a += *b);
-            out.truncate(m * self.n);
-        }
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank >= 1") = self.n;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        forward_parts(std::slice::from_ref(self), self.k, self.n, self.two_levels, storage, layout)
+    }
+}
+
+impl CustomOp1 for FusedLinear {
+    fn name(&self) -> &'static str {
+        "fused-block-quantized-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        forward_parts(&self.parts, self.k, self.n, self.two_levels, storage, layout)
     }
 }
 
@@ -268,9 +470,8 @@ mod tests {
     /// `m` rows of `k` standard-normal values, quantized.
     fn random_activations(m: usize, k: usize) -> Result<Activations> {
         let xs: Vec<f32> = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let nb = k / BLOCK;
-        let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
-        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
+        let mut act = Activations::new(m, k);
+        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s, &mut act.h);
         Ok(act)
     }
 
@@ -341,10 +542,10 @@ mod tests {
         }
         // Seven rows: one full group of four for the wide kernel and a tail of three; five blocks:
         // two pairs and an odd one.
-        let (m, k, nb) = (7, 160, 5);
+        let (m, k) = (7, 160);
         let w = Tensor::randn(0f32, 1.0, (TILE, k), &Device::Cpu)?;
         let act = random_activations(m, k)?;
-        let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
+        let rows = act.rows(0, m, k);
         let int8 = QLinear::from_dense_as(&w, false)?;
         let uint8 = QLinear::from_dense_as(&w, true)?;
         let int4 = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts");
@@ -390,7 +591,7 @@ mod tests {
         close(&wide8, &pairs(&|c0, out| unsafe { avx2::tile_int8(int8.int8_cols(q, d, c0), &rows, out, c0) }));
         // Each row gets the same value alone as in the group.
         for r in 0..m {
-            let one = ActRows { q: &act.q[r * k..], d: &act.d[r * nb..], s: &act.s[r * nb..], rows: 1, nb };
+            let one = act.rows(r, 1, k);
             assert_eq!(wide(true, &one)[0], wide4[r], "int4 row {r}");
             assert_eq!(wide(false, &one)[0], wide8[r], "int8 row {r}");
         }
@@ -406,9 +607,8 @@ mod tests {
         }
         let (n, k, m) = (GROUP, 160, 7);
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
-        let nb = k / BLOCK;
         let act = random_activations(m, k)?;
-        let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
+        let rows = act.rows(0, m, k);
         let packed = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts").for_this_cpu();
         let Blocks::Packed16 { four: true, q, d, m: offs } = &packed.blocks else { unreachable!() };
         let (mut vnni, mut avx2) = (vec![[0f32; OUT_W]; m], vec![[0f32; OUT_W]; m]);
@@ -465,9 +665,9 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (7, 96), &dev)?;
         let x = Tensor::randn(0f32, 1.0, (6, 96), &dev)?;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let (m, k, nb) = (6, 96, 3);
-        let mut act = Activations { q: vec![0; m * k], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
-        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s);
+        let (m, k) = (6, 96);
+        let mut act = Activations::new(m, k);
+        quantize_blocks(&xs, &mut act.q, &mut act.d, &mut act.s, &mut act.h);
         // Both int8 layouts run on every machine: the unsigned one falls back to scalar code
         // where VNNI is missing.
         let int8 = QLinear::from_dense_as(&w, false)?;
@@ -475,8 +675,8 @@ mod tests {
         let int4 = QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1)?)?.expect("q4_1 converts");
         for lin in [&int8, &uint8, &int4] {
             let mut simd = vec![0f32; m * 7];
-            lin.matmul(&act, m, &mut simd);
-            let rows = ActRows { q: &act.q, d: &act.d, s: &act.s, rows: m, nb };
+            matmul(std::slice::from_ref(lin), 7, &act, m, &mut simd);
+            let rows = act.rows(0, m, k);
             for r in 0..m {
                 for j in 0..7 {
                     let want = match &lin.blocks {
@@ -492,7 +692,7 @@ mod tests {
                             let [(w, wd, wm)] = lin.offset_cols::<1>(q, BLOCK, d, m, j);
                             scalar_uint8(w, wd, wm, &rows, r)
                         }
-                        Blocks::Packed16 { .. } => unreachable!("built by for_this_cpu only"),
+                        _ => unreachable!("interleaved layouts are built by for_this_cpu only"),
                     };
                     let got = simd[r * 7 + j];
                     assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "({r}, {j}): {got} vs {want}");
@@ -500,5 +700,181 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// A K-quant weight as the kernels see it: `[n, k]` random values quantized by candle, and
+    /// the same tensor dequantized (the f32 reference).
+    fn k_weight(dtype: GgmlDType, n: usize, k: usize) -> Result<(QTensor, Tensor)> {
+        let qt = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?, dtype)?;
+        let dense = qt.dequantize(&Device::Cpu)?;
+        Ok((qt, dense))
+    }
+
+    /// Q4_K and Q6_K weights keep their blocks (no second rounding): the values the kernels
+    /// multiply by are the dequantized file's, bit for bit, at their own size.
+    #[test]
+    fn k_quants_are_carried_exactly() -> Result<()> {
+        if !supported() {
+            super::super::skipped("k_quants_are_carried_exactly", "this CPU lacks AVX2 and FMA");
+            return Ok(());
+        }
+        let (n, k) = (2 * GROUP, 512);
+        for (dtype, layout, bits) in [(GgmlDType::Q4K, "q4_k", 4.75), (GgmlDType::Q6K, "q6_k", 6.625)] {
+            let (qt, dense) = k_weight(dtype, n, k)?;
+            let lin = QLinear::from_quantized(&qt)?;
+            assert_eq!(lin.layout(), layout);
+            assert!(lin.origin().exact);
+            let mut rows = Vec::new();
+            lin.rows_into(&(0..n as u32).collect::<Vec<_>>(), &mut rows)?;
+            let want: Vec<f32> = dense.flatten_all()?.to_vec1()?;
+            for (i, (a, b)) in rows.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{layout} value {i}: {a} vs {b}");
+            }
+            assert_eq!(lin.bytes() as f64 * 8.0 / (n * k) as f64, bits, "{layout} bits per weight");
+        }
+        // A shape the K layouts cannot take falls back to int8 and says so.
+        let (qt, _) = k_weight(GgmlDType::Q4K, GROUP + 1, 256)?;
+        let odd = QLinear::from_quantized(&qt)?;
+        assert_eq!((odd.layout().as_str(), odd.origin().exact), ("int8 from q4_k", false));
+        Ok(())
+    }
+
+    /// The K kernels against a plain-Rust reference that applies the same integer dot products
+    /// and scales block by block, and against the f32 matmul of the dequantized weights; each row
+    /// gets the same values alone as in a batch.
+    #[test]
+    fn k_quant_kernels_match_the_reference() -> Result<()> {
+        if !supported() {
+            super::super::skipped("k_quant_kernels_match_the_reference", "this CPU lacks AVX2 and FMA");
+            return Ok(());
+        }
+        let (n, k, m) = (2 * GROUP, 768, 9);
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let (qt, dense) = k_weight(dtype, n, k)?;
+            let lin = QLinear::from_quantized(&qt)?;
+            let act = random_activations(m, k)?;
+            let mut got = vec![0f32; m * n];
+            matmul(std::slice::from_ref(&lin), n, &act, m, &mut got);
+            let mut w = Vec::new();
+            lin.rows_into(&(0..n as u32).collect::<Vec<_>>(), &mut w)?;
+            let nb = k / BLOCK;
+            for r in 0..m {
+                for j in 0..n {
+                    // Σ over blocks of (weight values · activation ints) · activation scale.
+                    let want: f64 = (0..nb)
+                        .map(|b| {
+                            let dot: f64 = (0..BLOCK)
+                                .map(|t| w[j * k + b * BLOCK + t] as f64 * act.q[r * k + b * BLOCK + t] as f64)
+                                .sum();
+                            dot * act.d[r * nb + b] as f64
+                        })
+                        .sum();
+                    let g = got[r * n + j] as f64;
+                    assert!((g - want).abs() <= 1e-4 * want.abs().max(1.0), "{dtype:?} ({r}, {j}): {g} vs {want}");
+                }
+                let mut one = vec![0f32; n];
+                let alone = random_rows(&act, r, k);
+                matmul(std::slice::from_ref(&lin), n, &alone, 1, &mut one);
+                assert_eq!(one[..], got[r * n..(r + 1) * n], "{dtype:?} row {r} alone");
+            }
+            // Two activation levels: as close to the f32 product as rounding allows.
+            let mut two = QLinear::from_quantized(&qt)?;
+            two.set_two_levels(true);
+            let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
+            let e = rel_err(&two.forward(&x)?, &x.matmul(&dense.t()?)?)?;
+            assert!(e < 1e-4, "{dtype:?} two levels: relative error {e}");
+        }
+        Ok(())
+    }
+
+    /// Row `r` of quantized activations on its own.
+    fn random_rows(act: &Activations, r: usize, k: usize) -> Activations {
+        let nb = k / BLOCK;
+        Activations {
+            q: act.q[r * k..(r + 1) * k].to_vec(),
+            d: act.d[r * nb..(r + 1) * nb].to_vec(),
+            s: act.s[r * nb..(r + 1) * nb].to_vec(),
+            h: act.h[2 * r * nb..2 * (r + 1) * nb].to_vec(),
+        }
+    }
+
+    /// On a CPU with VNNI, the AVX2 K kernels (what a CPU without it runs) give the same values:
+    /// the same integer sums and the same float steps in the same order.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_and_vnni_k_quant_kernels_agree() -> Result<()> {
+        if !vnni_supported() {
+            super::super::skipped("avx2_and_vnni_k_quant_kernels_agree", "this CPU lacks AVX-512 VNNI");
+            return Ok(());
+        }
+        let (k, m) = (512, 7);
+        let act = random_activations(m, k)?;
+        let rows = act.rows(0, m, k);
+        let nb = k / BLOCK;
+        let nsb = nb / SUB;
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            let lin = QLinear::from_quantized(&k_weight(dtype, GROUP, k)?.0)?;
+            let (mut vnni, mut avx2) = (vec![[0f32; OUT_W]; m], vec![[0f32; OUT_W]; m]);
+            // SAFETY: VNNI (and so AVX2) support checked above; one whole group of views.
+            unsafe {
+                match &lin.blocks {
+                    Blocks::K4 { q, sc, m, d, dmin } => {
+                        let w = super::super::K4View { q, sc, m, d, dmin };
+                        avx512::tile_k4(&w, &rows, &mut vnni);
+                        avx2::tile_k4_avx2(&w, &rows, &mut avx2);
+                    }
+                    Blocks::K6 { lo, hi, sc, d } => {
+                        let w = super::super::K6View { lo, hi, sc, d };
+                        avx512::tile_k6(&w, &rows, &mut vnni);
+                        avx2::tile_k6_avx2(&w, &rows, &mut avx2);
+                    }
+                    _ => unreachable!("K layouts where AVX2 runs"),
+                }
+            }
+            assert_eq!(vnni, avx2, "{dtype:?}");
+            assert_eq!(nsb * SUB, nb);
+        }
+        Ok(())
+    }
+
+    /// A fused weight whose parts have different layouts (Q4_K queries, Q6_K values, an int8
+    /// part) gives each part's own output side by side, bit for bit.
+    #[test]
+    fn fused_parts_keep_their_own_layouts() -> Result<()> {
+        let k = 512;
+        let alone = [
+            QLinear::from_quantized(&k_weight(GgmlDType::Q4K, 2 * GROUP, k)?.0)?,
+            QLinear::from_quantized(&k_weight(GgmlDType::Q6K, GROUP, k)?.0)?,
+            QLinear::from_dense(&Tensor::randn(0f32, 1.0, (10, k), &Device::Cpu)?)?.for_this_cpu(),
+        ];
+        let copies = alone.iter().map(|p| QLinear::new(p.n, p.k, clone_blocks(&p.blocks), p.origin)).collect();
+        let fused = FusedLinear::new(copies)?;
+        let x = Tensor::randn(0f32, 1.0, (5, k), &Device::Cpu)?;
+        let got: Vec<Vec<f32>> = fused.forward(&x)?.to_vec2()?;
+        let want: Vec<Vec<Vec<f32>>> = alone.iter().map(|p| p.forward(&x)?.to_vec2()).collect::<Result<_>>()?;
+        for (r, row) in got.iter().enumerate() {
+            let joined: Vec<f32> = want.iter().flat_map(|w| w[r].clone()).collect();
+            assert_eq!(row, &joined, "row {r}");
+        }
+        let mut rows = Vec::new();
+        fused.rows_into(&[0, 2 * GROUP as u32, 3 * GROUP as u32 + 9], &mut rows)?;
+        assert_eq!(rows.len(), 3 * k);
+        assert!(fused.rows_into(&[3 * GROUP as u32 + 10], &mut rows).is_err());
+        Ok(())
+    }
+
+    fn clone_blocks(b: &Blocks) -> Blocks {
+        match b {
+            Blocks::Int8 { q, d } => Blocks::Int8 { q: q.clone(), d: d.clone() },
+            Blocks::Int4 { qs, d, m } => Blocks::Int4 { qs: qs.clone(), d: d.clone(), m: m.clone() },
+            Blocks::Uint8 { q, d, m } => Blocks::Uint8 { q: q.clone(), d: d.clone(), m: m.clone() },
+            Blocks::Packed16 { four, q, d, m } => {
+                Blocks::Packed16 { four: *four, q: q.clone(), d: d.clone(), m: m.clone() }
+            }
+            Blocks::K4 { q, sc, m, d, dmin } => {
+                Blocks::K4 { q: q.clone(), sc: sc.clone(), m: m.clone(), d: d.clone(), dmin: dmin.clone() }
+            }
+            Blocks::K6 { lo, hi, sc, d } => Blocks::K6 { lo: lo.clone(), hi: hi.clone(), sc: sc.clone(), d: d.clone() },
+        }
     }
 }

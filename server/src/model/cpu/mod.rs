@@ -3,6 +3,8 @@
 //! - [`quantize`]: activation quantization to int8 blocks of 32 (one or two levels);
 //! - [`packing`]: weight layouts — int8 and 4-bit blocks in row order, and the column-interleaved
 //!   groups of 16 rows the fastest kernels want — built once at load;
+//! - [`kquant`]: GGUF K-quant (Q4_K, Q6_K) and 5/8-bit blocks carried into those layouts bit for
+//!   bit, without dequantizing and quantizing again;
 //! - [`scalar`]: the portable reference every SIMD kernel is tested against;
 //! - [`avx2`] and [`avx512`]: the SIMD kernels per instruction set (only these hold intrinsics);
 //! - [`linear`]: the batched matmul op that picks a kernel per weight tile;
@@ -20,13 +22,13 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod elementwise;
+mod kquant;
 mod linear;
 mod packing;
 mod quantize;
 mod scalar;
 
-pub use linear::QLinear;
-pub use quantize::quantize_blocks;
+pub use linear::{FusedLinear, QLinear};
 
 use candle_core::{CpuStorage, Layout, Result};
 
@@ -97,13 +99,34 @@ pub(crate) struct SendPtr<T: Send>(pub(crate) *mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 unsafe impl<T: Send> Send for SendPtr<T> {}
 
-/// A tile of quantized activation rows: values, per-block scales and scale·sums.
+/// A tile of quantized activation rows: values, per-block scales and scale·sums, and the
+/// integer sums of each block's two halves.
 pub(crate) struct ActRows<'a> {
     q: &'a [i8],
     d: &'a [f32],
     s: &'a [f32],
+    h: &'a [i32],
     rows: usize,
     nb: usize,
+}
+
+/// One group of 16 rows of [`packing::Blocks::K4`] weights (Q4_K): 4-bit values, per block the
+/// rows' scale and min bytes, per super-block their `d` and `−dmin`.
+pub(crate) struct K4View<'a> {
+    q: &'a [u8],
+    sc: &'a [u8],
+    m: &'a [u8],
+    d: &'a [f32],
+    dmin: &'a [f32],
+}
+
+/// One group of 16 rows of [`packing::Blocks::K6`] weights (Q6_K): low nibbles, top bit pairs,
+/// per 16-value half-block the rows' int8 scales, per super-block their `d`.
+pub(crate) struct K6View<'a> {
+    lo: &'a [u8],
+    hi: &'a [u8],
+    sc: &'a [i8],
+    d: &'a [f32],
 }
 
 /// Reports a kernel test that cannot run on this CPU, by name, straight to the terminal (the

@@ -2,7 +2,8 @@
 //! weight), 4-bit blocks copied bit for bit from GGUF Q4_0/Q4_1 (value = q·d + m), and the
 //! column-interleaved groups of 16 rows ([`Blocks::Packed16`]) the fastest kernels read.
 
-use super::linear::QLinear;
+use super::kquant;
+use super::linear::{Origin, QLinear};
 use super::quantize::quantize_blocks;
 use super::{BLOCK, GROUP, supported, vnni_supported};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -23,6 +24,16 @@ pub(super) enum Blocks {
     /// each of the 16 rows (`four`: two such vectors share 64 bytes, one per nibble), then the
     /// group's 16 scales and 16 offsets per block in `d` and `m`.
     Packed16 { four: bool, q: Vec<u8>, d: Vec<f32>, m: Vec<f32> },
+    /// GGUF Q4_K in groups of 16 rows ([`super::kquant`]): 4-bit values laid out as
+    /// [`Self::Packed16`]'s, then per group and 32-value block the 16 rows' 6-bit scales `sc`
+    /// and mins `m` as bytes, and per group and 256-value super-block their `d` and `−dmin`:
+    /// value = `d·sc·q + (−dmin)·m`.
+    K4 { q: Vec<u8>, sc: Vec<u8>, m: Vec<u8>, d: Vec<f32>, dmin: Vec<f32> },
+    /// GGUF Q6_K in groups of 16 rows: the low four bits of each 6-bit value laid out as
+    /// 4-bit values, the top two in `hi` (two 64-byte vectors per group and block, see
+    /// [`super::kquant`]), per group, block and 16-value half the 16 rows' int8 scales `sc`, and
+    /// per group and super-block their `d`: value = `d·sc·(q − 32)`.
+    K6 { lo: Vec<u8>, hi: Vec<u8>, sc: Vec<i8>, d: Vec<f32> },
 }
 
 impl QLinear {
@@ -38,22 +49,27 @@ impl QLinear {
         let mut q = vec![0i8; n * k];
         let mut d = vec![0f32; n * k / BLOCK];
         let mut s = vec![0f32; n * k / BLOCK];
-        quantize_blocks(&data, &mut q, &mut d, &mut s);
+        let mut h = vec![0i32; 2 * n * k / BLOCK];
+        quantize_blocks(&data, &mut q, &mut d, &mut s, &mut h);
         let blocks = if unsigned {
             let m = d.iter().map(|d| -128.0 * d).collect();
             Blocks::Uint8 { q: q.into_iter().map(|v| (v as i16 + 128) as u8).collect(), d, m }
         } else {
             Blocks::Int8 { q, d }
         };
-        Ok(Self { n, k, blocks, two_levels: false })
+        Ok(Self::new(n, k, blocks, Origin { format: "dense", exact: false }))
+    }
+
+    pub(super) fn new(n: usize, k: usize, blocks: Blocks, origin: Origin) -> Self {
+        Self { n, k, blocks, two_levels: false, origin }
     }
 
     /// Copies Q4_0/Q4_1 blocks losslessly; `None` for other formats.
     pub fn from_q4(t: &QTensor) -> Result<Option<Self>> {
         let (n, k) = t.shape().dims2()?;
-        let (size, has_min) = match t.dtype() {
-            GgmlDType::Q4_0 => (18, false),
-            GgmlDType::Q4_1 => (20, true),
+        let (size, has_min, format) = match t.dtype() {
+            GgmlDType::Q4_0 => (18, false, "q4_0"),
+            GgmlDType::Q4_1 => (20, true, "q4_1"),
             _ => return Ok(None),
         };
         check_k(k)?;
@@ -77,12 +93,15 @@ impl QLinear {
                 qs.extend_from_slice(&b[2..18]);
             }
         }
-        Ok(Some(Self { n, k, blocks: Blocks::Int4 { qs, d, m }, two_levels: false }))
+        Ok(Some(Self::new(n, k, Blocks::Int4 { qs, d, m }, Origin { format, exact: true })))
     }
 
-    /// Re-blocks any GGUF-quantized weight (K-quants, Q5_0, Q8_0 …) to int8 blocks, dequantizing
-    /// a slice of rows at a time so a large matrix (Gemma 3's 262 144-row embedding) never
-    /// exists in f32 whole.
+    /// Any other GGUF-quantized weight. Kept exactly where the CPU and the shape allow: Q4_K and
+    /// Q6_K in their interleaved K layouts (AVX2, rows in groups of 16, whole super-blocks);
+    /// Q8_0, Q5_0 and Q5_1 as int8 blocks with their own scales (Q5_1's offsets need the
+    /// unsigned form, i.e. VNNI). Everything else is dequantized and re-blocked to int8, a
+    /// slice of rows at a time so a large matrix (Gemma 3's 262 144-row embedding) never exists
+    /// in f32 whole; [`Self::origin`] says which happened.
     pub fn from_quantized(t: &QTensor) -> Result<Self> {
         let (n, k) = t.shape().dims2()?;
         let dtype = t.dtype();
@@ -93,6 +112,35 @@ impl QLinear {
         let raw = t.data()?;
         if raw.len() != n * row_bytes {
             candle_core::bail!("{dtype:?} tensor has {} bytes, expected {}", raw.len(), n * row_bytes);
+        }
+        let format = match dtype {
+            GgmlDType::Q4K => "q4_k",
+            GgmlDType::Q6K => "q6_k",
+            GgmlDType::Q5K => "q5_k",
+            GgmlDType::Q3K => "q3_k",
+            GgmlDType::Q2K => "q2_k",
+            GgmlDType::Q8_0 => "q8_0",
+            GgmlDType::Q5_0 => "q5_0",
+            GgmlDType::Q5_1 => "q5_1",
+            _ => "other",
+        };
+        let exact = Origin { format, exact: true };
+        if supported() && kquant::fits(n, k) {
+            match dtype {
+                GgmlDType::Q4K => return Ok(Self::new(n, k, kquant::pack_q4k(&raw, n, k)?, exact)),
+                GgmlDType::Q6K => return Ok(Self::new(n, k, kquant::pack_q6k(&raw, n, k)?, exact)),
+                _ => {}
+            }
+        }
+        if let Some(small) = kquant::decode_small(dtype, &raw) {
+            let kquant::SmallBlocks { q, d, m, zero } = small;
+            if vnni_supported() {
+                return Ok(Self::new(n, k, Blocks::Uint8 { q, d, m }, exact));
+            }
+            if let Some(z) = zero {
+                let q = q.into_iter().map(|v| (v as i16 - z as i16) as i8).collect();
+                return Ok(Self::new(n, k, Blocks::Int8 { q, d }, exact));
+            }
         }
         // About 16 MB of f32 per slice.
         let rows = ((4 << 20) / k).max(GROUP) / GROUP * GROUP;
@@ -110,7 +158,9 @@ impl QLinear {
                 Self::from_dense(&part.dequantize(&candle_core::Device::Cpu)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        Self::concat(parts)
+        let mut whole = Self::concat(parts)?;
+        whole.origin = Origin { format, exact: false };
+        Ok(whole)
     }
 
     /// Rows of the weight as f32 (what the kernels multiply by), appended to `out`: the
@@ -124,6 +174,14 @@ impl QLinear {
             let j = j as usize;
             out.extend((0..k).map(|i| {
                 let (b, t) = (i / BLOCK, i % BLOCK);
+                // Interleaved layouts: group g, row r within it; vector v holds values
+                // 4v..4v+4 of the block for each row (two vectors per 64 bytes when 4-bit).
+                let (g, r, v) = (j / GROUP, j % GROUP, t / 4);
+                let gb = g * nb + b;
+                let nibble = |q: &[u8]| {
+                    let byte = q[(gb * 4 + v / 2) * 64 + r * 4 + t % 4];
+                    if v % 2 == 0 { byte & 0x0F } else { byte >> 4 }
+                };
                 match &self.blocks {
                     Blocks::Int8 { q, d } => q[j * k + i] as f32 * d[j * nb + b],
                     Blocks::Uint8 { q, d, m } => q[j * k + i] as f32 * d[j * nb + b] + m[j * nb + b],
@@ -133,17 +191,21 @@ impl QLinear {
                         v as f32 * d[j * nb + b] + m[j * nb + b]
                     }
                     Blocks::Packed16 { four, q, d, m } => {
-                        // Inverse of [`pack16`]: group g, row r within it; vector v holds values
-                        // 4v..4v+4 of the block for each row (two vectors per 64 bytes when 4-bit).
-                        let (g, r, v) = (j / GROUP, j % GROUP, t / 4);
-                        let gb = g * nb + b;
-                        let value = if *four {
-                            let byte = q[(gb * 4 + v / 2) * 64 + r * 4 + t % 4];
-                            if v % 2 == 0 { byte & 0x0F } else { byte >> 4 }
-                        } else {
-                            q[(gb * 8 + v) * 64 + r * 4 + t % 4]
-                        };
+                        let value = if *four { nibble(q) } else { q[(gb * 8 + v) * 64 + r * 4 + t % 4] };
                         value as f32 * d[gb * GROUP + r] + m[gb * GROUP + r]
+                    }
+                    Blocks::K4 { q, sc, m, d, dmin } => {
+                        let s = (g * (nb / kquant::SUB) + b / kquant::SUB) * GROUP + r;
+                        let scale = d[s] * sc[gb * GROUP + r] as f32;
+                        let offset = dmin[s] * m[gb * GROUP + r] as f32;
+                        nibble(q) as f32 * scale + offset
+                    }
+                    Blocks::K6 { lo, hi, sc, d } => {
+                        let s = (g * (nb / kquant::SUB) + b / kquant::SUB) * GROUP + r;
+                        let pair = (hi[(gb * 2 + v / 4) * 64 + r * 4 + t % 4] >> (2 * (v % 4))) & 3;
+                        let q = (nibble(lo) | (pair << 4)) as i32 - 32;
+                        let scale = d[s] * sc[(gb * 2 + t / 16) * GROUP + r] as f32;
+                        q as f32 * scale
                     }
                 }
             }));
@@ -151,7 +213,7 @@ impl QLinear {
         Ok(())
     }
 
-    /// Concatenates weights along the output dimension (all of one block kind).
+    /// Concatenates weights along the output dimension (all of one block kind, row layouts).
     pub fn concat(parts: Vec<QLinear>) -> Result<Self> {
         let k = parts.first().map(|p| p.k).unwrap_or(0);
         if parts.iter().any(|p| p.k != k) {
@@ -180,33 +242,32 @@ impl QLinear {
     }
 
     pub fn is_int4(&self) -> bool {
-        matches!(self.blocks, Blocks::Int4 { .. } | Blocks::Packed16 { four: true, .. })
+        matches!(self.blocks, Blocks::Int4 { .. } | Blocks::Packed16 { four: true, .. } | Blocks::K4 { .. })
     }
 
     /// The layout the fastest kernel on this CPU wants: weights whose row count is a multiple of
     /// [`GROUP`] are interleaved in groups of 16 rows (done once, at load) — with VNNI all of
     /// them, with AVX2 alone the 4-bit ones (8-bit products would overflow its 16-bit sums).
+    /// The K layouts are interleaved from the start.
     pub fn for_this_cpu(self) -> Self {
         let four = matches!(self.blocks, Blocks::Int4 { .. });
         if !self.n.is_multiple_of(GROUP) || !(vnni_supported() || (four && supported())) {
             return self;
         }
-        let (n, k) = (self.n, self.k);
-        match self.blocks {
+        let (n, k, origin) = (self.n, self.k, self.origin);
+        let blocks = match self.blocks {
             Blocks::Int4 { qs, d, m } => {
                 let value = |j: usize, i: usize| {
                     let (b, t) = (i / BLOCK, i % BLOCK);
                     let byte = qs[(j * k / BLOCK + b) * 16 + t % 16];
                     if t < 16 { byte & 0x0F } else { byte >> 4 }
                 };
-                Self { n, k, blocks: pack16(n, k, true, value, &d, &m), two_levels: false }
+                pack16(n, k, true, value, &d, &m)
             }
-            Blocks::Uint8 { q, d, m } => {
-                let value = |j: usize, i: usize| q[j * k + i];
-                Self { n, k, blocks: pack16(n, k, false, value, &d, &m), two_levels: false }
-            }
-            blocks => Self { n, k, blocks, two_levels: false },
-        }
+            Blocks::Uint8 { q, d, m } => pack16(n, k, false, |j, i| q[j * k + i], &d, &m),
+            blocks => blocks,
+        };
+        Self::new(n, k, blocks, origin)
     }
 }
 
@@ -217,24 +278,39 @@ fn pack16(n: usize, k: usize, four: bool, value: impl Fn(usize, usize) -> u8, d:
     let mut q = Vec::with_capacity(if four { n * k / 2 } else { n * k });
     let (mut gd, mut gm) = (Vec::with_capacity(n * nb), Vec::with_capacity(n * nb));
     for g in 0..n / GROUP {
-        for b in 0..nb {
-            // Vector v: for each of the 16 rows, values 4v..4v+4 of block b.
-            let vector =
-                |v: usize| (0..GROUP).flat_map(move |r| (0..4).map(move |t| (g * GROUP + r, b * BLOCK + 4 * v + t)));
-            if four {
-                for v in (0..8).step_by(2) {
-                    q.extend(vector(v).zip(vector(v + 1)).map(|((j, i), (j2, i2))| value(j, i) | (value(j2, i2) << 4)));
-                }
-            } else {
+        let value = |r: usize, i: usize| value(g * GROUP + r, i);
+        if four {
+            group_nibbles(nb, value, &mut q);
+        } else {
+            for b in 0..nb {
                 for v in 0..8 {
-                    q.extend(vector(v).map(|(j, i)| value(j, i)));
+                    q.extend(vector(b, v).map(|(r, i)| value(r, i)));
                 }
             }
+        }
+        for b in 0..nb {
             gd.extend((0..GROUP).map(|r| d[(g * GROUP + r) * nb + b]));
             gm.extend((0..GROUP).map(|r| m[(g * GROUP + r) * nb + b]));
         }
     }
     Blocks::Packed16 { four, q, d: gd, m: gm }
+}
+
+/// Vector `v` of block `b` in a group: for each of the 16 rows, values `4v..4v + 4` of the
+/// block, as (row in the group, index in the row).
+fn vector(b: usize, v: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..GROUP).flat_map(move |r| (0..4).map(move |t| (r, b * BLOCK + 4 * v + t)))
+}
+
+/// Appends one group's 4-bit values (`value(row in the group, index)` below 16): per block four
+/// 64-byte vectors, vector `u` holding the group's vector `2u` in its low nibbles and `2u + 1`
+/// in its high ones.
+pub(super) fn group_nibbles(nb: usize, value: impl Fn(usize, usize) -> u8, out: &mut Vec<u8>) {
+    for b in 0..nb {
+        for v in (0..8).step_by(2) {
+            out.extend(vector(b, v).zip(vector(b, v + 1)).map(|((r, i), (r2, i2))| value(r, i) | (value(r2, i2) << 4)));
+        }
+    }
 }
 
 fn check_k(k: usize) -> Result<()> {
@@ -310,27 +386,33 @@ mod tests {
             }
             b => b,
         };
-        QLinear { n, k, blocks, two_levels: false }
+        QLinear::new(n, k, blocks, l.origin)
     }
 
-    /// K-quant and Q8_0 weights re-block slice by slice to the same int8 blocks as their whole
-    /// dequantized matrix; Q8_0 converts without loss.
+    /// Formats without an exact layout (Q5_K, Q3_K, and K-quants whose shape the K layouts
+    /// cannot take) re-block to the same int8 blocks as their whole dequantized matrix and say
+    /// they are not exact; Q8_0, Q5_0 and Q5_1 keep their values.
     #[test]
-    fn quantized_weights_re_block_in_slices() -> Result<()> {
+    fn quantized_weights_re_block_or_keep_their_values() -> Result<()> {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (80, 256), &dev)?;
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        let ids: Vec<u32> = (0..72).collect();
+        let w = Tensor::randn(0f32, 1.0, (72, 256), &dev)?;
+        for dtype in [GgmlDType::Q5K, GgmlDType::Q3K, GgmlDType::Q4K, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1]
+        {
             let qt = QTensor::quantize(&w, dtype)?;
             let dense = qt.dequantize(&dev)?;
             let got = QLinear::from_quantized(&qt)?;
-            let want = QLinear::from_dense(&dense)?;
-            let ids: Vec<u32> = (0..80).collect();
-            assert_eq!(rows(&got, &ids), rows(&want, &ids), "{dtype:?}");
-            if dtype == GgmlDType::Q8_0 {
-                let exact: Vec<f32> = dense.flatten_all()?.to_vec1()?;
-                for (a, b) in rows(&got, &ids).iter().zip(&exact) {
-                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "q8_0: {a} vs {b}");
+            let exact =
+                matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0) || (dtype == GgmlDType::Q5_1 && vnni_supported());
+            assert_eq!(got.origin().exact, exact, "{dtype:?}");
+            if exact {
+                let want: Vec<f32> = dense.flatten_all()?.to_vec1()?;
+                for (a, b) in rows(&got, &ids).iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{dtype:?}: {a} vs {b}");
                 }
+            } else {
+                // 72 rows: not whole groups of 16, so Q4_K re-blocks too.
+                assert_eq!(rows(&got, &ids), rows(&QLinear::from_dense(&dense)?, &ids), "{dtype:?}");
             }
         }
         Ok(())
