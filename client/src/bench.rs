@@ -305,6 +305,27 @@ pub(crate) async fn concurrent(c: &mut Client, a: &BenchArgs, m: &pb::ModelInfo,
         ["a lighthouse", "a dragon", "the ocean", "a small town", "a robot", "a garden", "the moon", "a train journey"];
     let (mut aggregate, mut decode) = (Vec::new(), Vec::new());
     let (mut ttft, mut itl) = (Vec::new(), Vec::new());
+    // The KV cache the engine reserves for the streams at its peak (what it holds is at most
+    // that), polled while they run.
+    let peak_kv = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let poller = {
+        let (mut c, peak_kv, id) = (c.clone(), peak_kv.clone(), m.id.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(s) = c.get_server_status(pb::GetServerStatusRequest {}).await {
+                    let kv = s
+                        .into_inner()
+                        .engines
+                        .iter()
+                        .filter(|e| e.model == id)
+                        .map(|e| e.kv_cache_reserved_bytes)
+                        .sum();
+                    peak_kv.fetch_max(kv, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+    };
     for run in 0..a.runs {
         let t0 = std::time::Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
@@ -340,17 +361,20 @@ pub(crate) async fn concurrent(c: &mut Client, a: &BenchArgs, m: &pb::ModelInfo,
         // stream's first token to the last stream's last token.
         decode.push(decoded as f64 / (last_token - first_token));
     }
+    poller.abort();
     let status = c.get_server_status(pb::GetServerStatusRequest {}).await?.into_inner();
     let ms = |x: f64| x * 1e3;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "{n:>3} streams  aggregate {:>6.1} tok/s  decode {:>6.1} tok/s   TTFT p50 {:>5.0} ms p99 {:>5.0} ms   ITL p50 {:>5.1} ms p99 {:>5.1} ms   peak RSS {:>4.0} MiB",
+        "{n:>3} streams  aggregate {:>6.1} tok/s  decode {:>6.1} tok/s   TTFT p50 {:>5.0} ms p99 {:>5.0} ms   ITL p50 {:>5.1} ms p99 {:>5.1} ms   peak RSS {:>4.0} MiB   KV reserved {:>4.0} MiB",
         median(&mut aggregate),
         median(&mut decode),
         ms(percentile(&mut ttft, 0.5)),
         ms(percentile(&mut ttft, 0.99)),
         ms(percentile(&mut itl, 0.5)),
         ms(percentile(&mut itl, 0.99)),
-        status.peak_rss_bytes as f64 / (1 << 20) as f64,
+        mib(status.peak_rss_bytes),
+        mib(peak_kv.load(std::sync::atomic::Ordering::Relaxed)),
     );
     Ok(())
 }

@@ -1,10 +1,11 @@
-//! Engine-free forward-pass benchmark on the embedded model: prefill and decode tok/s for one
-//! sequence and packed batches, steered and unsteered. `cargo bench -p persona-server --bench forward`
+//! Engine-free forward-pass benchmark on a packaged model (the embedded one unless
+//! `BENCH_MODEL=gemma3-270m|qwen2.5-coder-1.5b`): prefill and decode tok/s for one sequence and
+//! packed batches, steered and unsteered. `cargo bench -p persona-server --bench forward`
 //! (`BENCH_BATCHES=1,4,16`, `BENCH_DECODE_STEPS=64` after a 128-token prompt, `BENCH_REQUANTIZE`,
 //! `BENCH_PRECISION=fast|balanced|exact`).
 
 use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput, SteeringAddends};
-use persona_server::model::source::{ensure_embedded, local_files};
+use persona_server::model::source::{EMBEDDED_ID, Packaged, ensure_packaged, local_files};
 use persona_server::model::weights::{Precision, Requantize};
 use persona_server::model::{LoadOptions, LoadedModel};
 use std::time::Instant;
@@ -24,10 +25,11 @@ fn main() -> anyhow::Result<()> {
         Ok("none") => Requantize::None,
         Ok("q4_0") => Requantize::Q4_0,
         Ok("q8_0") => Requantize::Q8_0,
-        _ => Requantize::Int8,
+        _ => Requantize::Auto,
     };
     let precision = std::env::var("BENCH_PRECISION").ok().and_then(|p| Precision::parse(&p)).unwrap_or_default();
-    let files = local_files(&ensure_embedded(&dir, true)?)?;
+    let model = std::env::var("BENCH_MODEL").unwrap_or_else(|_| EMBEDDED_ID.to_string());
+    let files = local_files(&ensure_packaged(Packaged::named(&model)?, &dir, true)?)?;
     let m = LoadedModel::from_files(
         "bench",
         &files,

@@ -20,6 +20,7 @@
 use super::packing::{Blocks, group_nibbles};
 use super::{BLOCK, GROUP};
 use candle_core::Result;
+use rayon::prelude::*;
 
 /// Values per K-quant super-block.
 pub(super) const QK_K: usize = 256;
@@ -95,10 +96,31 @@ pub(super) fn fits(n: usize, k: usize) -> bool {
     n.is_multiple_of(GROUP) && k.is_multiple_of(QK_K)
 }
 
-/// Builds [`Blocks::K4`] from the rows of a Q4_K tensor (`n` rows of `k` values).
+/// Builds [`Blocks::K4`] from the rows of a Q4_K tensor (`n` rows of `k` values), groups of 16
+/// rows in parallel (load time only).
 pub(super) fn pack_q4k(raw: &[u8], n: usize, k: usize) -> Result<Blocks> {
     let (nsb, nb) = (k / QK_K, k / BLOCK);
-    check(raw, n, nsb * Q4K_BYTES, "Q4_K")?;
+    let row_bytes = nsb * Q4K_BYTES;
+    check(raw, n, row_bytes, "Q4_K")?;
+    type Group = (Vec<u8>, Vec<u8>, Vec<u8>, Vec<f32>, Vec<f32>);
+    let groups: Vec<Group> = raw
+        .par_chunks(GROUP * row_bytes)
+        .map(|group| {
+            let rows: Vec<Vec<Q4k>> =
+                group.chunks_exact(row_bytes).map(|r| r.chunks_exact(Q4K_BYTES).map(decode_q4k).collect()).collect();
+            let mut q = Vec::with_capacity(GROUP * k / 2);
+            group_nibbles(nb, |r, i| rows[r][i / QK_K].q[i % QK_K], &mut q);
+            let (mut sc, mut m) = (Vec::with_capacity(GROUP * nb), Vec::with_capacity(GROUP * nb));
+            for b in 0..nb {
+                sc.extend(rows.iter().map(|row| row[b / SUB].sc[b % SUB]));
+                m.extend(rows.iter().map(|row| row[b / SUB].m[b % SUB]));
+            }
+            let d = (0..nsb).flat_map(|s| rows.iter().map(move |row| row[s].d)).collect();
+            // Stored negated: the kernels add `offset · Σa`.
+            let dmin = (0..nsb).flat_map(|s| rows.iter().map(move |row| -row[s].dmin)).collect();
+            (q, sc, m, d, dmin)
+        })
+        .collect();
     let mut blocks = Blocks::K4 {
         q: Vec::with_capacity(n * k / 2),
         sc: Vec::with_capacity(n * nb),
@@ -107,59 +129,55 @@ pub(super) fn pack_q4k(raw: &[u8], n: usize, k: usize) -> Result<Blocks> {
         dmin: Vec::with_capacity(n * nsb),
     };
     let Blocks::K4 { q, sc, m, d, dmin } = &mut blocks else { unreachable!() };
-    let mut rows: Vec<Vec<Q4k>> = Vec::with_capacity(GROUP);
-    for g in 0..n / GROUP {
-        rows.clear();
-        rows.extend((0..GROUP).map(|r| {
-            let row = &raw[(g * GROUP + r) * nsb * Q4K_BYTES..][..nsb * Q4K_BYTES];
-            row.chunks_exact(Q4K_BYTES).map(decode_q4k).collect()
-        }));
-        group_nibbles(nb, |r, i| rows[r][i / QK_K].q[i % QK_K], q);
-        for b in 0..nb {
-            sc.extend(rows.iter().map(|row| row[b / SUB].sc[b % SUB]));
-            m.extend(rows.iter().map(|row| row[b / SUB].m[b % SUB]));
-        }
-        for s in 0..nsb {
-            d.extend(rows.iter().map(|row| row[s].d));
-            // Stored negated: the kernels add `offset · Σa`.
-            dmin.extend(rows.iter().map(|row| -row[s].dmin));
-        }
+    for (gq, gsc, gm, gd, gdmin) in groups {
+        q.extend(gq);
+        sc.extend(gsc);
+        m.extend(gm);
+        d.extend(gd);
+        dmin.extend(gdmin);
     }
     Ok(blocks)
 }
 
-/// Builds [`Blocks::K6`] from the rows of a Q6_K tensor.
+/// Builds [`Blocks::K6`] from the rows of a Q6_K tensor, groups in parallel.
 pub(super) fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Result<Blocks> {
     let (nsb, nb) = (k / QK_K, k / BLOCK);
-    check(raw, n, nsb * Q6K_BYTES, "Q6_K")?;
-    let mut blocks = Blocks::K6 {
-        lo: Vec::with_capacity(n * k / 2),
-        hi: Vec::with_capacity(n * k / 4),
-        sc: Vec::with_capacity(n * k / 16),
-        d: Vec::with_capacity(n * nsb),
-    };
-    let Blocks::K6 { lo, hi, sc, d } = &mut blocks else { unreachable!() };
-    let mut rows: Vec<Vec<Q6k>> = Vec::with_capacity(GROUP);
-    for g in 0..n / GROUP {
-        rows.clear();
-        rows.extend((0..GROUP).map(|r| {
-            let row = &raw[(g * GROUP + r) * nsb * Q6K_BYTES..][..nsb * Q6K_BYTES];
-            row.chunks_exact(Q6K_BYTES).map(decode_q6k).collect()
-        }));
-        let value = |r: usize, i: usize| rows[r][i / QK_K].q[i % QK_K];
-        group_nibbles(nb, |r, i| value(r, i) & 0xF, lo);
-        group_high_pairs(nb, |r, i| value(r, i) >> 4, hi);
-        for b in 0..nb {
-            for half in 0..2 {
-                let s = (b * BLOCK + half * 16) / 16;
-                sc.extend(rows.iter().map(|row| row[s / 16].sc[s % 16]));
+    let row_bytes = nsb * Q6K_BYTES;
+    check(raw, n, row_bytes, "Q6_K")?;
+    type Group = (Vec<u8>, Vec<u8>, Vec<i8>, Vec<f32>);
+    let groups: Vec<Group> = raw
+        .par_chunks(GROUP * row_bytes)
+        .map(|group| {
+            let rows: Vec<Vec<Q6k>> =
+                group.chunks_exact(row_bytes).map(|r| r.chunks_exact(Q6K_BYTES).map(decode_q6k).collect()).collect();
+            let value = |r: usize, i: usize| rows[r][i / QK_K].q[i % QK_K];
+            let (mut lo, mut hi) = (Vec::with_capacity(GROUP * k / 2), Vec::with_capacity(GROUP * k / 4));
+            group_nibbles(nb, |r, i| value(r, i) & 0xF, &mut lo);
+            group_high_pairs(nb, |r, i| value(r, i) >> 4, &mut hi);
+            let mut sc = Vec::with_capacity(GROUP * k / 16);
+            for b in 0..nb {
+                for half in 0..2 {
+                    let s = (b * BLOCK + half * 16) / 16;
+                    sc.extend(rows.iter().map(|row| row[s / 16].sc[s % 16]));
+                }
             }
-        }
-        for s in 0..nsb {
-            d.extend(rows.iter().map(|row| row[s].d));
-        }
+            let d = (0..nsb).flat_map(|s| rows.iter().map(move |row| row[s].d)).collect();
+            (lo, hi, sc, d)
+        })
+        .collect();
+    let mut out = (
+        Vec::with_capacity(n * k / 2),
+        Vec::with_capacity(n * k / 4),
+        Vec::with_capacity(n * k / 16),
+        Vec::with_capacity(n * nsb),
+    );
+    for (lo, hi, sc, d) in groups {
+        out.0.extend(lo);
+        out.1.extend(hi);
+        out.2.extend(sc);
+        out.3.extend(d);
     }
-    Ok(blocks)
+    Ok(Blocks::K6 { lo: out.0, hi: out.1, sc: out.2, d: out.3 })
 }
 
 /// Appends one group's top bit pairs: per block two 64-byte vectors; byte `r·4 + t` of vector
