@@ -121,22 +121,18 @@ pub(super) fn pack_q4k(raw: &[u8], n: usize, k: usize) -> Result<Blocks> {
             (q, sc, m, d, dmin)
         })
         .collect();
-    let mut blocks = Blocks::K4 {
-        q: Vec::with_capacity(n * k / 2),
-        sc: Vec::with_capacity(n * nb),
-        m: Vec::with_capacity(n * nb),
-        d: Vec::with_capacity(n * nsb),
-        dmin: Vec::with_capacity(n * nsb),
-    };
-    let Blocks::K4 { q, sc, m, d, dmin } = &mut blocks else { unreachable!() };
-    for (gq, gsc, gm, gd, gdmin) in groups {
-        q.extend(gq);
-        sc.extend(gsc);
-        m.extend(gm);
-        d.extend(gd);
-        dmin.extend(gdmin);
-    }
-    Ok(blocks)
+    Ok(Blocks::K4 {
+        q: joined(&groups, |g| &g.0),
+        sc: joined(&groups, |g| &g.1),
+        m: joined(&groups, |g| &g.2),
+        d: joined(&groups, |g| &g.3),
+        dmin: joined(&groups, |g| &g.4),
+    })
+}
+
+/// One field of every group's packed blocks, in group order.
+fn joined<G, T: Copy>(groups: &[G], field: impl Fn(&G) -> &[T]) -> Vec<T> {
+    groups.iter().map(field).collect::<Vec<_>>().concat()
 }
 
 /// Builds [`Blocks::K6`] from the rows of a Q6_K tensor, groups in parallel.
@@ -165,19 +161,12 @@ pub(super) fn pack_q6k(raw: &[u8], n: usize, k: usize) -> Result<Blocks> {
             (lo, hi, sc, d)
         })
         .collect();
-    let mut out = (
-        Vec::with_capacity(n * k / 2),
-        Vec::with_capacity(n * k / 4),
-        Vec::with_capacity(n * k / 16),
-        Vec::with_capacity(n * nsb),
-    );
-    for (lo, hi, sc, d) in groups {
-        out.0.extend(lo);
-        out.1.extend(hi);
-        out.2.extend(sc);
-        out.3.extend(d);
-    }
-    Ok(Blocks::K6 { lo: out.0, hi: out.1, sc: out.2, d: out.3 })
+    Ok(Blocks::K6 {
+        lo: joined(&groups, |g| &g.0),
+        hi: joined(&groups, |g| &g.1),
+        sc: joined(&groups, |g| &g.2),
+        d: joined(&groups, |g| &g.3),
+    })
 }
 
 /// Appends one group's top bit pairs: per block two 64-byte vectors; byte `r·4 + t` of vector
