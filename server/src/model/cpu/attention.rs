@@ -275,7 +275,8 @@ impl Scratch {
         Self {
             scores: vec![0f32; group * KEY_CHUNK],
             partial: vec![0f32; group * (h.head_dim + 2)],
-            states: (0..QUERY_TILE).map(|_| State::new(group, h.head_dim)).collect(),
+            // Grown to a tile's tokens on first use: a decode step's tasks need one.
+            states: Vec::new(),
         }
     }
 }
@@ -346,6 +347,9 @@ unsafe fn tile(
     let first_pos = row.start + tokens.start;
     let last_pos = row.start + tokens.end - 1;
     let Scratch { scores, partial: buf, states } = scratch;
+    while states.len() < tokens.len() {
+        states.push(State::new(group, hd));
+    }
     let states = &mut states[..tokens.len()];
     states.iter_mut().for_each(State::reset);
     for chunk in h.first_visible(first_pos) / KEY_CHUNK..last_pos / KEY_CHUNK + 1 {
