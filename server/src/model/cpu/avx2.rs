@@ -3,6 +3,7 @@
 //! loaded once for [`COLS`] weight rows.
 
 use super::kquant::SUB;
+use super::packing::OffsetView;
 use super::{ActRows, BLOCK, COLS, GROUP, K4View, K6View, OUT_W};
 use std::arch::x86_64::*;
 
@@ -186,12 +187,12 @@ unsafe fn tile_int4_body<const VNNI: bool>(
 /// # Safety
 /// AVX2 and FMA must be available.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn tile_packed16_avx2(w: (&[u8], &[f32], &[f32]), a: &ActRows<'_>, out: &mut [[f32; OUT_W]]) {
+pub unsafe fn tile_packed16_avx2(w: (&[u8], &[f32], OffsetView<'_>), a: &ActRows<'_>, out: &mut [[f32; OUT_W]]) {
     let nb = a.nb;
     let k = nb * BLOCK;
     assert!(a.q.len() >= a.rows * k && a.d.len() >= a.rows * nb && a.s.len() >= a.rows * nb);
     assert!(out.len() >= a.rows);
-    assert!(w.0.len() >= nb * 256 && w.1.len() >= nb * GROUP && w.2.len() >= nb * GROUP);
+    assert!(w.0.len() >= nb * 256 && w.1.len() >= nb * GROUP && w.2.covers(nb * GROUP));
     for half in 0..2 {
         let mut r = 0;
         while r + ROWS <= a.rows {
@@ -218,7 +219,7 @@ pub unsafe fn tile_packed16_avx2(w: (&[u8], &[f32], &[f32]), a: &ActRows<'_>, ou
 #[inline(always)]
 #[allow(unsafe_op_in_unsafe_fn)]
 unsafe fn packed16_half_rows<const R: usize>(
-    w: (&[u8], &[f32], &[f32]),
+    w: (&[u8], &[f32], OffsetView<'_>),
     a: &ActRows<'_>,
     r: usize,
     half: usize,
@@ -228,7 +229,7 @@ unsafe fn packed16_half_rows<const R: usize>(
     let k = nb * BLOCK;
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let (wq, wd, wm) = (w.0.as_ptr().add(32 * half), w.1.as_ptr().add(8 * half), w.2.as_ptr().add(8 * half));
+    let (wq, wd) = (w.0.as_ptr().add(32 * half), w.1.as_ptr().add(8 * half));
     let aq = a.q.as_ptr().add(r * k);
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
@@ -242,7 +243,11 @@ unsafe fn packed16_half_rows<const R: usize>(
                 _mm256_and_si256(_mm256_srli_epi16(packed, 4), low)
             };
         }
-        let (scales, offsets) = (_mm256_loadu_ps(wd.add(b * GROUP)), _mm256_loadu_ps(wm.add(b * GROUP)));
+        let scales = _mm256_loadu_ps(wd.add(b * GROUP));
+        let offsets = match w.2 {
+            OffsetView::Stored(m) => _mm256_loadu_ps(m.as_ptr().add(8 * half + b * GROUP)),
+            OffsetView::OfScale(c) => _mm256_mul_ps(scales, _mm256_set1_ps(c)),
+        };
         for (t, acc) in acc.iter_mut().enumerate() {
             let row = aq.add(t * k + b * BLOCK);
             let mut dot = _mm256_setzero_si256();

@@ -3,6 +3,7 @@
 
 use super::avx2::{ROWS, check, dot_f32, hsum, udot};
 use super::kquant::SUB;
+use super::packing::OffsetView;
 use super::{ActRows, BLOCK, GROUP, K4View, K6View, OUT_W, TILE};
 use std::arch::x86_64::*;
 
@@ -142,12 +143,16 @@ unsafe fn wide_rows<const FOUR: bool, const R: usize>(
 /// # Safety
 /// AVX-512F/VL and AVX-512 VNNI must be available.
 #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
-pub unsafe fn tile_packed16<const FOUR: bool>(w: (&[u8], &[f32], &[f32]), a: &ActRows<'_>, out: &mut [[f32; OUT_W]]) {
+pub unsafe fn tile_packed16<const FOUR: bool>(
+    w: (&[u8], &[f32], OffsetView<'_>),
+    a: &ActRows<'_>,
+    out: &mut [[f32; OUT_W]],
+) {
     let nb = a.nb;
     let k = nb * BLOCK;
     assert!(a.q.len() >= a.rows * k && a.d.len() >= a.rows * nb && a.s.len() >= a.rows * nb);
     assert!(out.len() >= a.rows);
-    assert!(w.0.len() >= nb * if FOUR { 256 } else { 512 } && w.1.len() >= nb * GROUP && w.2.len() >= nb * GROUP);
+    assert!(w.0.len() >= nb * if FOUR { 256 } else { 512 } && w.1.len() >= nb * GROUP && w.2.covers(nb * GROUP));
     let mut r = 0;
     while r + ROWS <= a.rows {
         // SAFETY: bounds checked above; features enabled above.
@@ -172,7 +177,7 @@ pub unsafe fn tile_packed16<const FOUR: bool>(w: (&[u8], &[f32], &[f32]), a: &Ac
 #[inline(always)]
 #[allow(unsafe_op_in_unsafe_fn)]
 unsafe fn packed16_rows<const FOUR: bool, const R: usize>(
-    w: (&[u8], &[f32], &[f32]),
+    w: (&[u8], &[f32], OffsetView<'_>),
     a: &ActRows<'_>,
     r: usize,
     out: &mut [[f32; OUT_W]],
@@ -181,7 +186,7 @@ unsafe fn packed16_rows<const FOUR: bool, const R: usize>(
     let k = nb * BLOCK;
     let low = _mm512_set1_epi8(0x0F);
     let block_bytes = if FOUR { 256 } else { 512 };
-    let (wq, wd, wm) = (w.0.as_ptr(), w.1.as_ptr(), w.2.as_ptr());
+    let (wq, wd) = (w.0.as_ptr(), w.1.as_ptr());
     let aq = a.q.as_ptr().add(r * k);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..nb {
@@ -199,7 +204,11 @@ unsafe fn packed16_rows<const FOUR: bool, const R: usize>(
                 _mm512_loadu_si512(base.add(v * 64) as *const __m512i)
             };
         }
-        let (scales, offsets) = (_mm512_loadu_ps(wd.add(b * GROUP)), _mm512_loadu_ps(wm.add(b * GROUP)));
+        let scales = _mm512_loadu_ps(wd.add(b * GROUP));
+        let offsets = match w.2 {
+            OffsetView::Stored(m) => _mm512_loadu_ps(m.as_ptr().add(b * GROUP)),
+            OffsetView::OfScale(c) => _mm512_mul_ps(scales, _mm512_set1_ps(c)),
+        };
         for (t, acc) in acc.iter_mut().enumerate() {
             let row = aq.add(t * k + b * BLOCK);
             // Two dependent chains of VNNI sums, as in [`k4_rows`].

@@ -4,7 +4,7 @@
 //! own block layout, and runs all their tiles in one parallel pass.
 
 use super::kquant::{QK_K, SUB};
-use super::packing::Blocks;
+use super::packing::{Blocks, Offsets};
 use super::quantize::Activations;
 use super::scalar::{scalar_int4, scalar_int8, scalar_uint8};
 use super::{ActRows, BLOCK, COLS, GROUP, OUT_W, ROW_TILE, SendPtr, TILE, contiguous_f32, supported, vnni_supported};
@@ -71,7 +71,8 @@ impl QLinear {
         match &self.blocks {
             Blocks::Int8 { q, d } => b(q) + b(d),
             Blocks::Int4 { qs, d, m } => b(qs) + b(d) + b(m),
-            Blocks::Uint8 { q, d, m } | Blocks::Packed16 { q, d, m, .. } => b(q) + b(d) + b(m),
+            Blocks::Uint8 { q, d, m } => b(q) + b(d) + b(m),
+            Blocks::Packed16 { q, d, m, .. } => b(q) + b(d) + b(m.stored()),
             Blocks::K4 { q, sc, m, d, dmin } => b(q) + b(sc) + b(m) + b(d) + b(dmin),
             Blocks::K6 { lo, hi, sc, d } => b(lo) + b(hi) + b(sc) + b(d),
         }
@@ -131,7 +132,9 @@ impl QLinear {
                     let per_row = if *four { self.k / 2 } else { self.k };
                     lines(q, j0 * per_row, (j0 + cols) * per_row);
                     lines(d, b0, b1);
-                    lines(m, b0, b1);
+                    if let Offsets::Stored(m) = m {
+                        lines(m, b0, b1);
+                    }
                 }
                 Blocks::K4 { q, sc, m, d, dmin } => {
                     lines(q, j0 * self.k / 2, (j0 + cols) * self.k / 2);
@@ -168,7 +171,7 @@ impl QLinear {
                 let w = (
                     &q[g * per_group..][..per_group],
                     &d[g * nb * GROUP..][..nb * GROUP],
-                    &m[g * nb * GROUP..][..nb * GROUP],
+                    m.view(g * nb * GROUP..(g + 1) * nb * GROUP),
                 );
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: Packed16 exists only where the features of the kernel chosen here were
@@ -627,6 +630,7 @@ mod tests {
         let (mut vnni, mut avx2) = (vec![[0f32; OUT_W]; m], vec![[0f32; OUT_W]; m]);
         // SAFETY: VNNI (and so AVX2) support checked above.
         unsafe {
+            let offs = offs.view(0..offs.stored().len());
             avx512::tile_packed16::<true>((q, d, offs), &rows, &mut vnni);
             avx2::tile_packed16_avx2((q, d, offs), &rows, &mut avx2);
         }
@@ -721,6 +725,60 @@ mod tests {
         let qt = QTensor::quantize(&Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?, dtype)?;
         let dense = qt.dequantize(&Device::Cpu)?;
         Ok((qt, dense))
+    }
+
+    /// Where every block's offset is one multiple of its scale (Q8_0 −128·d, Q5_0 −16·d, Q4_0
+    /// −8·d), interleaved groups keep the multiple instead of the offsets: the kernels' results
+    /// are the stored offsets' bit for bit, the values the file's, and the weight smaller
+    /// (Q8_0 and Q5_0 need VNNI for their unsigned groups; Q4_0's 4-bit ones run on AVX2).
+    #[test]
+    fn offsets_formed_from_the_scales_give_the_stored_offsets_results() -> Result<()> {
+        if !supported() {
+            super::super::skipped("offsets_formed_from_the_scales_give_the_stored_offsets_results", "no AVX2");
+            return Ok(());
+        }
+        let (n, k, m) = (2 * GROUP, 256, 5);
+        let mut formats = vec![(GgmlDType::Q4_0, -8.0, 5.0)];
+        if vnni_supported() {
+            formats.extend([(GgmlDType::Q8_0, -128.0, 9.0), (GgmlDType::Q5_0, -16.0, 9.0)]);
+        }
+        for (dtype, multiple, bits) in formats {
+            let (qt, dense) = k_weight(dtype, n, k)?;
+            let lin = match QLinear::from_q4(&qt)? {
+                Some(four) => four,
+                None => QLinear::from_quantized(&qt)?,
+            }
+            .for_this_cpu();
+            let Blocks::Packed16 { four, q, d, m: Offsets::OfScale(c) } = &lin.blocks else {
+                panic!("{dtype:?}: not interleaved with offsets formed from the scales")
+            };
+            assert_eq!(*c, multiple, "{dtype:?}");
+            assert_eq!(lin.bytes() as f64 * 8.0 / (n * k) as f64, bits, "{dtype:?} bits per weight");
+            let mut rows = Vec::new();
+            lin.rows_into(&(0..n as u32).collect::<Vec<_>>(), &mut rows)?;
+            let want: Vec<f32> = dense.flatten_all()?.to_vec1()?;
+            for (i, (a, b)) in rows.iter().zip(&want).enumerate() {
+                // Equal as numbers: q·d − 8·d at q = 8 gives 0 where (q − 8)·d gives −0.
+                assert_eq!(a, b, "{dtype:?} value {i}");
+            }
+            let stored = QLinear::new(
+                n,
+                k,
+                Blocks::Packed16 {
+                    four: *four,
+                    q: q.clone(),
+                    d: d.clone(),
+                    m: Offsets::Stored(d.iter().map(|d| c * d).collect()),
+                },
+                lin.origin,
+            );
+            let act = random_activations(m, k)?;
+            let (mut got, mut want) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul(std::slice::from_ref(&lin), n, &act, m, &mut got);
+            matmul(std::slice::from_ref(&stored), n, &act, m, &mut want);
+            assert_eq!(got, want, "{dtype:?}");
+        }
+        Ok(())
     }
 
     /// Q4_K and Q6_K weights keep their blocks (no second rounding): the values the kernels
@@ -882,7 +940,11 @@ mod tests {
             Blocks::Int4 { qs, d, m } => Blocks::Int4 { qs: qs.clone(), d: d.clone(), m: m.clone() },
             Blocks::Uint8 { q, d, m } => Blocks::Uint8 { q: q.clone(), d: d.clone(), m: m.clone() },
             Blocks::Packed16 { four, q, d, m } => {
-                Blocks::Packed16 { four: *four, q: q.clone(), d: d.clone(), m: m.clone() }
+                let m = match m {
+                    Offsets::Stored(m) => Offsets::Stored(m.clone()),
+                    Offsets::OfScale(c) => Offsets::OfScale(*c),
+                };
+                Blocks::Packed16 { four: *four, q: q.clone(), d: d.clone(), m }
             }
             Blocks::K4 { q, sc, m, d, dmin } => {
                 Blocks::K4 { q: q.clone(), sc: sc.clone(), m: m.clone(), d: d.clone(), dmin: dmin.clone() }

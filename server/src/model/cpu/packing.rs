@@ -22,8 +22,8 @@ pub(super) enum Blocks {
     /// products to each of 16 rows' sums and a block's scales apply once per 16 rows: for group
     /// g and block b, eight 64-byte vectors, vector j holding values 4j..4j+4 of the block for
     /// each of the 16 rows (`four`: two such vectors share 64 bytes, one per nibble), then the
-    /// group's 16 scales and 16 offsets per block in `d` and `m`.
-    Packed16 { four: bool, q: Vec<u8>, d: Vec<f32>, m: Vec<f32> },
+    /// group's 16 scales per block in `d` and their offsets in `m`.
+    Packed16 { four: bool, q: Vec<u8>, d: Vec<f32>, m: Offsets },
     /// GGUF Q4_K in groups of 16 rows ([`super::kquant`]): 4-bit values laid out as
     /// [`Self::Packed16`]'s, then per group and 32-value block the 16 rows' 6-bit scales `sc`
     /// and mins `m` as bytes, and per group and 256-value super-block their `d` and `−dmin`:
@@ -34,6 +34,73 @@ pub(super) enum Blocks {
     /// [`super::kquant`]), per group, block and 16-value half the 16 rows' int8 scales `sc`, and
     /// per group and super-block their `d`: value = `d·sc·(q − 32)`.
     K6 { lo: Vec<u8>, hi: Vec<u8>, sc: Vec<i8>, d: Vec<f32> },
+}
+
+/// The per-block offsets of [`Blocks::Packed16`].
+pub(super) enum Offsets {
+    /// One per block and row, in the order of the scales.
+    Stored(Vec<f32>),
+    /// Every block's offset is this multiple of its scale: `−128·d` for Q8_0 (and any signed
+    /// int8 block made unsigned), `−16·d` for Q5_0, `−8·d` for Q4_0. Checked bit for bit when
+    /// packing and formed again by the kernels with the same f32 product, so the results are
+    /// the stored offsets' exactly while an 8-bit group keeps a tenth less memory (Gemma 3's
+    /// Q8_0 embedding and Q5_0 projections).
+    OfScale(f32),
+}
+
+/// [`Offsets`] for one group's blocks.
+#[derive(Clone, Copy)]
+pub(super) enum OffsetView<'a> {
+    Stored(&'a [f32]),
+    OfScale(f32),
+}
+
+impl Offsets {
+    /// Offsets `range` (indices into the scales).
+    pub(super) fn view(&self, range: std::ops::Range<usize>) -> OffsetView<'_> {
+        match self {
+            Self::Stored(m) => OffsetView::Stored(&m[range]),
+            Self::OfScale(c) => OffsetView::OfScale(*c),
+        }
+    }
+
+    /// The offset of the block whose scale is `d[i]`.
+    pub(super) fn at(&self, d: &[f32], i: usize) -> f32 {
+        match self {
+            Self::Stored(m) => m[i],
+            Self::OfScale(c) => c * d[i],
+        }
+    }
+
+    pub(super) fn stored(&self) -> &[f32] {
+        match self {
+            Self::Stored(m) => m,
+            Self::OfScale(_) => &[],
+        }
+    }
+
+    /// `m` as one multiple of `d` where every offset is that multiple's f32 product bit for
+    /// bit, else stored as it is.
+    fn of(d: &[f32], m: Vec<f32>) -> Self {
+        let Some(c) = d.iter().zip(&m).find(|(d, _)| **d != 0.0 && d.is_finite()).map(|(d, m)| m / d) else {
+            return Self::Stored(m);
+        };
+        if c.is_finite() && d.iter().zip(&m).all(|(d, m)| (c * d).to_bits() == m.to_bits()) {
+            Self::OfScale(c)
+        } else {
+            Self::Stored(m)
+        }
+    }
+}
+
+impl OffsetView<'_> {
+    /// Whether it holds the offsets of `len` scales.
+    pub(super) fn covers(&self, len: usize) -> bool {
+        match self {
+            Self::Stored(m) => m.len() >= len,
+            Self::OfScale(_) => true,
+        }
+    }
 }
 
 impl QLinear {
@@ -192,7 +259,7 @@ impl QLinear {
                     }
                     Blocks::Packed16 { four, q, d, m } => {
                         let value = if *four { nibble(q) } else { q[(gb * 8 + v) * 64 + r * 4 + t % 4] };
-                        value as f32 * d[gb * GROUP + r] + m[gb * GROUP + r]
+                        value as f32 * d[gb * GROUP + r] + m.at(d, gb * GROUP + r)
                     }
                     Blocks::K4 { q, sc, m, d, dmin } => {
                         let s = (g * (nb / kquant::SUB) + b / kquant::SUB) * GROUP + r;
@@ -293,7 +360,7 @@ fn pack16(n: usize, k: usize, four: bool, value: impl Fn(usize, usize) -> u8, d:
             gm.extend((0..GROUP).map(|r| m[(g * GROUP + r) * nb + b]));
         }
     }
-    Blocks::Packed16 { four, q, d: gd, m: gm }
+    Blocks::Packed16 { four, q, m: Offsets::of(&gd, gm), d: gd }
 }
 
 /// Vector `v` of block `b` in a group: for each of the 16 rows, values `4v..4v + 4` of the
