@@ -1,7 +1,8 @@
 //! Engine-free forward-pass benchmark on a packaged model (the embedded one unless
 //! `BENCH_MODEL=gemma3-270m|qwen2.5-coder-1.5b`): prefill and decode tok/s for one sequence and
 //! packed batches, steered and unsteered. `cargo bench -p persona-server --bench forward`
-//! (`BENCH_BATCHES=1,4,16`, `BENCH_DECODE_STEPS=64` after a 128-token prompt, `BENCH_REQUANTIZE`,
+//! (`BENCH_BATCHES=1,4,16`, `BENCH_DECODE_STEPS=64` after a prompt of `BENCH_PROMPT_TOKENS=128`
+//! prefilled in one pass, `BENCH_RUNS=5` per median, `BENCH_REQUANTIZE`,
 //! `BENCH_PRECISION=fast|balanced|exact`).
 
 use persona_server::model::arch::llama::{ForwardContext, KvCache, RowInput, SteeringAddends};
@@ -38,12 +39,14 @@ fn main() -> anyhow::Result<()> {
     )?;
     let c = m.config().clone();
     println!("weights: {}  precision: {precision:?}  threads: {}", m.weights, candle_core::utils::get_num_threads());
-    let prompt: Vec<u32> = m.tokenizer.encode(&"The lighthouse keeper found a bottle on the shore. ".repeat(12))?;
-    let prompt = &prompt[..128.min(prompt.len())];
+    let prompt_tokens: usize = std::env::var("BENCH_PROMPT_TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+    let sentence = "The lighthouse keeper found a bottle on the shore. ";
+    let prompt: Vec<u32> = m.tokenizer.encode(&sentence.repeat(prompt_tokens / 10 + 2))?;
+    let prompt = &prompt[..prompt_tokens.min(prompt.len())];
     let mut layers: Vec<Option<Vec<f32>>> = vec![None; c.n_residual_rows()];
     layers[c.n_layers / 2] = Some(vec![0.01; c.hidden_size]);
     let steer = SteeringAddends::new(layers);
-    let runs = 5;
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(5);
     let decode_steps: usize = std::env::var("BENCH_DECODE_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
     let batches: Vec<usize> = std::env::var("BENCH_BATCHES")
         .map(|s| s.split(',').filter_map(|b| b.trim().parse().ok()).collect())
