@@ -653,17 +653,22 @@ mod tests {
         }
     }
 
-    /// Every environment example in README.md and deploy/ loads and sets what it names.
+    /// Every environment example in README.md, docs/ and deploy/ loads and sets what it names.
     #[test]
     fn every_documented_environment_example_loads_and_takes_effect() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        // README.md and every file under deploy/ (Dockerfiles, systemd, Kubernetes manifests).
+        // README.md, every page under docs/, and every file under deploy/ (Dockerfiles, systemd,
+        // Kubernetes manifests).
         let mut files = vec![root.join("README.md")];
-        let mut dirs = vec![root.join("deploy")];
+        let mut dirs = vec![root.join("docs"), root.join("deploy")];
         while let Some(d) = dirs.pop() {
             for e in std::fs::read_dir(d).unwrap() {
                 let p = e.unwrap().path();
-                if p.is_dir() { dirs.push(p) } else { files.push(p) }
+                if p.is_dir() {
+                    dirs.push(p)
+                } else if !p.extension().is_some_and(|x| x == "svg" || x == "png") {
+                    files.push(p)
+                }
             }
         }
         let mut seen = 0;
