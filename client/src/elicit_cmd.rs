@@ -72,19 +72,14 @@ pub(crate) async fn dataset(c: &mut Client, a: DatasetArgs) -> Result<()> {
     }
     for (side, path) in sides {
         let started = std::time::Instant::now();
-        // A counter on a terminal; otherwise a line per quarter.
-        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut progress = crate::progress::Progress::new();
+        let stage = format!("{side:?}");
         let samples = elicit::generate(c, &def, &opts, side, |done, total| {
-            if tty {
-                eprint!("\r{side:?}: {done}/{total}");
-            } else if done * 4 / total != (done - 1) * 4 / total {
-                eprintln!("{side:?}: {done}/{total}");
-            }
+            progress.update(&stage, done as u64, total as u64, "")
         })
-        .await?;
-        if tty {
-            eprintln!();
-        }
+        .await;
+        progress.finish();
+        let samples = samples?;
         // Written whole to a temporary file, then renamed: never a half-written dataset.
         let tmp = format!("{path}.partial");
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {tmp}"))?);

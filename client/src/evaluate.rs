@@ -129,13 +129,14 @@ pub async fn eval(c: &mut Client, a: EvalArgs) -> Result<()> {
         sampling_baselines: a.baselines.iter().map(|b| sampling_baseline(b)).collect::<Result<_>>()?,
     };
     let mut stream = c.evaluate_steering(req).await?.into_inner();
-    while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
+    let mut progress = crate::progress::Progress::new();
+    while let Some(msg) = stream.message().await.inspect_err(|_| progress.finish())? {
         match msg.event {
             Some(pb::evaluate_steering_response::Event::Progress(p)) => {
-                crate::extract::print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
+                progress.timed(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
             }
             Some(pb::evaluate_steering_response::Event::Result(r)) => {
-                eprintln!();
+                progress.finish();
                 print_eval(&r);
                 let prefix = a.out.clone().unwrap_or_else(|| format!("eval-{}", a.vector));
                 write_eval(&prefix, &r)?;

@@ -6,6 +6,7 @@ use persona_client::{Client, pb};
 use std::path::PathBuf;
 
 use crate::library::print_vector;
+use crate::progress::Progress;
 
 #[derive(Args)]
 pub(crate) struct ExtractArgs {
@@ -130,14 +131,15 @@ pub(crate) async fn extract(c: &mut Client, a: ExtractArgs) -> Result<()> {
         compare: a.compare,
     };
     let mut stream = c.extract_vector(req).await?.into_inner();
-    // A failure ends the progress line first, so the error starts a line of its own.
-    while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
+    let mut progress = Progress::new();
+    // A failure ends the progress first, so the error starts a line of its own.
+    while let Some(msg) = stream.message().await.inspect_err(|_| progress.finish())? {
         match msg.event {
             Some(pb::extract_vector_response::Event::Progress(p)) => {
-                print_progress(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
+                progress.timed(&p.stage, p.done, p.total, p.elapsed_secs, p.eta_secs)
             }
             Some(pb::extract_vector_response::Event::Result(r)) => {
-                eprintln!();
+                progress.finish();
                 println!(
                     "{} rollouts ({} tokens) in {:.1} s; kept {} positive / {} negative; {}",
                     r.rollouts, r.generated_tokens, r.elapsed_secs, r.kept_pos, r.kept_neg, r.filtering
@@ -226,11 +228,6 @@ pub(crate) fn print_calibration(v: &pb::VectorInfo) {
         let (r, p) = (c.response.unwrap_or_default(), c.prompt_last.unwrap_or_default());
         println!("{}\t{}\t{}\t{}\t{}", c.layer, side(&r.neg), side(&r.pos), side(&p.neg), side(&p.pos));
     }
-}
-
-/// One progress line of a long call, rewritten in place on stderr.
-pub(crate) fn print_progress(stage: &str, done: u32, total: u32, elapsed: f64, eta: f64) {
-    eprint!("\r{stage:<11} {done:>5}/{total:<5} elapsed {elapsed:>6.1}s  eta {eta:>6.1}s   ");
 }
 
 pub(crate) fn print_layer_scores(v: &pb::VectorInfo) {

@@ -176,32 +176,31 @@ pub(crate) async fn watch(c: &mut Client, job_id: &str) -> Result<()> {
     let mut stream = c.watch_job(pb::WatchJobRequest { job_id: job_id.to_string() }).await?.into_inner();
     let mut last = None;
     let mut shown_shifts = 0;
-    while let Some(s) = stream.message().await? {
+    let mut progress = crate::progress::Progress::new();
+    while let Some(s) = stream.message().await.inspect_err(|_| progress.finish())? {
         if s.step > 0 && !terminal(s.state) {
-            eprint!(
-                "\r[{}] step {}/{} epoch {} loss {:.4} lr {:.2e} {:.0} tok/s ETA {:.0}s   ",
-                state_name(s.state),
-                s.step,
-                s.total_steps,
+            let detail = format!(
+                "epoch {} loss {:.4} lr {:.2e} {:.0} tok/s ETA {:.0}s",
                 s.epoch + 1,
                 s.loss,
                 s.learning_rate,
                 s.tokens_per_second,
                 s.eta_seconds
             );
+            progress.update(state_name(s.state), s.step.into(), s.total_steps.into(), &detail);
         } else if !terminal(s.state) {
-            eprintln!("[{}] {}", state_name(s.state), s.message);
+            progress.println(&format!("[{}] {}", state_name(s.state), s.message));
         }
         for p in &s.shifts[shown_shifts..] {
-            eprintln!(
-                "\n  shift along {} (layer {}) at step {}: {:+.3} ± {:.3}",
+            progress.println(&format!(
+                "  shift along {} (layer {}) at step {}: {:+.3} ± {:.3}",
                 p.vector, p.layer, p.step, p.shift, p.shift_std
-            );
+            ));
         }
         shown_shifts = s.shifts.len();
         last = Some(s);
     }
-    eprintln!();
+    progress.finish();
     let s = last.context("the job stream ended without a status")?;
     println!(
         "{}\t{}\tsteps {}/{}\tloss {:.4}\t{:.0} tok/s\t{:.0}s\t{}",

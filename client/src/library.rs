@@ -329,13 +329,17 @@ pub(crate) async fn vectors(c: &mut Client, cmd: VectorsCmd) -> Result<()> {
                 all_layers,
             };
             let mut stream = c.transfer_vector(req).await?.into_inner();
-            while let Some(msg) = stream.message().await.inspect_err(|_| eprintln!())? {
+            let mut progress = crate::progress::Progress::new();
+            while let Some(msg) = stream.message().await.inspect_err(|_| progress.finish())? {
                 match msg.event {
-                    Some(pb::transfer_vector_response::Event::Progress(p)) => {
-                        eprint!("\r{:<5} {:>5}/{:<5} {:>7.1} s   ", p.stage, p.done, p.total, p.elapsed_secs)
-                    }
+                    Some(pb::transfer_vector_response::Event::Progress(p)) => progress.update(
+                        &p.stage,
+                        p.done.into(),
+                        p.total.into(),
+                        &format!("elapsed {:.1}s", p.elapsed_secs),
+                    ),
                     Some(pb::transfer_vector_response::Event::Result(r)) => {
-                        eprintln!();
+                        progress.finish();
                         println!(
                             "{} aligned word ends of {} texts, {:.1} s; |transferred| / |source| = {:.3}",
                             r.samples, r.texts, r.elapsed_secs, r.norm_ratio

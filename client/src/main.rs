@@ -12,6 +12,7 @@ mod finetune;
 mod generate;
 mod http_bench;
 mod library;
+mod progress;
 mod soak;
 mod streams;
 

@@ -120,20 +120,21 @@ pub async fn screen(c: &mut Client, a: ScreenArgs) -> Result<()> {
         .chain(samples.into_iter().map(|s| pb::ScreenRequest { kind: Some(pb::screen_request::Kind::Sample(s)) }));
     let mut stream = c.screen_dataset(tokio_stream::iter(requests)).await?.into_inner();
     let (mut results, mut summary) = (Vec::new(), None);
-    while let Some(msg) = stream.message().await? {
+    let mut progress = crate::progress::Progress::new();
+    while let Some(msg) = stream.message().await.inspect_err(|_| progress.finish())? {
         match msg.kind {
             Some(pb::screen_response::Kind::Result(r)) => {
                 if r.error_code != 0 {
                     eprintln!("sample {}: {}", r.id, r.error_message);
                 }
                 results.push(r);
-                eprint!("\rscreened {}/{total}   ", results.len());
+                progress.update("screened", results.len() as u64, total as u64, "");
             }
             Some(pb::screen_response::Kind::Summary(s)) => summary = Some(s),
             None => {}
         }
     }
-    eprintln!();
+    progress.finish();
     let summary = summary.context("the server ended the stream without a summary")?;
     let mut ok: Vec<pb::ScreenResult> = results.into_iter().filter(|r| r.error_code == 0).collect();
     let all: Vec<f32> = ok.iter().map(|r| r.scores[0].difference).collect();
