@@ -10,7 +10,7 @@ use crate::error::{ServiceError, ServiceResult};
 use crate::model::LoadedModel;
 use crate::scheduler::{EngineConfig, EngineHandle};
 use crate::service::AppState;
-use crate::steering::store::now_unix;
+use crate::support::{panic_text, unix_now};
 use crate::train::data::Example;
 use crate::train::lora::Adapter;
 use crate::train::model::TrainModel;
@@ -145,14 +145,14 @@ impl Jobs {
                 other.id, spec.output_model
             )));
         }
-        let id = format!("ft-{}-{}", now_unix(), self.next.fetch_add(1, Ordering::Relaxed));
+        let id = format!("ft-{}-{}", unix_now(), self.next.fetch_add(1, Ordering::Relaxed));
         let status = pb::JobStatus {
             job_id: id.clone(),
             state: pb::JobState::Queued as i32,
             model: spec.base.model().id.clone(),
             output_model: spec.output_model.clone(),
             total_steps: spec.hyper.total_steps(spec.examples.len()) as u32,
-            created_unix: now_unix(),
+            created_unix: unix_now(),
             steering: spec.applied.clone(),
             samples: spec.examples.len() as u32,
             message: "waiting for a training slot".into(),
@@ -315,7 +315,7 @@ impl Jobs {
                 "shifts": status.shifts.iter().map(|s| serde_json::json!({"vector": s.vector, "layer": s.layer, "step": s.step, "shift": s.shift, "shift_std": s.shift_std})).collect::<Vec<_>>(),
                 "job": job.id,
                 "note": note,
-                "saved_unix": now_unix(),
+                "saved_unix": unix_now(),
             });
             let files = peft::AdapterFiles {
                 config: &spec.hyper.lora,
@@ -370,13 +370,6 @@ impl Jobs {
 /// Formats a candle error with what was being done.
 fn ctx(what: &'static str) -> impl Fn(candle_core::Error) -> String {
     move |e| format!("{what}: {e}")
-}
-
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Serves `base` with the adapter at `dir` merged in, as model `id` (loaded as the base was,

@@ -16,6 +16,7 @@ pub mod security;
 pub mod server;
 pub mod service;
 pub mod steering;
+pub mod support;
 pub mod telemetry;
 pub mod train;
 pub mod traits;

@@ -216,7 +216,7 @@ pub async fn load_and_serve(
     }
     // Reloads keys and certificates on SIGHUP or when their files change, while the server runs.
     let watcher = tokio::spawn(security.clone().watch(Duration::from_secs(10)));
-    let _stop_watching = AbortOnDrop(watcher);
+    let _stop_watching = crate::support::AbortOnDrop(watcher);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<Persona>().await;
     let svc = PersonaSvc::loading();
@@ -237,15 +237,6 @@ pub async fn load_and_serve(
         r = load => r?,
     }
     server.await
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

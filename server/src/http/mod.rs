@@ -53,7 +53,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
-    let guard = rpc::AbortOnDrop(tokio::spawn(f(tx)));
+    let guard = crate::support::AbortOnDrop(tokio::spawn(f(tx)));
     tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), move |e| {
         let _ = &guard;
         Ok(e)
@@ -302,9 +302,9 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-/// Seconds since the Unix epoch.
+/// Seconds since the Unix epoch, as OpenAI's `created` fields carry them.
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    crate::support::unix_now().max(0) as u64
 }
 
 #[cfg(test)]

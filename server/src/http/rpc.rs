@@ -21,15 +21,6 @@ pub fn routes() -> axum::Router<Http> {
     axum::Router::new().route("/api/v1/{method}", axum::routing::post(call))
 }
 
-/// Aborts a task when dropped (a stream whose client left).
-pub(super) struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn call(
     State(http): State<Http>,
     Path(method): Path<String>,

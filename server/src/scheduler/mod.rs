@@ -392,15 +392,6 @@ struct Engine {
     panics: VecDeque<Instant>,
 }
 
-/// The message of a caught panic.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
-        (Some(s), _) => (*s).to_string(),
-        (_, Some(s)) => s.clone(),
-        _ => "unknown panic".to_string(),
-    }
-}
-
 impl Engine {
     /// The engine loop. A panic anywhere in it (a kernel bug, a poisoned row) is caught: the
     /// sequences that were running get an error (INTERNAL), their state is dropped, the restart
@@ -415,7 +406,7 @@ impl Engine {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(payload) => {
-                    if !self.recover(&panic_message(payload.as_ref())) {
+                    if !self.recover(&crate::support::panic_text(payload.as_ref())) {
                         break;
                     }
                 }

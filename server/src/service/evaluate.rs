@@ -17,7 +17,8 @@ use crate::steering::evaluation::{
 };
 use crate::steering::plan::{Phase, SteeringPlan};
 use crate::steering::probe::Probe;
-use crate::steering::store::{StoredVector, now_unix};
+use crate::steering::store::StoredVector;
+use crate::support::unix_now;
 use crate::traits::TraitDef;
 use persona_proto::v1 as pb;
 use std::sync::Arc;
@@ -766,7 +767,7 @@ impl Sweep {
             coherence: best.coherence,
             unsteered_coherence: unsteered.coherence,
             scorer: scorer.clone(),
-            evaluated_unix: now_unix(),
+            evaluated_unix: unix_now(),
             layers: picks.clone(),
             grid: scored.clone(),
             coherence_threshold: min_coherence,

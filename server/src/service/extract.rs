@@ -18,7 +18,8 @@ use crate::steering::calibration::{calibrate_projections, projections_per_layer}
 use crate::steering::comparison;
 use crate::steering::plan::SteeringPlan;
 use crate::steering::separation::{auroc, cohens_d, recommend};
-use crate::steering::store::{LayerScore, StoredVector, VectorKind, VectorMeta, now_unix, validate_name};
+use crate::steering::store::{LayerScore, StoredVector, VectorKind, VectorMeta, validate_name};
+use crate::support::unix_now;
 use crate::traits::TraitDef;
 use persona_proto::v1 as pb;
 use std::sync::Arc;
@@ -803,7 +804,7 @@ impl Job {
                 model: self.engine.model().id.clone(),
                 trait_name: s.trait_name.clone(),
                 kind,
-                created_unix: now_unix(),
+                created_unix: unix_now(),
                 description: format!(
                     "{}: mean {} difference over {} positive and {} negative rollouts ({} pairs x {} questions x {} \
                      samples); {}; layers scored on {}",

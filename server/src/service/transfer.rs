@@ -10,8 +10,9 @@ use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::model::LoadedModel;
 use crate::scheduler::{CaptureJob, EngineHandle, TokenStates};
 use crate::steering::plan::SteeringPlan;
-use crate::steering::store::{StoredVector, TransferredFrom, VectorMeta, now_unix, validate_name};
+use crate::steering::store::{StoredVector, TransferredFrom, VectorMeta, validate_name};
 use crate::steering::transfer::{Fit, Pairs, Split, fit_procrustes, fit_ridge, same_depth};
+use crate::support::unix_now;
 use persona_proto::v1 as pb;
 use std::sync::Arc;
 use std::time::Instant;
@@ -377,7 +378,7 @@ async fn run(state: Arc<AppState>, plan: Plan, tx: &Tx) -> ServiceResult<()> {
             model: dst.id.clone(),
             trait_name: m.trait_name.clone(),
             kind: m.kind,
-            created_unix: now_unix(),
+            created_unix: unix_now(),
             description,
             n_rows: t_rows,
             d_model: dy,

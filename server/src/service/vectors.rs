@@ -3,7 +3,8 @@
 use super::{AppState, resolve};
 use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::steering::interop::{self, Format};
-use crate::steering::store::{StoredVector, VectorMeta, VectorStore, now_unix};
+use crate::steering::store::{StoredVector, VectorMeta, VectorStore};
+use crate::support::unix_now;
 use persona_proto::v1 as pb;
 use std::sync::Arc;
 
@@ -40,7 +41,7 @@ pub async fn put(state: &AppState, req: pb::PutVectorRequest) -> ServiceResult<p
         model: engine.model().id.clone(),
         trait_name: req.trait_name,
         kind: resolve::kind_from_pb(req.kind)?,
-        created_unix: now_unix(),
+        created_unix: unix_now(),
         description: req.description,
         n_rows: c.n_residual_rows(),
         d_model: c.hidden_size,
@@ -84,7 +85,7 @@ pub async fn import(state: &AppState, req: pb::ImportVectorRequest) -> ServiceRe
         model: model.id.clone(),
         trait_name: req.trait_name.clone(),
         kind: resolve::kind_from_pb(req.kind)?,
-        created_unix: now_unix(),
+        created_unix: unix_now(),
         description: req.description.clone(),
         n_rows,
         d_model: d,

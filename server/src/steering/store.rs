@@ -434,10 +434,6 @@ pub fn decode(name: &str, bytes: &[u8]) -> Result<StoredVector, StoreError> {
     Ok(StoredVector { meta, values })
 }
 
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

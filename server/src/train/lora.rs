@@ -201,23 +201,6 @@ impl Adapter {
         Ok(Self { config, layers })
     }
 
-    /// An adapter holding given `A`/`B` tensors (as trainable variables).
-    pub fn from_tensors(config: LoraConfig, layers: Vec<BlockWeights>) -> Result<Self> {
-        let layers = layers
-            .into_iter()
-            .map(|row| {
-                let mut out: [Option<LoraLayer>; 7] = Default::default();
-                for (i, ab) in row.into_iter().enumerate() {
-                    if let Some((a, b)) = ab {
-                        out[i] = Some(LoraLayer { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
-                    }
-                }
-                Ok(out)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self { config, layers })
-    }
-
     pub fn layer(&self, block: usize, t: Target) -> Option<&LoraLayer> {
         self.layers.get(block).and_then(|row| row[t.index()].as_ref())
     }
