@@ -5,6 +5,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use persona_client::{Client, generate_text, pb};
 
+use crate::measure::{median, percentile, timed_stream};
+
 #[derive(Args)]
 pub(crate) struct BenchArgs {
     #[arg(long, default_value = "")]
@@ -48,11 +50,6 @@ pub(crate) struct BenchArgs {
     /// long prompt: how cost grows with context); repeatable.
     #[arg(long, value_name = "FILE")]
     long_prompt: Vec<std::path::PathBuf>,
-}
-
-pub(crate) fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    if xs.is_empty() { f64::NAN } else { xs[xs.len() / 2] }
 }
 
 /// Prefill tok/s, decode tok/s and time to first token of one run.
@@ -280,23 +277,6 @@ async fn long_prompt(c: &mut Client, a: &BenchArgs, base: &pb::GenerateRequest, 
         median(&mut dec)
     );
     Ok(())
-}
-
-/// Arrival times of one stream's token messages, relative to the start of its request.
-pub(crate) async fn timed_stream(mut c: Client, req: pb::GenerateRequest, t0: std::time::Instant) -> Result<Vec<f64>> {
-    let mut stream = c.generate(req).await?.into_inner();
-    let mut times = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        for _ in &msg.token_ids {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    Ok(times)
-}
-
-pub(crate) fn percentile(xs: &mut [f64], p: f64) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    if xs.is_empty() { f64::NAN } else { xs[((xs.len() - 1) as f64 * p).round() as usize] }
 }
 
 /// N concurrent streams, each with its own steering vector and question.

@@ -202,34 +202,6 @@ fn result_json(r: &pb::ExtractResult) -> serde_json::Value {
     })
 }
 
-pub(crate) fn print_calibration(v: &pb::VectorInfo) {
-    match &v.steering {
-        Some(s) => println!(
-            "steering recommendation: layer {}, coefficient {} (trait {:.1} vs {:.1} unsteered, coherence {:.1} vs {:.1}; {})",
-            s.layer,
-            s.coefficient,
-            s.trait_score,
-            s.unsteered_trait_score,
-            s.coherence,
-            s.unsteered_coherence,
-            s.scorer
-        ),
-        None => println!("steering recommendation: none (run `persona eval --vector {}`)", v.name),
-    }
-    if v.calibration.is_empty() {
-        println!("calibration: none (raw projections only)");
-        return;
-    }
-    println!("layer\tresponse helpful (0)\tresponse trait (100)\tprompt_last helpful (0)\tprompt_last trait (100)");
-    let side = |s: &Option<pb::SideStats>| {
-        s.as_ref().map_or("-".into(), |s| format!("{:.2} ± {:.2} (n={})", s.mean, s.std, s.n))
-    };
-    for c in &v.calibration {
-        let (r, p) = (c.response.unwrap_or_default(), c.prompt_last.unwrap_or_default());
-        println!("{}\t{}\t{}\t{}\t{}", c.layer, side(&r.neg), side(&r.pos), side(&p.neg), side(&p.pos));
-    }
-}
-
 pub(crate) fn print_layer_scores(v: &pb::VectorInfo) {
     if v.layer_scores.is_empty() {
         return;

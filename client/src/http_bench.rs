@@ -2,7 +2,7 @@
 //! API and through gRPC, alternated run by run, so the figures compare the two surfaces of one
 //! server under the same load.
 
-use crate::bench::{median, percentile, timed_stream};
+use crate::measure::{median, percentile, timed_stream};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

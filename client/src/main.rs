@@ -12,6 +12,7 @@ mod finetune;
 mod generate;
 mod http_bench;
 mod library;
+mod measure;
 mod progress;
 mod soak;
 mod streams;

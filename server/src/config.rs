@@ -5,7 +5,6 @@ use crate::judge::JudgeSettings;
 use crate::model::source::{EMBEDDED_ID, ModelSource};
 use crate::model::weights::{ComputeDtype, Precision, Requantize};
 use crate::model::{DeviceKind, LoadSpec};
-use crate::scheduler::EngineConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -95,6 +94,14 @@ pub struct ApiKeySettings {
     pub scopes: Vec<String>,
 }
 
+impl ApiKeySettings {
+    /// The key this entry describes (entries without a name are `unnamed`).
+    pub fn key(&self) -> anyhow::Result<crate::auth::ApiKey> {
+        let name = if self.name.is_empty() { "unnamed" } else { self.name.as_str() };
+        crate::auth::ApiKey::from_hex(name, &self.sha256, &self.scopes)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TlsSettings {
@@ -161,7 +168,8 @@ pub struct EngineSettings {
     pub max_queue: usize,
     /// KV cache memory per model in MiB, shared by the running sequences.
     pub kv_cache_mb: usize,
-    /// Fault injection for tests (see `EngineConfig::panic_on_token`); no file or variable sets it.
+    /// Fault injection for tests (see the scheduler's `EngineConfig::panic_on_token`); no file or
+    /// variable sets it.
     #[serde(skip)]
     #[doc(hidden)]
     pub panic_on_token: Option<u32>,
@@ -224,14 +232,7 @@ impl Default for ModelSettings {
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        let e = EngineConfig::default();
-        Self {
-            max_batch: e.max_batch,
-            max_step_tokens: e.max_step_tokens,
-            max_queue: e.max_queue,
-            kv_cache_mb: e.kv_cache_bytes >> 20,
-            panic_on_token: None,
-        }
+        Self { max_batch: 16, max_step_tokens: 512, max_queue: 256, kv_cache_mb: 1024, panic_on_token: None }
     }
 }
 
@@ -348,7 +349,7 @@ impl Settings {
             }
         }
         for (i, k) in self.auth.keys.iter().enumerate() {
-            crate::security::key_of(k).map_err(|e| (format!("auth.keys[{i}]"), e))?;
+            k.key().map_err(|e| (format!("auth.keys[{i}]"), e))?;
         }
         for (i, o) in self.http_cors_origins.iter().enumerate() {
             let key = format!("http_cors_origins[{i}]");
@@ -373,17 +374,6 @@ impl Settings {
 
     pub fn default_model_id(&self) -> &str {
         if self.default_model.is_empty() { &self.models[0].id } else { &self.default_model }
-    }
-
-    pub fn engine_config(&self) -> EngineConfig {
-        EngineConfig {
-            max_batch: self.engine.max_batch,
-            max_step_tokens: self.engine.max_step_tokens,
-            max_queue: self.engine.max_queue,
-            kv_cache_bytes: self.engine.kv_cache_mb << 20,
-            panic_on_token: self.engine.panic_on_token,
-            ..EngineConfig::default()
-        }
     }
 }
 

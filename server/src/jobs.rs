@@ -7,9 +7,7 @@
 
 use crate::config::TrainingSettings;
 use crate::error::{ServiceError, ServiceResult};
-use crate::model::LoadedModel;
-use crate::scheduler::{EngineConfig, EngineHandle};
-use crate::service::AppState;
+use crate::scheduler::EngineHandle;
 use crate::support::{panic_text, unix_now};
 use crate::train::data::Example;
 use crate::train::lora::Adapter;
@@ -23,6 +21,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use tokio::sync::watch;
+
+/// What serves a finished job's adapter as a new model (the service's model registry): jobs
+/// know how to train, not how models are served.
+pub trait ServeAdapter: Send + Sync {
+    /// Serves `base` with the adapter at `dir` merged in, as model `id`.
+    fn serve_adapter(&self, base: &EngineHandle, id: &str, dir: &std::path::Path) -> ServiceResult<pb::ModelInfo>;
+}
 
 /// One vector whose shift a job follows: its layer, direction and the prompts to read.
 pub struct ShiftSpec {
@@ -135,7 +140,7 @@ impl Jobs {
 
     /// Starts a job on its own thread; ALREADY_EXISTS while another unfinished job writes the
     /// same output.
-    pub fn start(self: &Arc<Self>, state: Arc<AppState>, spec: JobSpec) -> ServiceResult<Arc<Job>> {
+    pub fn start(self: &Arc<Self>, host: Arc<dyn ServeAdapter>, spec: JobSpec) -> ServiceResult<Arc<Job>> {
         let mut jobs = self.lock();
         if let Some(other) =
             jobs.values().find(|j| j.output_model == spec.output_model && !is_terminal(j.status.borrow().state))
@@ -169,7 +174,7 @@ impl Jobs {
         let (jobs, j) = (self.clone(), job.clone());
         std::thread::Builder::new()
             .name(format!("train-{id}"))
-            .spawn(move || jobs.run(state, j, spec))
+            .spawn(move || jobs.run(host.as_ref(), j, spec))
             .map_err(|e| ServiceError::Internal(format!("starting the training thread: {e}")))?;
         Ok(job)
     }
@@ -198,7 +203,7 @@ impl Jobs {
         self.freed.notify_all();
     }
 
-    fn run(&self, state: Arc<AppState>, job: Arc<Job>, spec: JobSpec) {
+    fn run(&self, host: &dyn ServeAdapter, job: Arc<Job>, spec: JobSpec) {
         if !self.acquire(&job) {
             job.set_state(pb::JobState::Cancelled, "cancelled before it started");
             return;
@@ -209,7 +214,7 @@ impl Jobs {
             .build();
         let result = match pool {
             Ok(pool) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                pool.install(|| self.train(&state, &job, &spec))
+                pool.install(|| self.train(host, &job, &spec))
             }))
             .unwrap_or_else(|p| Err(format!("training panicked: {}", panic_text(&*p)))),
             Err(e) => Err(format!("building the training thread pool: {e}")),
@@ -221,7 +226,7 @@ impl Jobs {
         }
     }
 
-    fn train(&self, state: &AppState, job: &Job, spec: &JobSpec) -> Result<(), String> {
+    fn train(&self, host: &dyn ServeAdapter, job: &Job, spec: &JobSpec) -> Result<(), String> {
         let base = spec.base.model();
         job.set_state(pb::JobState::Loading, "dequantizing the base weights for training");
         let device = base.model.device().clone();
@@ -356,7 +361,7 @@ impl Jobs {
                 save("finished")?;
                 if spec.register {
                     job.set_state(pb::JobState::Saving, "loading the adapted model for serving");
-                    register(state, &spec.base, &spec.output_model, &dir).map_err(|e| e.to_string())?;
+                    host.serve_adapter(&spec.base, &spec.output_model, &dir).map_err(|e| e.to_string())?;
                     job.set_state(pb::JobState::Succeeded, format!("served as `{}`", spec.output_model));
                 } else {
                     job.set_state(pb::JobState::Succeeded, format!("saved at {}", dir.display()));
@@ -370,42 +375,4 @@ impl Jobs {
 /// Formats a candle error with what was being done.
 fn ctx(what: &'static str) -> impl Fn(candle_core::Error) -> String {
     move |e| format!("{what}: {e}")
-}
-
-/// Serves `base` with the adapter at `dir` merged in, as model `id` (loaded as the base was,
-/// with the base's engine limits). An adapter made for another model is FAILED_PRECONDITION.
-pub fn register(
-    state: &AppState,
-    base: &EngineHandle,
-    id: &str,
-    dir: &std::path::Path,
-) -> ServiceResult<pb::ModelInfo> {
-    let b = base.model();
-    if b.adapter.is_some() {
-        return Err(ServiceError::FailedPrecondition(format!(
-            "model `{}` is itself adapted; adapters apply to plain models",
-            b.id
-        )));
-    }
-    if state.engine(id).is_ok() {
-        return Err(ServiceError::AlreadyExists(format!("model `{id}` is already served")));
-    }
-    let loaded =
-        LoadedModel::from_files_adapted(id, &b.files, b.model.device(), &b.options, Some(dir)).map_err(|e| match e
-            .root_cause()
-            .downcast_ref::<peft::PeftError>()
-        {
-            Some(peft::PeftError::Mismatch(m)) => ServiceError::FailedPrecondition(m.clone()),
-            Some(peft::PeftError::Invalid(m)) => ServiceError::InvalidArgument(m.clone()),
-            Some(peft::PeftError::Io(m)) => ServiceError::NotFound(m.clone()),
-            None => ServiceError::Internal(format!("loading `{id}`: {e:#}")),
-        })?;
-    let model =
-        LoadedModel { source: crate::model::adapted_source(&b.source, dir), base: Some(b.id.clone()), ..loaded };
-    let cfg = EngineConfig { metrics: state.metrics.model(id), ..base.config().clone() };
-    let engine = EngineHandle::spawn(Arc::new(model), cfg)
-        .map_err(|e| ServiceError::Internal(format!("starting the engine of `{id}`: {e}")))?;
-    state.add_engine(id, engine)?;
-    tracing::info!(model = %id, base = %b.id, adapter = %dir.display(), "adapter served");
-    Ok(crate::service::list_models(state).models.into_iter().find(|m| m.id == id).unwrap_or_default())
 }

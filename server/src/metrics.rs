@@ -4,16 +4,16 @@
 //! values, not process globals, so every server — and every test server in one process — keeps
 //! its own, and its label sets are typed structs. Counters and histograms are updated where the
 //! events happen (the gRPC layer, the engine thread, the generate stream); gauges that mirror
-//! state the engine already keeps (running, waiting, KV reservation) are read at scrape time.
+//! state the engine already keeps (running, waiting, KV reservation) are read at scrape time and
+//! handed to [`Metrics::render`] as [`Gauges`]. Serving `GET /metrics` is
+//! [`crate::http::metrics`]'s: this module records and renders, and imports nothing of the server.
 
-use crate::service::AppState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -322,12 +322,11 @@ impl Metrics {
             .inc();
     }
 
-    /// The OpenMetrics text of every metric, with the gauges read from `state` (when the models
-    /// are loaded) and the process.
-    pub fn render(&self, state: Option<&AppState>) -> String {
-        if let Some(state) = state {
-            for (id, engine) in &state.engines() {
-                let s = engine.status();
+    /// The OpenMetrics text of every metric, with `gauges` (when the models are loaded) and the
+    /// process's resident memory.
+    pub fn render(&self, gauges: Option<&Gauges>) -> String {
+        if let Some(gauges) = gauges {
+            for (id, s) in &gauges.models {
                 let l = ModelLabels { model: id.clone() };
                 let int = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
                 self.running.get_or_create(&l).set(int(s.running));
@@ -341,7 +340,7 @@ impl Metrics {
                 self.serving.get_or_create(&l).set(i64::from(s.serving));
                 self.restarts.get_or_create(&l).set(i64::try_from(s.restarts).unwrap_or(i64::MAX));
             }
-            self.vectors.set(i64::try_from(state.store.list(None).len()).unwrap_or(i64::MAX));
+            self.vectors.set(i64::try_from(gauges.vectors).unwrap_or(i64::MAX));
         }
         if let Some(rss) = resident_bytes() {
             self.resident_bytes.set(rss);
@@ -351,6 +350,23 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// State read at scrape time: each model's engine, and the vectors stored.
+pub struct Gauges {
+    pub models: Vec<(String, ModelGauges)>,
+    pub vectors: usize,
+}
+
+/// One model's engine as the gauges show it.
+pub struct ModelGauges {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_reserved_bytes: usize,
+    pub kv_budget_bytes: usize,
+    pub kv_pool_bytes: usize,
+    pub serving: bool,
+    pub restarts: u64,
 }
 
 /// What an engine thread updates for its model.
@@ -415,31 +431,4 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
     }
-}
-
-/// `GET /metrics`, for the metrics listener or the HTTP API's when they share an address.
-pub fn routes(metrics: Arc<Metrics>, state: crate::service::PersonaSvc) -> axum::Router {
-    use axum::http::header::CONTENT_TYPE;
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let (metrics, state) = (metrics.clone(), state.clone());
-            async move {
-                let body = metrics.render(state.ready_state().map(|s| s.as_ref()));
-                ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
-            }
-        }),
-    )
-}
-
-/// The HTTP server of `GET /metrics`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    state: crate::service::PersonaSvc,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = routes(metrics, state);
-    tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

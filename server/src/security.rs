@@ -156,7 +156,7 @@ impl KeySources {
     fn load(&self) -> Result<KeySet> {
         let mut keys = Vec::new();
         for (i, k) in self.inline.iter().enumerate() {
-            keys.push(key_of(k).with_context(|| format!("auth.keys[{i}]"))?);
+            keys.push(k.key().with_context(|| format!("auth.keys[{i}]"))?);
         }
         if let Some(f) = &self.file {
             #[derive(serde::Deserialize)]
@@ -170,17 +170,11 @@ impl KeySources {
                 .and_then(|c| c.try_deserialize())
                 .with_context(|| format!("reading API keys from {}", f.display()))?;
             for (i, k) in parsed.keys.iter().enumerate() {
-                keys.push(key_of(k).with_context(|| format!("{}: keys[{i}]", f.display()))?);
+                keys.push(k.key().with_context(|| format!("{}: keys[{i}]", f.display()))?);
             }
         }
         Ok(KeySet::new(keys))
     }
-}
-
-/// The key an entry of the settings describes (entries without a name are `unnamed`).
-pub(crate) fn key_of(k: &ApiKeySettings) -> Result<ApiKey> {
-    let name = if k.name.is_empty() { "unnamed" } else { k.name.as_str() };
-    ApiKey::from_hex(name, &k.sha256, &k.scopes)
 }
 
 impl Default for Security {

@@ -39,7 +39,7 @@ pub async fn build_state_with(settings: &Settings, metrics: Arc<Metrics>) -> Res
             d_model = c.hidden_size, context = c.context_length, secs = started.elapsed().as_secs_f64(),
             "model loaded"
         );
-        let cfg = EngineConfig { metrics: metrics.model(&m.id), ..settings.engine_config() };
+        let cfg = EngineConfig { metrics: metrics.model(&m.id), ..EngineConfig::from(&settings.engine) };
         let engine = EngineHandle::spawn(Arc::new(model), cfg)?;
         warm_up(&engine).await.with_context(|| format!("warming up `{}`", m.id))?;
         engines.insert(m.id.clone(), engine);
@@ -262,8 +262,10 @@ async fn serve_service(
     };
     let mut side_servers = Vec::new();
     if let Some(l) = listeners.metrics {
-        side_servers
-            .push(("metrics endpoint", tokio::spawn(crate::metrics::serve(l, metrics.clone(), svc.clone(), stop()))));
+        side_servers.push((
+            "metrics endpoint",
+            tokio::spawn(crate::http::metrics::serve(l, metrics.clone(), svc.clone(), stop())),
+        ));
     }
     if let Some(l) = listeners.http {
         let app = crate::http::router(

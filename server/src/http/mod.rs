@@ -12,6 +12,7 @@
 
 pub mod console;
 pub mod live;
+pub mod metrics;
 mod openai;
 mod rpc;
 
@@ -80,7 +81,7 @@ pub fn router(
         // Vectors travel base64-encoded in ImportVector; the gRPC side allows 64 MiB too.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024));
     if serve_metrics {
-        app = app.merge(crate::metrics::routes(metrics.clone(), svc));
+        app = app.merge(self::metrics::routes(metrics.clone(), svc));
     }
     let app = app.layer(axum::middleware::from_fn_with_state(metrics, observe));
     match cors(cors_origins) {

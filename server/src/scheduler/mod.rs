@@ -40,12 +40,19 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
+        Self::from(&crate::config::EngineSettings::default())
+    }
+}
+
+impl From<&crate::config::EngineSettings> for EngineConfig {
+    /// The limits the settings give, reporting to no registry until metrics are attached.
+    fn from(s: &crate::config::EngineSettings) -> Self {
         Self {
-            max_batch: 16,
-            max_step_tokens: 512,
-            max_queue: 256,
-            kv_cache_bytes: 1 << 30,
-            panic_on_token: None,
+            max_batch: s.max_batch,
+            max_step_tokens: s.max_step_tokens,
+            max_queue: s.max_queue,
+            kv_cache_bytes: s.kv_cache_mb << 20,
+            panic_on_token: s.panic_on_token,
             metrics: ModelMetrics::detached(),
         }
     }

@@ -6,6 +6,7 @@ use super::{AppState, ResponseStream, resolve};
 use crate::error::{ServiceError, ServiceResult, invalid};
 use crate::jobs::{JobSpec, ShiftSpec, is_terminal};
 use crate::model::LoadedModel;
+use crate::scheduler::{EngineConfig, EngineHandle};
 use crate::train::data;
 use crate::train::lora::{LoraConfig, Target};
 use crate::train::trainer::Hyper;
@@ -268,8 +269,52 @@ pub async fn load_adapter(
         return Err(ServiceError::NotFound(format!("{} holds no {}", dir.display(), crate::train::peft::CONFIG_FILE)));
     }
     let state = state.clone();
-    let model = tokio::task::spawn_blocking(move || crate::jobs::register(&state, &base, &req.model, &dir))
+    let model = tokio::task::spawn_blocking(move || register(&state, &base, &req.model, &dir))
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))??;
     Ok(pb::LoadAdapterResponse { model: Some(model) })
+}
+
+impl crate::jobs::ServeAdapter for AppState {
+    fn serve_adapter(&self, base: &EngineHandle, id: &str, dir: &Path) -> ServiceResult<pb::ModelInfo> {
+        register(self, base, id, dir)
+    }
+}
+
+/// Serves `base` with the adapter at `dir` merged in, as model `id` (loaded as the base was,
+/// with the base's engine limits). An adapter made for another model is FAILED_PRECONDITION.
+pub(crate) fn register(
+    state: &AppState,
+    base: &EngineHandle,
+    id: &str,
+    dir: &std::path::Path,
+) -> ServiceResult<pb::ModelInfo> {
+    let b = base.model();
+    if b.adapter.is_some() {
+        return Err(ServiceError::FailedPrecondition(format!(
+            "model `{}` is itself adapted; adapters apply to plain models",
+            b.id
+        )));
+    }
+    if state.engine(id).is_ok() {
+        return Err(ServiceError::AlreadyExists(format!("model `{id}` is already served")));
+    }
+    let loaded =
+        LoadedModel::from_files_adapted(id, &b.files, b.model.device(), &b.options, Some(dir)).map_err(|e| match e
+            .root_cause()
+            .downcast_ref::<crate::train::peft::PeftError>()
+        {
+            Some(crate::train::peft::PeftError::Mismatch(m)) => ServiceError::FailedPrecondition(m.clone()),
+            Some(crate::train::peft::PeftError::Invalid(m)) => ServiceError::InvalidArgument(m.clone()),
+            Some(crate::train::peft::PeftError::Io(m)) => ServiceError::NotFound(m.clone()),
+            None => ServiceError::Internal(format!("loading `{id}`: {e:#}")),
+        })?;
+    let model =
+        LoadedModel { source: crate::model::adapted_source(&b.source, dir), base: Some(b.id.clone()), ..loaded };
+    let cfg = EngineConfig { metrics: state.metrics.model(id), ..base.config().clone() };
+    let engine = EngineHandle::spawn(Arc::new(model), cfg)
+        .map_err(|e| ServiceError::Internal(format!("starting the engine of `{id}`: {e}")))?;
+    state.add_engine(id, engine)?;
+    tracing::info!(model = %id, base = %b.id, adapter = %dir.display(), "adapter served");
+    Ok(super::list_models(state).models.into_iter().find(|m| m.id == id).unwrap_or_default())
 }
