@@ -10,6 +10,10 @@ pub enum ServiceError {
     InvalidArgument(String),
     #[error("{0}")]
     NotFound(String),
+    /// A request named a model that is not served: NOT_FOUND, marked so the HTTP API can answer
+    /// OpenAI's `model_not_found` without reading the message.
+    #[error("{0}")]
+    ModelNotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
     #[error(transparent)]
@@ -38,6 +42,12 @@ impl ServiceError {
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
 
+/// Status metadata naming the kind of an error where the code alone does not (see
+/// [`MODEL_NOT_FOUND`]).
+pub const ERROR_KIND: &str = "persona-error-kind";
+/// [`ERROR_KIND`] of an unknown model.
+pub const MODEL_NOT_FOUND: &str = "model-not-found";
+
 pub fn invalid(msg: impl Into<String>) -> ServiceError {
     ServiceError::InvalidArgument(msg.into())
 }
@@ -46,7 +56,7 @@ impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         let code = match &e {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::NotFound(_) | ServiceError::ModelNotFound(_) => Code::NotFound,
             ServiceError::AlreadyExists(_) => Code::AlreadyExists,
             ServiceError::Store(s) => match s {
                 StoreError::InvalidName(_) | StoreError::Malformed(_) => Code::InvalidArgument,
@@ -68,7 +78,11 @@ impl From<ServiceError> for Status {
         if code == Code::Internal {
             tracing::error!(error = %e, "internal error");
         }
-        Status::new(code, e.to_string())
+        let mut status = Status::new(code, e.to_string());
+        if matches!(e, ServiceError::ModelNotFound(_)) {
+            status.metadata_mut().insert(ERROR_KIND, tonic::metadata::MetadataValue::from_static(MODEL_NOT_FOUND));
+        }
+        status
     }
 }
 

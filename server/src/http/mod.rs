@@ -215,20 +215,27 @@ pub struct ApiError {
     status: StatusCode,
     message: String,
     param: Option<&'static str>,
+    /// The request named a model that is not served (OpenAI's `model_not_found`).
+    unknown_model: bool,
 }
 
 impl ApiError {
     /// 400 about one request field.
     fn invalid(param: &'static str, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: Some(param) }
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: Some(param), unknown_model: false }
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: None }
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), param: None, unknown_model: false }
     }
 
     fn not_found(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::NOT_FOUND, message: message.into(), param: None }
+        Self { status: StatusCode::NOT_FOUND, message: message.into(), param: None, unknown_model: false }
+    }
+
+    /// 404 for a model that is not served.
+    fn model_not_found(message: impl Into<String>) -> Self {
+        Self { unknown_model: true, ..Self::not_found(message) }
     }
 
     /// OpenAI's error `type` for a status.
@@ -250,7 +257,7 @@ impl ApiError {
     fn code(&self) -> Option<&'static str> {
         match self.status {
             StatusCode::UNAUTHORIZED => Some("invalid_api_key"),
-            StatusCode::NOT_FOUND if self.message.starts_with("model ") => Some("model_not_found"),
+            StatusCode::NOT_FOUND if self.unknown_model => Some("model_not_found"),
             StatusCode::TOO_MANY_REQUESTS => Some("rate_limit_exceeded"),
             _ => None,
         }
@@ -280,7 +287,11 @@ impl From<tonic::Status> for ApiError {
             Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Self { status, message: s.message().to_owned(), param: None }
+        let unknown_model = s
+            .metadata()
+            .get(crate::error::ERROR_KIND)
+            .is_some_and(|kind| kind.as_bytes() == crate::error::MODEL_NOT_FOUND.as_bytes());
+        Self { status, message: s.message().to_owned(), param: None, unknown_model }
     }
 }
 
@@ -330,8 +341,11 @@ mod tests {
             assert_eq!(body["error"]["type"], kind, "{code:?}");
             assert_eq!(body["error"]["message"], "why");
         }
-        let e = ApiError::from(tonic::Status::not_found("model `x` is not loaded (available: a)"));
-        assert_eq!(e.body()["error"]["code"], "model_not_found");
+        // An unknown model is told by the error's kind, not by its message.
+        let e = ApiError::from(tonic::Status::from(crate::error::ServiceError::ModelNotFound("any words".into())));
+        assert_eq!((e.status.as_u16(), e.body()["error"]["code"].clone()), (404, "model_not_found".into()));
+        let e = ApiError::from(tonic::Status::not_found("model `x` is only a word here"));
+        assert_eq!(e.body()["error"]["code"], serde_json::Value::Null);
     }
 
     #[tokio::test]

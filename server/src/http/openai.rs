@@ -707,8 +707,10 @@ async fn model(
     let state = http.state()?;
     let created = unix_now() - state.started.elapsed().as_secs();
     let models = crate::service::list_models(state).models;
-    let m =
-        models.iter().find(|m| m.id == id).ok_or_else(|| ApiError::not_found(format!("model `{id}` is not loaded")))?;
+    let m = models
+        .iter()
+        .find(|m| m.id == id)
+        .ok_or_else(|| ApiError::model_not_found(format!("model `{id}` is not loaded")))?;
     Ok(axum::Json(model_json(m, created)).into_response())
 }
 

@@ -105,7 +105,7 @@ impl AppState {
         let engines = self.engines.read().unwrap_or_else(|p| p.into_inner());
         engines.get(id).cloned().ok_or_else(|| {
             let known: Vec<&str> = engines.keys().map(String::as_str).collect();
-            ServiceError::NotFound(format!("model `{id}` is not loaded (available: {})", known.join(", ")))
+            ServiceError::ModelNotFound(format!("model `{id}` is not loaded (available: {})", known.join(", ")))
         })
     }
 

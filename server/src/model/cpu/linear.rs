@@ -646,9 +646,9 @@ mod tests {
             super::super::skipped("interleaved_groups_match_the_row_layout", "this CPU lacks AVX2 and FMA");
             return Ok(());
         }
-        // Two groups of 16 rows, five blocks (an odd count), seven activation rows (a group of
-        // four and a tail of three).
-        let (n, k, m) = (2 * GROUP, 160, 7);
+        // Two groups of 16 rows, five blocks (an odd count), eleven activation rows (a pass of
+        // eight and a tail of three).
+        let (n, k, m) = (2 * GROUP, 160, 11);
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu)?;
         let int4 = || QLinear::from_q4(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap().unwrap();
