@@ -16,6 +16,11 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
+/// A count from the environment, or `default` when unset or not a number.
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 fn main() -> anyhow::Result<()> {
     // SAFETY: single-threaded at this point.
     unsafe { persona_server::set_cpu_threads(0) };
@@ -39,15 +44,19 @@ fn main() -> anyhow::Result<()> {
     )?;
     let c = m.config().clone();
     println!("weights: {}  precision: {precision:?}  threads: {}", m.weights, candle_core::utils::get_num_threads());
-    let prompt_tokens: usize = std::env::var("BENCH_PROMPT_TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+    let prompt_tokens = env_or("BENCH_PROMPT_TOKENS", 128);
     let sentence = "The lighthouse keeper found a bottle on the shore. ";
     let prompt: Vec<u32> = m.tokenizer.encode(&sentence.repeat(prompt_tokens / 10 + 2))?;
     let prompt = &prompt[..prompt_tokens.min(prompt.len())];
     let mut layers: Vec<Option<Vec<f32>>> = vec![None; c.n_residual_rows()];
     layers[c.n_layers / 2] = Some(vec![0.01; c.hidden_size]);
     let steer = SteeringAddends::new(layers);
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(5);
-    let decode_steps: usize = std::env::var("BENCH_DECODE_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
+    // 0 runs would leave no median: the default instead.
+    let runs = match env_or("BENCH_RUNS", 5) {
+        0 => 5,
+        n => n,
+    };
+    let decode_steps = env_or("BENCH_DECODE_STEPS", 64);
     let batches: Vec<usize> = std::env::var("BENCH_BATCHES")
         .map(|s| s.split(',').filter_map(|b| b.trim().parse().ok()).collect())
         .unwrap_or_else(|_| vec![1, 4, 16]);

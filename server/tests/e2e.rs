@@ -217,6 +217,9 @@ async fn bad_requests_get_precise_statuses() {
         let s = status_of(&mut c, req).await;
         assert_eq!(s.code(), code, "{what}: {s:?}");
         assert!(s.message().contains(needle), "{what}: message {:?} lacks {needle:?}", s.message());
+        // Only an unknown model is marked as one (the HTTP API's `model_not_found` reads this).
+        let kind = s.metadata().get("persona-error-kind").map(|v| v.to_str().unwrap_or("not text").to_string());
+        assert_eq!(kind.as_deref(), (what == "unknown model").then_some("model-not-found"), "{what}: error kind");
     }
     // The server is still healthy afterwards.
     let out = generate_text(&mut c, greedy("Say hi.", 4)).await.unwrap();
