@@ -630,7 +630,7 @@ mod tests {
         let (mut vnni, mut avx2) = (vec![[0f32; OUT_W]; m], vec![[0f32; OUT_W]; m]);
         // SAFETY: VNNI (and so AVX2) support checked above.
         unsafe {
-            let offs = offs.view(0..offs.stored().len());
+            let offs = offs.view(0..d.len());
             avx512::tile_packed16::<true>((q, d, offs), &rows, &mut vnni);
             avx2::tile_packed16_avx2((q, d, offs), &rows, &mut avx2);
         }
